@@ -1,0 +1,603 @@
+"""
+Data for MiniLLM: the built-in instruction task, its tokenizer, real-data loaders and batching.
+
+    python data.py                       # writes builtin_data/builtin-*/{train,valid,test}.jsonl, prints stats
+    python data.py --compare_tokenizers  # the byte-level vs word-level measurement quoted below
+
+Follows the data setup of MiniLLM (Gu et al., ICLR 2024), section 4.1 and appendix C: instruction data in the
+databricks-dolly-15k schema (instruction, context, response, category), prompt + response + EOS with the prompt
+tokens masked out of the loss, prompts over max_prompt_length dropped, and a plain-text pretraining stream for
+L_PT packed into fixed-length chunks.
+
+The built-in task ("builtin") is a small world made offline in seconds, deterministic from a seed: 240 nouns in 12
+categories, 40 antonym pairs, 12 trades with 6 actions each. Seven families, each with an exact `is_valid`:
+
+    family   kind          example instruction                        prompts repeat across splits?
+    add      one answer    What is 7 plus 12?                         yes: 256 facts to memorize
+    antonym  one answer    What is the opposite of hot?               yes: 80 facts to memorize
+    reverse  one answer    Reverse the letters k d s a.               no (random letters)
+    yesno    one answer    Is a tiger a fruit?                        no (2,880 prompts, hash-split)
+    list     open-ended    Name 4 birds.                              yes: 84 prompts, countless answers
+    story    open-ended    Write a long story about Anna the baker.   no (480 prompts, hash-split)
+    encode   open-ended    Encode the letters k d s a.                no (random letters)
+                           mixture of styles: "Copy: k d s a." | "Reverse: a s d k." |
+                           "Shift: l e t b." | "Reverse shift: b t e l." (one picked at random per example)
+
+`encode` is the family where reverse KL measurably beats forward KL with an under-capacity student
+(../shared/MINILLM.md section 9): forward KL spreads the student over four styles it cannot all finish, reverse KL
+lets it commit to the ones it can. Response lengths run from 2 words (reverse) to about 60 (long stories).
+
+Tokenizer. GPT-2 checkpoints use tiktoken's `gpt2` encoding. The built-in task uses its own tiktoken Encoding
+built here with no download: the 256 byte values, every word of the world as one token (with and without a
+leading space), and <|endoftext|>. Digits and single letters are separate tokens, so arithmetic is digit by digit
+and a reversed string is one token per letter; anything outside the world falls back to bytes. Measured with
+`python data.py --compare_tokenizers` on this 2-core CPU (the 4-layer, 128-dim teacher, batch 32): byte-level
+sequences average 101.6 tokens vs 26.5 word-level, and a training step takes 88 ms vs 29 ms, so the word-level
+encoding sees 3.0x more examples per second (and 3.8x more per token of context). Word-level it is.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import time
+import zlib
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# The built-in world
+
+CATEGORIES = {  # name: (singular with article, plural, nouns)
+    "animal": ("an animal", "animals", "cat dog horse cow pig sheep goat tiger lion bear wolf fox rabbit mouse deer "
+                                       "zebra camel monkey elephant giraffe"),
+    "fruit": ("a fruit", "fruits", "apple pear plum peach cherry grape lemon lime banana mango melon kiwi apricot "
+                                   "fig date papaya coconut berry guava quince"),
+    "vegetable": ("a vegetable", "vegetables", "carrot potato onion garlic pepper tomato cabbage lettuce turnip "
+                                               "radish pea bean leek celery spinach pumpkin cucumber beet corn kale"),
+    "tool": ("a tool", "tools", "hammer saw drill wrench chisel shovel rake axe knife screwdriver trowel clamp crowbar "
+                                "mallet spade hoe sickle awl vise pliers"),
+    "vehicle": ("a vehicle", "vehicles", "car bus truck bicycle train tram boat ship plane van taxi tractor scooter "
+                                         "motorbike canoe yacht jeep wagon sled rocket"),
+    "instrument": ("an instrument", "instruments", "piano guitar violin drum flute trumpet harp cello banjo organ oboe "
+                                                   "clarinet tuba trombone saxophone bell lute lyre harmonica accordion"),
+    "furniture": ("a piece of furniture", "pieces of furniture", "chair table sofa bed desk shelf stool bench cabinet "
+                                                                 "dresser couch wardrobe cupboard armchair crib hammock "
+                                                                 "ottoman bookcase mirror lamp"),
+    "flower": ("a flower", "flowers", "rose tulip daisy lily orchid poppy violet iris lotus peony daffodil sunflower "
+                                      "dahlia jasmine lilac marigold carnation magnolia aster begonia"),
+    "bird": ("a bird", "birds", "eagle owl crow robin sparrow parrot pigeon swan duck goose hawk falcon raven penguin "
+                                "ostrich heron stork gull finch wren"),
+    "clothing": ("a piece of clothing", "pieces of clothing", "shirt coat dress skirt jacket scarf hat glove sock shoe "
+                                                              "boot sweater vest cap belt tie sandal blouse cloak hood"),
+    "tree": ("a tree", "trees", "oak pine maple birch elm willow cedar ash beech spruce fir poplar palm cypress alder "
+                                "larch yew hazel sycamore chestnut"),
+    "metal": ("a metal", "metals", "iron copper gold silver tin lead zinc nickel steel bronze brass platinum cobalt "
+                                   "chrome titanium mercury aluminum tungsten pewter uranium"),
+}
+NOUN_CATEGORY = {n: c for c, (_, _, nouns) in CATEGORIES.items() for n in nouns.split()}
+assert len(NOUN_CATEGORY) == 240, "every noun belongs to exactly one category"
+NOUNS = sorted(NOUN_CATEGORY)
+
+ANTONYM_PAIRS = ("hot cold, big small, fast slow, happy sad, light dark, up down, young old, open closed, rich poor, "
+                 "early late, strong weak, loud quiet, hard soft, wet dry, full empty, clean dirty, thick thin, "
+                 "high low, near far, first last, good bad, true false, inside outside, above below, push pull, "
+                 "win lose, buy sell, give take, begin end, day night, black white, sweet sour, sharp dull, "
+                 "deep shallow, wide narrow, long short, laugh cry, love hate, north south, east west")
+ANTONYM = {}
+for pair in ANTONYM_PAIRS.split(", "):
+    a, b = pair.split()
+    ANTONYM[a], ANTONYM[b] = b, a
+assert len(ANTONYM) == 80, "every antonym word appears in exactly one pair"
+
+TRADES = {  # each hero's story may only use the six actions of their own trade
+    "baker": "baked fresh bread|sold sweet cakes|mixed the dough|lit the big oven|iced a cake|swept the shop",
+    "farmer": "milked the cows|planted new seeds|fed the pigs|drove the tractor|picked ripe corn|fixed the fence",
+    "sailor": "raised the sail|tied a strong knot|steered the ship|cast a net|scrubbed the deck|watched the waves",
+    "doctor": "checked a sick child|wrote a note|washed her hands|listened to a heart|gave a shot|read a chart",
+    "painter": "mixed some paint|cleaned the brushes|painted a wall|drew a bird|hung a picture|bought a canvas",
+    "teacher": "read a book aloud|graded the tests|wrote on the board|rang the bell|helped a pupil|planned a lesson",
+    "miner": "dug a tunnel|found some gold|lit a lamp|pushed a cart|broke a rock|climbed a ladder",
+    "cook": "chopped an onion|boiled the soup|fried an egg|tasted the sauce|set the table|washed the pans",
+    "pilot": "checked the wings|flew the plane|read the map|talked to the tower|landed the plane|fixed a radio",
+    "gardener": "watered the roses|cut the grass|planted a tree|pulled the weeds|raked the leaves|picked a flower",
+    "builder": "laid the bricks|mixed the cement|built a wall|carried the planks|painted the door|fixed the roof",
+    "fisher": "baited a hook|caught a fish|rowed the boat|mended a net|sold the fish|cleaned the catch",
+}
+TRADE_ACTIONS = {t: a.split("|") for t, a in TRADES.items()}
+HEROES = {"Tom": "he", "Anna": "she", "Ben": "he", "Lucy": "she", "Max": "he", "Mia": "she", "Sam": "he",
+          "Lily": "she", "Jack": "he", "Emma": "she", "Leo": "he", "Zoe": "she", "Noah": "he", "Ella": "she",
+          "Finn": "he", "Ruby": "she", "Owen": "he", "Ivy": "she", "Hugo": "he", "Nora": "she"}
+WORKPLACE = {"baker": "bakery", "farmer": "farm", "sailor": "harbor", "doctor": "hospital", "painter": "studio",
+             "teacher": "school", "miner": "mine", "cook": "kitchen", "pilot": "airport", "gardener": "park",
+             "builder": "building site", "fisher": "lake"}
+STORY_LENGTH = {"short": 3, "long": 6}  # number of actions in the story
+CONNECTORS = ["First", "Then", "Next", "After that", "Later", "Finally"]  # by position; short: First, Then, Finally
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+STYLES = ["Copy", "Reverse", "Shift", "Reverse shift"]  # the mixture-of-styles family `encode`
+
+FAMILIES = ["add", "antonym", "reverse", "yesno", "list", "story", "encode"]
+SINGLE_ANSWER = {"add", "antonym", "reverse", "yesno"}  # exact match is meaningful for these
+REPEATING = {"add", "antonym", "list"}  # small prompt spaces: prompts repeat across splits, like facts in real data
+
+
+def article(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def shift(letters):
+    return [LETTERS[(LETTERS.index(c) + 1) % 26] for c in letters]
+
+
+def encode_styles(letters):
+    """The four valid answers of `encode`, in STYLES order."""
+    return [letters, letters[::-1], shift(letters), shift(letters)[::-1]]
+
+# -----------------------------------------------------------------------------
+# Generating examples (one function per family, each returns instruction and one valid response)
+
+
+def make_example(family, rng):
+    if family == "add":
+        a, b = rng.randrange(16), rng.randrange(16)
+        return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+    if family == "antonym":
+        w = rng.choice(sorted(ANTONYM))
+        return f"What is the opposite of {w}?", f"The opposite of {w} is {ANTONYM[w]}."
+    if family == "reverse":
+        s = [rng.choice(LETTERS) for _ in range(rng.randint(3, 7))]
+        return f"Reverse the letters {' '.join(s)}.", f"{' '.join(s[::-1])}."
+    if family == "yesno":
+        noun = rng.choice(NOUNS)
+        truth = NOUN_CATEGORY[noun]
+        cat = truth if rng.random() < 0.5 else rng.choice(sorted(set(CATEGORIES) - {truth}))
+        q = f"Is {article(noun)} {CATEGORIES[cat][0]}?"
+        if cat == truth:
+            return q, f"Yes, {article(noun)} is {CATEGORIES[cat][0]}."
+        return q, f"No, {article(noun)} is {CATEGORIES[truth][0]}."
+    if family == "list":
+        cat, k = rng.choice(sorted(CATEGORIES)), rng.randint(2, 8)
+        items = rng.sample(CATEGORIES[cat][2].split(), k)
+        return f"Name {k} {CATEGORIES[cat][1]}.", ", ".join(items) + "."
+    if family == "story":
+        name, trade, length = rng.choice(sorted(HEROES)), rng.choice(sorted(TRADES)), rng.choice(["short", "long"])
+        return f"Write a {length} story about {name} the {trade}.", story(name, trade, rng.sample(TRADE_ACTIONS[trade], STORY_LENGTH[length]))
+    if family == "encode":
+        s = [rng.choice(LETTERS) for _ in range(rng.randint(4, 6))]
+        style = rng.randrange(4)
+        return f"Encode the letters {' '.join(s)}.", f"{STYLES[style]}: {' '.join(encode_styles(s)[style])}."
+    raise ValueError(f"unknown family {family!r}")
+
+
+def story(name, trade, actions):
+    pronoun = HEROES[name]
+    connectors = CONNECTORS if len(actions) == 6 else ["First", "Then", "Finally"]
+    sentences = [f"Once there was a {trade} named {name}.", f"{pronoun.capitalize()} worked at the {WORKPLACE[trade]}."]
+    sentences += [f"{c} {pronoun} {a}." for c, a in zip(connectors, actions)]
+    sentences.append(f"In the end {name} went home and was happy.")
+    return " ".join(sentences)
+
+# -----------------------------------------------------------------------------
+# Validity: the task's precision. Single-answer families must match exactly; open-ended ones are parsed.
+
+
+def is_valid(example, response):
+    """True if `response` correctly answers the built-in `example` (a dict with instruction and category)."""
+    family, instr, resp = example["category"], example["instruction"], response.strip()
+    if family == "add":
+        a, b = map(int, re.fullmatch(r"What is (\d+) plus (\d+)\?", instr).groups())
+        return resp == f"{a} plus {b} is {a + b}."
+    if family == "antonym":
+        w = re.fullmatch(r"What is the opposite of (\w+)\?", instr).group(1)
+        return resp == f"The opposite of {w} is {ANTONYM[w]}."
+    if family == "reverse":
+        s = re.fullmatch(r"Reverse the letters ([a-z ]+)\.", instr).group(1).split()
+        return resp == f"{' '.join(s[::-1])}."
+    if family == "yesno":
+        noun, cat = re.fullmatch(r"Is an? (\w+) (?:an?|a piece of) (\w+)\?", instr).groups()
+        truth = NOUN_CATEGORY[noun]
+        if truth == cat:
+            return resp == f"Yes, {article(noun)} is {CATEGORIES[cat][0]}."
+        return resp == f"No, {article(noun)} is {CATEGORIES[truth][0]}."
+    if family == "list":
+        k, plural = re.fullmatch(r"Name (\d+) (.+)\.", instr).groups()
+        cat = next(c for c, (_, p, _) in CATEGORIES.items() if p == plural)
+        if not resp.endswith("."):
+            return False
+        items = resp[:-1].split(", ")
+        return len(items) == int(k) == len(set(items)) and all(NOUN_CATEGORY.get(i) == cat for i in items)
+    if family == "story":
+        length, name, trade = re.fullmatch(r"Write a (\w+) story about (\w+) the (\w+)\.", instr).groups()
+        k = STORY_LENGTH[length]
+        pattern = r"\. ".join([f"Once there was a {trade} named {name}", r"\w+ worked at the [\w ]+"] +
+                              [f"(?:{'|'.join(CONNECTORS)}) (?:he|she) ([\\w ]+)"] * k + [f"In the end {name} went home and was happy"]) + r"\."
+        m = re.fullmatch(pattern, resp)
+        if m is None or len(set(m.groups())) != k or not set(m.groups()) <= set(TRADE_ACTIONS[trade]):
+            return False
+        return resp == story(name, trade, list(m.groups()))  # connectors and pronoun exactly right
+    if family == "encode":
+        s = re.fullmatch(r"Encode the letters ([a-z ]+)\.", instr).group(1).split()
+        return resp in {f"{st}: {' '.join(a)}." for st, a in zip(STYLES, encode_styles(s))}
+    raise ValueError(f"is_valid: unknown family {family!r}")
+
+
+# -----------------------------------------------------------------------------
+# Splits: disjoint by prompt where the family's prompt space allows it (a stable hash of the instruction picks the
+# split: 10% test, 10% valid, 80% train); families in REPEATING draw prompts freely, as real data repeats facts.
+
+def prompt_split(instruction):
+    bucket = zlib.crc32(instruction.encode()) % 10
+    return "test" if bucket == 0 else "valid" if bucket == 1 else "train"
+
+
+def make_builtin(n_train=20000, n_valid=500, n_test=500, seed=1337):
+    """Returns {split: [example dicts in the dolly schema]}; families interleaved round robin."""
+    rng = random.Random(seed)
+    want = {"train": n_train, "valid": n_valid, "test": n_test}
+    out = {s: [] for s in want}
+    for split, n in want.items():
+        for i in range(n):
+            family = FAMILIES[i % len(FAMILIES)]
+            while True:
+                instruction, response = make_example(family, rng)
+                if family in REPEATING or prompt_split(instruction) == split:
+                    break
+            out[split].append({"instruction": instruction, "context": "", "response": response, "category": family})
+    return out
+
+
+def pretrain_documents(rng):
+    """Yields plain-text documents about the same world, without the instruction template (for L_PT)."""
+    while True:
+        sentences = []
+        for _ in range(rng.randint(4, 10)):
+            kind = rng.randrange(5)
+            if kind == 0:
+                noun = rng.choice(NOUNS)
+                sentences.append(f"{article(noun).capitalize()} is {CATEGORIES[NOUN_CATEGORY[noun]][0]}.")
+            elif kind == 1:
+                w = rng.choice(sorted(ANTONYM))
+                sentences.append(f"{w.capitalize()} is the opposite of {ANTONYM[w]}.")
+            elif kind == 2:
+                a, b = rng.randrange(16), rng.randrange(16)
+                sentences.append(f"{a} plus {b} is {a + b}.")
+            elif kind == 3:
+                cat = rng.choice(sorted(CATEGORIES))
+                items = rng.sample(CATEGORIES[cat][2].split(), 3)
+                sentences.append(f"The {items[0]}, the {items[1]} and the {items[2]} are {CATEGORIES[cat][1]}.")
+            else:
+                name, trade = rng.choice(sorted(HEROES)), rng.choice(sorted(TRADES))
+                sentences.append(f"{name} the {trade} {rng.choice(TRADE_ACTIONS[trade])}.")
+        yield " ".join(sentences)
+
+# -----------------------------------------------------------------------------
+# Tokenizers (tiktoken)
+
+EOT = "<|endoftext|>"
+# GPT-2's split pattern, except that digits split one by one (arithmetic is digit by digit)
+PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+BUILTIN_TEMPLATE = "Instruction: {instruction}\nResponse:\n"  # short: the built-in task is read by small models
+DOLLY_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                  "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+DOLLY_TEMPLATE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                        "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                        "{instruction}\n\n### Input:\n{context}\n\n### Response:\n")
+
+
+def world_words():
+    """Every word the built-in task uses, from its own generators (so the vocabulary can never miss one)."""
+    rng, words = random.Random(0), set("Instruction Response".split()) | set(LETTERS)
+    text = [" ".join(CONNECTORS + STYLES + list(HEROES) + list(TRADES) + list(WORKPLACE.values()))]
+    text += [w for c in CATEGORIES.values() for w in c] + list(TRADES.values())
+    for family in FAMILIES:
+        text += [s for _ in range(3000) for s in make_example(family, rng)]
+    docs = pretrain_documents(rng)
+    text += [next(docs) for _ in range(3000)]
+    for t in text:
+        words |= set(re.findall(r"[A-Za-z]+", t))
+    return sorted(words)
+
+
+def builtin_encoding(word_level=True):
+    """The built-in task's tiktoken Encoding: 256 bytes (+ the world's words as single tokens) + <|endoftext|>."""
+    ranks = {bytes([i]): i for i in range(256)}
+    if word_level:
+        pieces = [p for w in world_words() for p in (w, " " + w) if len(p) > 1]
+        pieces += [" " + str(d) for d in range(10)] + [". ", ", ", ".\n", ":\n", "?\n", ", "]
+        for p in dict.fromkeys(pieces):  # ordered, unique
+            ranks[p.encode()] = len(ranks)
+    name = "minillm-builtin-words" if word_level else "minillm-builtin-bytes"
+    return _tiktoken().Encoding(name, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+
+
+def _tiktoken():
+    import tiktoken  # imported here so that `import data` stays fast
+    return tiktoken
+
+
+def get_encoding(name):
+    """'builtin' (no download) or a tiktoken name such as 'gpt2' (downloaded once by tiktoken, then cached)."""
+    if name == "builtin":
+        return builtin_encoding()
+    if name == "builtin-bytes":
+        return builtin_encoding(word_level=False)
+    return _tiktoken().get_encoding(name)
+
+# -----------------------------------------------------------------------------
+# Loading instruction data: builtin, dolly (Hugging Face hub or a local copy), or the user's own files
+
+
+class DataError(Exception):
+    """Bad input data. The message is one line naming the file, the line and the problem."""
+
+
+FIELDS = ("instruction", "context", "response")
+
+
+def check_example(row, where, skip, skipped):
+    """Validates one dolly-schema row; returns it normalized, or None if skipped (counted in `skipped`)."""
+    problem = None
+    if not isinstance(row, dict):
+        problem = f"expected a JSON object, got {type(row).__name__}"
+    else:
+        for field in ("instruction", "response"):
+            if not isinstance(row.get(field), str):
+                problem = f"missing or non-string field {field!r}"
+                break
+        else:
+            if not row["response"].strip():
+                problem = "empty response"
+            elif not row["instruction"].strip():
+                problem = "empty instruction"
+    if problem:
+        if skip:
+            skipped.append(f"{where}: {problem}")
+            return None
+        raise DataError(f"{where}: {problem}")
+    return {"instruction": row["instruction"], "context": row.get("context") or "", "response": row["response"],
+            "category": row.get("category") or ""}
+
+
+def read_examples(path, skip_bad=False, skipped=None):
+    """Reads a local .jsonl (one object per line) or .json (a list of objects) file in the dolly schema.
+    Read by hand rather than through `datasets` so that every problem names its line."""
+    skipped = [] if skipped is None else skipped
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    rows = []
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of objects")
+        items = [(f"{path}: item {i}", row) for i, row in enumerate(data)]
+    else:
+        items = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                if not skip_bad:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                skipped.append(f"{path}:{lineno}: not valid JSON")
+    for where, row in items:
+        ex = check_example(row, where, skip_bad, skipped)
+        if ex is not None:
+            rows.append(ex)
+    if not rows:
+        raise DataError(f"{path}: no usable examples")
+    return rows
+
+
+def split_examples(rows, n_valid, n_test, seed=1337):
+    """Deterministic shuffle, then test / valid / train (the paper's dolly split: 500 test, 1,000 valid)."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_test, n_valid = min(n_test, len(rows) // 4), min(n_valid, len(rows) // 4)  # small files keep half for training
+    return {"test": rows[:n_test], "valid": rows[n_test:n_test + n_valid], "train": rows[n_test + n_valid:]}
+
+
+def load_dolly(name_or_path="databricks/databricks-dolly-15k", skip_bad=False, skipped=None):
+    """databricks-dolly-15k through `datasets` (the hub name, or a local folder or file holding the same rows)."""
+    from datasets import load_dataset
+    if os.path.isfile(name_or_path):
+        ds = load_dataset("json", data_files=name_or_path, split="train")
+    else:
+        ds = load_dataset(name_or_path, split="train")
+    skipped = [] if skipped is None else skipped
+    rows = [check_example(r, f"{name_or_path}: row {i}", skip_bad, skipped) for i, r in enumerate(ds)]
+    return split_examples([r for r in rows if r is not None], n_valid=1000, n_test=500)
+
+
+def load_instructions(spec, n_train=20000, n_valid=500, n_test=500, seed=1337, skip_bad=False, cache_dir="builtin_data"):
+    """--data: 'builtin' | 'dolly' | a .jsonl/.json file (split here) | a folder with train/valid/test files.
+    Returns ({split: rows}, skipped) where skipped lists the bad rows that were skipped (only if skip_bad)."""
+    skipped = []
+    if spec == "builtin":
+        folder = os.path.join(cache_dir, f"builtin-{n_train}-{n_valid}-{n_test}-{seed}")
+        if not all(os.path.isfile(os.path.join(folder, f"{s}.jsonl")) for s in ("train", "valid", "test")):
+            write_jsonl_splits(make_builtin(n_train, n_valid, n_test, seed), folder)
+        spec = folder
+    if spec == "dolly":
+        return load_dolly(skip_bad=skip_bad, skipped=skipped), skipped
+    if os.path.isdir(spec):
+        splits = {}
+        for s in ("train", "valid", "test"):
+            path = next((os.path.join(spec, s + ext) for ext in (".jsonl", ".json")
+                         if os.path.isfile(os.path.join(spec, s + ext))), None)
+            if path is None:
+                raise DataError(f"{spec}: expected {s}.jsonl (or {s}.json) in this folder")
+            splits[s] = read_examples(path, skip_bad, skipped)
+        return splits, skipped
+    if os.path.isfile(spec):
+        return split_examples(read_examples(spec, skip_bad, skipped), n_valid, n_test, seed), skipped
+    raise DataError(f"{spec}: --data must be builtin, dolly, a .jsonl/.json file or a folder")
+
+
+def write_jsonl_splits(splits, folder):
+    os.makedirs(folder, exist_ok=True)
+    for split, rows in splits.items():
+        tmp = os.path.join(folder, f"{split}.jsonl.tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, os.path.join(folder, f"{split}.jsonl"))  # atomic: a crash never leaves half a file
+
+# -----------------------------------------------------------------------------
+# Tokenizing: prompt + response + EOS, prompt tokens masked out of the loss (label -100)
+
+
+def prompt_text(example, template):
+    if template == "builtin":
+        return BUILTIN_TEMPLATE.format(**example)
+    return (DOLLY_TEMPLATE_INPUT if example["context"] else DOLLY_TEMPLATE).format(**example)
+
+
+def tokenize(rows, enc, template, max_length, max_prompt_length):
+    """Returns (list of (prompt_ids, response_ids)), n_dropped. Response ids end with EOS and are cut so that
+    prompt + response <= max_length; prompts longer than max_prompt_length are dropped (and counted)."""
+    eot, out, dropped = enc.eot_token, [], 0
+    for ex in rows:
+        prompt = enc.encode_ordinary(prompt_text(ex, template))
+        if len(prompt) > max_prompt_length or len(prompt) >= max_length:
+            dropped += 1
+            continue
+        response = (enc.encode_ordinary(ex["response"]) + [eot])[:max_length - len(prompt)]
+        out.append((prompt, response))
+    return out, dropped
+
+
+def collate(pairs, pad_id):
+    """Right-padded (B, T) inputs and targets; targets are -100 on the prompt and the padding."""
+    T = max(len(p) + len(r) for p, r in pairs) - 1
+    x = torch.full((len(pairs), T), pad_id, dtype=torch.long)
+    y = torch.full((len(pairs), T), -100, dtype=torch.long)
+    for i, (p, r) in enumerate(pairs):
+        seq = torch.tensor(p + r)
+        x[i, :len(seq) - 1] = seq[:-1]
+        y[i, len(p) - 1:len(seq) - 1] = seq[len(p):]  # predict the response (and EOS) only
+    return x, y
+
+
+def batches(pairs, batch_size, seed, bucket=64):
+    """Endless shuffled epochs of collated batches: yields (epoch, x, y). Within each window of `bucket` batches
+    the examples are sorted by length before they are cut into batches, so that a batch pads little (on the
+    built-in task this halves the tokens a step computes); the batches are then shuffled."""
+    rng, epoch = random.Random(seed), 0
+    while True:
+        order = list(range(len(pairs)))
+        rng.shuffle(order)
+        order = order[:len(order) - len(order) % batch_size]  # whole batches only
+        chunks = []
+        for i in range(0, len(order), batch_size * bucket):
+            window = sorted(order[i:i + batch_size * bucket], key=lambda j: len(pairs[j][0]) + len(pairs[j][1]))
+            chunks += [window[k:k + batch_size] for k in range(0, len(window), batch_size)]
+        rng.shuffle(chunks)
+        for chunk in chunks:
+            yield (epoch, *collate([pairs[j] for j in chunk], pad_id=0))
+        epoch += 1
+
+# -----------------------------------------------------------------------------
+# The pretraining stream for L_PT: documents joined with EOS, packed into chunks of block + 1 tokens
+
+
+def pretrain_texts(spec, seed):
+    """--pt_data: 'builtin' | 'openwebtext' | a .txt file (one document per blank-line-separated block) |
+    a .jsonl file or a folder readable by `datasets` with a 'text' field."""
+    if spec == "builtin":
+        yield from pretrain_documents(random.Random(seed))
+        return
+    if spec.endswith(".txt"):
+        if not os.path.isfile(spec):
+            raise DataError(f"{spec}: no such file")
+        with open(spec, encoding="utf-8") as f:
+            docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
+        if not docs:
+            raise DataError(f"{spec}: file is empty")
+        while True:
+            yield from docs
+    from datasets import load_dataset
+    name = "Skylion007/openwebtext" if spec == "openwebtext" else spec
+    if spec.endswith((".jsonl", ".json")):
+        if not os.path.isfile(spec):
+            raise DataError(f"{spec}: no such file")
+        ds = load_dataset("json", data_files=spec, split="train", streaming=True)
+    else:
+        ds = load_dataset(name, split="train", streaming=True)
+    while True:
+        n = 0
+        for i, row in enumerate(ds):
+            if not isinstance(row.get("text"), str):
+                raise DataError(f"{spec}: row {i} has no string field 'text'")
+            n += 1
+            yield row["text"]
+        if n == 0:
+            raise DataError(f"{spec}: no documents")
+
+
+def pretrain_batches(spec, enc, batch_size, block, seed):
+    """Endless (x, y) batches of packed pretraining text, (B, block) each."""
+    buf, docs = [], pretrain_texts(spec, seed)
+    while True:
+        while len(buf) < batch_size * (block + 1):
+            buf += enc.encode_ordinary(next(docs)) + [enc.eot_token]
+        chunk = torch.tensor(buf[:batch_size * (block + 1)]).view(batch_size, block + 1)
+        buf = buf[batch_size * (block + 1):]
+        yield chunk[:, :-1], chunk[:, 1:]
+
+# -----------------------------------------------------------------------------
+
+
+def compare_tokenizers(n=2000):
+    """Byte-level vs word-level: sequence lengths and the teacher's training step time (the choice above)."""
+    from minillm import GPT, MODEL_SIZES
+    torch.manual_seed(0)
+    rows = make_builtin(n, 0, 0)["train"]
+    print(f"{'encoding':<24}{'vocab':>7}{'mean len':>10}{'max len':>9}{'ms/step':>9}{'examples/s':>12}")
+    for name in ("builtin-bytes", "builtin"):
+        enc = get_encoding(name)
+        pairs, _ = tokenize(rows, enc, "builtin", 512, 256)
+        lens = [len(p) + len(r) for p, r in pairs]
+        model = GPT(MODEL_SIZES["teacher"](vocab_size=enc.n_vocab, block_size=512))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        it = batches(pairs, 32, 0)
+        for i in range(23):
+            if i == 3:
+                t0 = time.time()
+            _, x, y = next(it)
+            _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        ms = (time.time() - t0) / 20 * 1000
+        print(f"{name:<24}{enc.n_vocab:>7}{np.mean(lens):>10.1f}{max(lens):>9}{ms:>9.1f}{32 / ms * 1000:>12.0f}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("--compare_tokenizers", action="store_true", help="measure byte-level vs word-level tokens")
+    args = ap.parse_args()
+    if args.compare_tokenizers:
+        compare_tokenizers()
+    else:
+        t0 = time.time()
+        splits, _ = load_instructions("builtin")
+        enc = get_encoding("builtin")
+        print(f"built-in task in {time.time() - t0:.1f}s; vocabulary {enc.n_vocab} tokens")
+        for s, rows in splits.items():
+            pairs, _ = tokenize(rows, enc, "builtin", 512, 256)
+            words = [len(r["response"].split()) for r in rows]
+            print(f"{s:>5}: {len(rows)} examples, response words min {min(words)} mean {np.mean(words):.1f} "
+                  f"max {max(words)}, tokens/example mean {np.mean([len(p) + len(r) for p, r in pairs]):.1f}")
+        for ex in splits["train"][:len(FAMILIES)]:
+            print(f"[{ex['category']}] {ex['instruction']} -> {ex['response']}")

@@ -1,0 +1,403 @@
+"""
+Tests for minillm: the model, KV-cache generation, the built-in task, the data loaders, SFT and checkpoints.
+
+    python -m pytest test_minillm.py -q
+
+Everything runs on the CPU in well under 3 minutes with tiny models; nothing is downloaded.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import minillm
+from minillm import GPT, GPTConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny(vocab_size=97, block_size=64, seed=0, n_layer=2):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=2, n_embd=32)).eval()
+
+
+def assert_close(actual, expected, atol, what):
+    diff = (actual - expected).abs()
+    assert diff.max() <= atol, f"{what}: max abs diff {diff.max():.3g} at {tuple(torch.nonzero(diff == diff.max())[0].tolist())}"
+
+# -----------------------------------------------------------------------------
+# model
+
+
+def test_forward_shapes_and_loss():
+    model = tiny()
+    x = torch.randint(0, 97, (3, 10))
+    y = x.clone()
+    y[:, :4] = -100
+    logits, loss = model(x, y)
+    assert logits.shape == (3, 10, 97)
+    expected = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 97), y[:, 4:].reshape(-1))
+    assert torch.allclose(loss, expected)
+    assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5  # fresh init: close to uniform
+    assert model(x, last_only=True)[0].shape == (3, 1, 97)
+
+
+def test_gpt2_parameter_names_and_sizes():
+    names = set(dict(tiny().named_parameters()))
+    for n in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+              "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias", "transformer.h.1.mlp.c_fc.weight",
+              "transformer.h.1.mlp.c_proj.weight", "transformer.h.1.ln_2.bias", "transformer.ln_f.weight"]:
+        assert n in names, n
+    model = tiny()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    gpt2 = minillm.MODEL_SIZES["gpt2"]()
+    assert (gpt2.n_layer, gpt2.n_head, gpt2.n_embd, gpt2.vocab_size) == (12, 12, 768, 50257)
+    t, s = (GPT(minillm.MODEL_SIZES[n](vocab_size=1569)).num_params() for n in ("teacher", "student"))
+    assert t >= 4 * s, "the built-in teacher must be at least 4x the student"
+
+
+def test_left_padding_does_not_change_logits():
+    model = tiny()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    idx, valid = minillm.left_pad(prompts, 0, "cpu")
+    padded = model(idx, valid=valid)[0]
+    for i, p in enumerate(prompts):
+        alone = model(torch.tensor([p]))[0][0]
+        assert_close(padded[i, -len(p):], alone, 1e-5, f"row {i}")
+
+
+def test_kv_cache_logits_match_recomputation():
+    model = tiny()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    idx, valid = minillm.left_pad(prompts, 0, "cpu")
+    cache, logits = minillm.prefill(model, idx, valid, max_new_tokens=8)
+    for step in range(8):
+        full = model(idx, valid=valid)[0][:, -1]
+        assert_close(logits, full, 1e-5, f"step {step}")
+        token = logits.argmax(-1)
+        idx, valid = torch.cat([idx, token[:, None]], 1), torch.cat([valid, valid.new_ones(3, 1)], 1)
+        logits = minillm.decode(model, cache, token)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_kv_cache_generation_equals_no_cache(greedy):
+    model = tiny()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    outs = []
+    for use_cache in (True, False):
+        gen = torch.Generator().manual_seed(3)
+        outs.append(minillm.generate(model, prompts, 20, eos_id=None, greedy=greedy, generator=gen,
+                                     use_cache=use_cache, temperature=0.7 if not greedy else 1.0))
+    assert outs[0].shape == (4, 20)
+    assert torch.equal(outs[0], outs[1]), f"cache {outs[0].tolist()} vs recompute {outs[1].tolist()}"
+
+
+def test_batched_generation_equals_one_by_one():
+    model = tiny()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11]]
+    batched = minillm.generate(model, prompts, 12, eos_id=None, greedy=True)
+    for i, p in enumerate(prompts):
+        alone = minillm.generate(model, [p], 12, eos_id=None, greedy=True)
+        assert torch.equal(batched[i], alone[0]), f"row {i}"
+
+
+def test_generation_stops_at_eos_and_pads_after():
+    model = tiny()
+    with torch.no_grad():  # make token 3 the EOS and very likely after token 9
+        model.lm_head.weight.zero_()
+    eos = 3
+    gen = torch.Generator().manual_seed(0)
+    # uniform next-token distribution: rows hit EOS at different steps
+    out = minillm.generate(model, [[1, 2]] * 16, 200 // 4, eos_id=eos, generator=gen, pad_id=0)
+    for row in out.tolist():
+        if eos in row:
+            k = row.index(eos)
+            assert all(t == 0 for t in row[k + 1:]), row
+    assert any(eos in row for row in out.tolist())
+
+
+def test_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.allclose(minillm.next_token_probs(logits, top_k=2), torch.tensor([[0.625, 0.375, 0, 0]]))
+    assert torch.allclose(minillm.next_token_probs(logits, top_p=0.7), torch.tensor([[0.625, 0.375, 0, 0]]))
+    assert torch.allclose(minillm.next_token_probs(logits, top_p=0.85), torch.tensor([[0.5, 0.3, 0.15, 0]]) / 0.95)
+    assert torch.allclose(minillm.next_token_probs(logits, top_p=0.4), torch.tensor([[1.0, 0, 0, 0]]))
+    t2 = minillm.next_token_probs(logits, temperature=2.0)
+    assert torch.allclose(t2, torch.softmax(logits / 2, -1))
+
+
+def test_generate_rejects_too_long():
+    with pytest.raises(minillm.InputError, match="block_size"):
+        minillm.generate(tiny(block_size=16), [[1] * 10], 10, eos_id=None)
+
+
+def test_overfit_one_batch():
+    model = tiny().train()
+    x = torch.randint(0, 97, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses[::10]
+
+# -----------------------------------------------------------------------------
+# the built-in task
+
+
+def test_builtin_deterministic_and_disjoint():
+    a, b = data.make_builtin(700, 140, 140, seed=5), data.make_builtin(700, 140, 140, seed=5)
+    assert a == b
+    assert data.make_builtin(700, 140, 140, seed=6) != a
+    assert {len(v) for v in a.values()} == {700, 140}
+    for family in data.FAMILIES:
+        assert sum(r["category"] == family for r in a["test"]) == 20
+        if family in data.REPEATING:
+            continue
+        prompts = {s: {r["instruction"] for r in rows if r["category"] == family} for s, rows in a.items()}
+        assert not prompts["train"] & prompts["test"], family
+        assert not prompts["train"] & prompts["valid"], family
+        assert not prompts["valid"] & prompts["test"], family
+
+
+def test_response_lengths_span_few_to_about_sixty_words():
+    rows = data.make_builtin(2000, 0, 0)["train"]
+    words = [len(r["response"].split()) for r in rows]
+    assert min(words) <= 3 and 50 <= max(words) <= 70
+
+
+def corruptions(response):
+    """Ways to spoil a response: each must make it invalid."""
+    w = response.split()
+    yield response[:-1]                                  # drop the final period
+    yield " ".join(w[:-1]) + "."                         # drop the last word
+    yield " ".join(w[:1] + w[:1] + w[1:])                # repeat the first word
+    yield response.replace(".", "!", 1)
+    if len(w) > 2 and "," not in response:               # (a list in another order is still a valid list)
+        yield " ".join([w[0], w[2], w[1]] + w[3:])       # swap two words
+    yield ""
+
+
+def test_is_valid_accepts_references_and_rejects_corruptions():
+    rng = random.Random(0)
+    for family in data.FAMILIES:
+        for _ in range(200):
+            instruction, response = data.make_example(family, rng)
+            ex = {"instruction": instruction, "category": family}
+            assert data.is_valid(ex, response), (family, instruction, response)
+            for bad in corruptions(response):
+                if bad != response:
+                    assert not data.is_valid(ex, bad), (family, instruction, bad)
+
+
+def test_is_valid_specific_cases():
+    enc = {"instruction": "Encode the letters a b z.", "category": "encode"}
+    for ok in ["Copy: a b z.", "Reverse: z b a.", "Shift: b c a.", "Reverse shift: a c b."]:
+        assert data.is_valid(enc, ok)
+    assert not data.is_valid(enc, "Shift: z b a.")  # a real answer under the wrong style name
+    lst = {"instruction": "Name 3 birds.", "category": "list"}
+    assert data.is_valid(lst, "owl, crow, swan.")
+    assert not data.is_valid(lst, "owl, owl, swan.")   # not distinct
+    assert not data.is_valid(lst, "owl, crow, cat.")   # a cat is not a bird
+    assert not data.is_valid(lst, "owl, crow.")        # too few
+    yn = {"instruction": "Is a tiger a fruit?", "category": "yesno"}
+    assert data.is_valid(yn, "No, a tiger is an animal.") and not data.is_valid(yn, "Yes, a tiger is a fruit.")
+    st = {"instruction": "Write a short story about Tom the cook.", "category": "story"}
+    good = ("Once there was a cook named Tom. He worked at the kitchen. First he fried an egg. Then he set the table. "
+            "Finally he boiled the soup. In the end Tom went home and was happy.")
+    assert data.is_valid(st, good)
+    assert not data.is_valid(st, good.replace("fried an egg", "baked fresh bread"))  # another trade's action
+    assert not data.is_valid(st, good.replace("set the table", "fried an egg"))      # repeated action
+    assert not data.is_valid(st, good.replace("First he", "First she"))              # wrong pronoun
+
+
+def test_builtin_tokenizer_round_trip_and_word_tokens():
+    enc = data.get_encoding("builtin")
+    rows = data.make_builtin(300, 0, 0)["train"]
+    for r in rows:
+        text = data.prompt_text(r, "builtin") + r["response"]
+        assert enc.decode(enc.encode_ordinary(text)) == text
+    assert len(enc.encode_ordinary(" giraffe")) == 1 and len(enc.encode_ordinary(" 15")) == 2  # digits one by one
+    assert enc.decode(enc.encode_ordinary("zzqx unknown!")) == "zzqx unknown!"  # byte fallback
+    assert enc.eot_token == enc.n_vocab - 1
+
+
+def test_tokenize_masks_prompt_and_drops_long_prompts():
+    enc = data.get_encoding("builtin")
+    rows = [{"instruction": "What is 2 plus 3?", "context": "", "response": "2 plus 3 is 5.", "category": "add"},
+            {"instruction": "Name 3 birds. " * 40, "context": "", "response": "owl.", "category": "list"}]
+    pairs, dropped = data.tokenize(rows, enc, "builtin", max_length=64, max_prompt_length=32)
+    assert dropped == 1 and len(pairs) == 1
+    prompt, response = pairs[0]
+    assert response[-1] == enc.eot_token and enc.decode(response[:-1]) == "2 plus 3 is 5."
+    x, y = data.collate(pairs + pairs[:1], pad_id=0)
+    assert (y[0] != -100).sum() == len(response)
+    assert y[0, len(prompt) - 1].item() == response[0] and (y[0, :len(prompt) - 1] == -100).all()
+    pairs, _ = data.tokenize(rows[:1], enc, "builtin", max_length=len(prompt) + 3, max_prompt_length=32)
+    assert len(pairs[0][0]) + len(pairs[0][1]) == len(prompt) + 3  # truncated to max_length
+
+
+def test_batches_cover_every_example_once_per_epoch():
+    pairs = [([1] * random.Random(i).randint(1, 9), [2, i]) for i in range(96)]
+    seen = []
+    it = data.batches(pairs, 8, seed=0)
+    for _ in range(12):
+        epoch, x, y = next(it)
+        assert epoch == 0 and x.shape[0] == 8
+        seen += [int(row[row != -100][-1]) for row in y]
+    assert sorted(seen) == list(range(96))
+
+
+def test_pretrain_stream_packs_chunks():
+    enc = data.get_encoding("builtin")
+    x, y = next(data.pretrain_batches("builtin", enc, 4, 32, seed=0))
+    assert x.shape == y.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
+    assert (x == enc.eot_token).any()  # documents joined with EOS
+    assert "Instruction" not in enc.decode(x[0].tolist())
+
+# -----------------------------------------------------------------------------
+# loaders on local files (the same code paths that read the hub copies)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def dolly_rows(n):
+    return [{"instruction": f"Say {i}.", "context": "ctx" if i % 3 == 0 else "", "response": f"{i}.",
+             "category": "open_qa"} for i in range(n)]
+
+
+def test_local_jsonl_split_and_folder(tmp_path):
+    path = str(tmp_path / "mine.jsonl")
+    write_jsonl(path, dolly_rows(200))
+    splits, skipped = data.load_instructions(path, n_valid=20, n_test=10)
+    assert [len(splits[s]) for s in ("train", "valid", "test")] == [170, 20, 10] and not skipped
+    all_prompts = [r["instruction"] for s in splits.values() for r in s]
+    assert len(set(all_prompts)) == 200
+    assert data.load_instructions(path, n_valid=20, n_test=10)[0] == splits  # deterministic
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for s in ("train", "valid", "test"):
+        write_jsonl(str(folder / f"{s}.jsonl"), splits[s])
+    assert data.load_instructions(str(folder))[0] == splits
+    json_path = str(tmp_path / "mine.json")
+    with open(json_path, "w") as f:
+        json.dump(dolly_rows(50), f)
+    assert sum(len(v) for v in data.load_instructions(json_path, n_valid=5, n_test=5)[0].values()) == 50
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("{not json", "line 3: not valid JSON"),
+    (json.dumps({"instruction": "x", "context": ""}), "line 3: missing or non-string field 'response'"),
+    (json.dumps({"instruction": "x", "response": "   "}), "line 3: empty response"),
+    (json.dumps(["a list"]), "line 3: expected a JSON object"),
+])
+def test_malformed_lines_name_file_and_line(tmp_path, line, problem):
+    path = str(tmp_path / "bad.jsonl")
+    write_jsonl(path, dolly_rows(2) + [line] + dolly_rows(40))
+    with pytest.raises(data.DataError) as e:
+        data.load_instructions(path)
+    assert str(e.value).startswith(path) and problem.replace("line ", "") in str(e.value).replace("line ", "")
+    assert "\n" not in str(e.value)
+    splits, skipped = data.load_instructions(path, skip_bad=True)  # asked to skip: skipped and counted
+    assert len(skipped) == 1 and sum(len(v) for v in splits.values()) == 42
+
+
+def test_empty_and_missing_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(data.DataError, match="empty"):
+        data.load_instructions(str(empty))
+    with pytest.raises(data.DataError, match="--data must be"):
+        data.load_instructions(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(data.DataError, match="expected train.jsonl"):
+        data.load_instructions(str(tmp_path))
+
+
+def test_dolly_loader_on_local_copy(tmp_path):
+    folder = tmp_path / "dolly"
+    folder.mkdir()
+    write_jsonl(str(folder / "databricks-dolly-15k.jsonl"), dolly_rows(6000))
+    splits = data.load_dolly(str(folder))
+    assert [len(splits[s]) for s in ("train", "valid", "test")] == [4500, 1000, 500]
+    enc = data.get_encoding("builtin")
+    pairs, _ = data.tokenize(splits["train"][:50], enc, "dolly", 512, 256)
+    with_context = next(r for r in splits["train"] if r["context"])
+    assert "### Input:\nctx" in data.prompt_text(with_context, "dolly")
+    assert data.prompt_text(splits["train"][0], "dolly").endswith("### Response:\n") and len(pairs) == 50
+
+
+def test_pretrain_loaders_on_local_files(tmp_path):
+    enc = data.get_encoding("builtin")
+    folder = tmp_path / "owt"
+    folder.mkdir()
+    write_jsonl(str(folder / "data.jsonl"), [{"text": f"document number {i} about a tiger."} for i in range(30)])
+    x, _ = next(data.pretrain_batches(str(folder), enc, 2, 16, seed=0))  # the datasets path openwebtext uses
+    assert "document number 0" in enc.decode(x[0].tolist())
+    txt = tmp_path / "docs.txt"
+    txt.write_text("first doc.\n\nsecond doc.\n")
+    x, _ = next(data.pretrain_batches(str(txt), enc, 2, 16, seed=0))
+    assert enc.decode(x[0].tolist()).startswith("first doc.<|endoftext|>second doc.")
+
+# -----------------------------------------------------------------------------
+# training, checkpoints, the command line
+
+
+def test_sft_run_learns_and_checkpoint_round_trips(tmp_path):
+    args = minillm.get_args(["--method", "sft", "--model", "student", "--out", str(tmp_path / "run"),
+                             "--max_steps", "60", "--eval_interval", "30", "--log_interval", "20", "--lr", "1e-2",
+                             "--warmup_steps", "5", "--n_train", "700", "--n_valid", "70", "--n_test", "70"])
+    best = minillm.train(args)
+    log = open(tmp_path / "run" / "log.txt").read()
+    vals = [float(l.split("val loss ")[1].split()[0]) for l in log.splitlines() if "| val loss" in l]
+    assert len(vals) == 3 and vals[-1] < 0.6 * vals[0], vals
+    assert "tok/s" in log and "ETA" in log
+    model, ckpt = minillm.load_checkpoint(best)
+    assert ckpt["tokenizer"] == "builtin" and ckpt["step"] == 60 and ckpt["args"]["lr"] == 1e-2
+    assert abs(ckpt["best_val_loss"] - min(vals)) < 1e-4
+    last, ckpt_last = minillm.load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert set(ckpt_last["optimizer"]) == {"state", "param_groups"}
+    x = torch.randint(0, model.config.vocab_size, (2, 8))
+    assert torch.equal(model(x)[0], last(x)[0])  # best == last here: the final step had the best val loss
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "run").iterdir())
+
+
+def test_refuses_pickled_code(tmp_path):
+    path = str(tmp_path / "evil.pt")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    torch.save({"model": Evil(), "config": {}, "tokenizer": "builtin"}, path)
+    with pytest.raises(minillm.InputError, match="evil.pt"):
+        minillm.load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(minillm.InputError, match="junk.pt: not a loadable checkpoint"):
+        minillm.load_checkpoint(str(tmp_path / "junk.pt"))
+    with pytest.raises(minillm.InputError, match="no such checkpoint"):
+        minillm.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_cli_bad_data_is_one_clear_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    write_jsonl(str(path), dolly_rows(5) + ["{oops"])
+    r = subprocess.run([sys.executable, os.path.join(HERE, "minillm.py"), "--method", "sft", "--data", str(path),
+                        "--init", str(tmp_path / "nothing.pt"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip() == f"error: {tmp_path / 'nothing.pt'}: no such checkpoint file"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "minillm.py"), "--method", "sft", "--data", str(path),
+                        "--out", str(tmp_path / "o"), "--model", "student", "--tokenizer", "builtin"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == f"error: {path}:6: not valid JSON (Expecting property name enclosed in double quotes)"
