@@ -10,18 +10,24 @@ tokens masked out of the loss, prompts over max_prompt_length dropped, and a pla
 L_PT packed into fixed-length chunks.
 
 The built-in task ("builtin") is a small world made offline in seconds, deterministic from a seed: 240 nouns in 12
-categories, 40 antonym pairs, 12 trades with 6 actions each. Seven families, each with an exact `is_valid`:
+categories, 40 antonym pairs, 12 trades with 8 actions each. Seven families, each with an exact `is_valid`:
 
     family   kind          example instruction                        prompts repeat across splits?
     add      one answer    What is 7 plus 12?                         yes: 256 facts to memorize
-    antonym  one answer    What is the opposite of hot?               yes: 80 facts to memorize
+    antonym  one answer    Give the opposite of each word: hot up.    no (2-4 of 80 words)
     reverse  one answer    Reverse the letters k d s a.               no (random letters)
-    yesno    one answer    Is a tiger a fruit?                        no (2,880 prompts, hash-split)
+    yesno    one answer    Is a tiger a fruit?                        yes: 240 facts (see below)
     list     open-ended    Name 4 birds.                              yes: 84 prompts, countless answers
     story    open-ended    Write a long story about Anna the baker.   no (480 prompts, hash-split)
     encode   open-ended    Encode the letters k d s a.                no (random letters)
                            mixture of styles: "Copy: k d s a." | "Reverse: a s d k." |
                            "Shift: l e t b." | "Reverse shift: b t e l." (one picked at random per example)
+
+Splits are disjoint by prompt where that still asks something training taught (antonym, reverse, story, encode:
+a stable hash of the instruction picks the split). Facts are different: held-out yes/no prompts would ask about a fact that
+training never states in that form ("Is a heron a bird?" is the only yes-question about herons), so add and yesno
+repeat prompts across splits like facts in real data do, and so does list, whose 84 prompts each have
+thousands of valid answers.
 
 `encode` is the family where reverse KL measurably beats forward KL with an under-capacity student
 (../shared/MINILLM.md section 9): forward KL spreads the student over four styles it cannot all finish, reverse KL
@@ -92,19 +98,31 @@ for pair in ANTONYM_PAIRS.split(", "):
     ANTONYM[a], ANTONYM[b] = b, a
 assert len(ANTONYM) == 80, "every antonym word appears in exactly one pair"
 
-TRADES = {  # each hero's story may only use the six actions of their own trade
-    "baker": "baked fresh bread|sold sweet cakes|mixed the dough|lit the big oven|iced a cake|swept the shop",
-    "farmer": "milked the cows|planted new seeds|fed the pigs|drove the tractor|picked ripe corn|fixed the fence",
-    "sailor": "raised the sail|tied a strong knot|steered the ship|cast a net|scrubbed the deck|watched the waves",
-    "doctor": "checked a sick child|wrote a note|washed her hands|listened to a heart|gave a shot|read a chart",
-    "painter": "mixed some paint|cleaned the brushes|painted a wall|drew a bird|hung a picture|bought a canvas",
-    "teacher": "read a book aloud|graded the tests|wrote on the board|rang the bell|helped a pupil|planned a lesson",
-    "miner": "dug a tunnel|found some gold|lit a lamp|pushed a cart|broke a rock|climbed a ladder",
-    "cook": "chopped an onion|boiled the soup|fried an egg|tasted the sauce|set the table|washed the pans",
-    "pilot": "checked the wings|flew the plane|read the map|talked to the tower|landed the plane|fixed a radio",
-    "gardener": "watered the roses|cut the grass|planted a tree|pulled the weeds|raked the leaves|picked a flower",
-    "builder": "laid the bricks|mixed the cement|built a wall|carried the planks|painted the door|fixed the roof",
-    "fisher": "baited a hook|caught a fish|rowed the boat|mended a net|sold the fish|cleaned the catch",
+TRADES = {  # each hero's story uses only their own trade's actions, in this (the working day's) order
+    "baker": "opened the shop|mixed the dough|lit the big oven|baked fresh bread|iced a cake|sold sweet cakes|"
+             "counted the coins|swept the floor",
+    "farmer": "fed the pigs|milked the cows|fixed the fence|drove the tractor|planted new seeds|picked ripe corn|"
+              "sold some eggs|locked the barn",
+    "sailor": "checked the ropes|raised the sail|steered the ship|cast a net|tied a strong knot|scrubbed the deck|"
+              "watched the waves|lowered the sail",
+    "doctor": "washed her hands|read a chart|checked a sick child|listened to a heart|gave a shot|wrote a note|"
+              "called a nurse|closed the office",
+    "painter": "bought a canvas|mixed some paint|drew a bird|painted a wall|hung a picture|sold a painting|"
+               "cleaned the brushes|closed the studio",
+    "teacher": "rang the bell|planned a lesson|wrote on the board|read a book aloud|helped a pupil|gave a test|"
+               "graded the tests|locked the school",
+    "miner": "lit a lamp|climbed a ladder|dug a tunnel|broke a rock|found some gold|pushed a cart|"
+             "washed the gold|hung up the helmet",
+    "cook": "set the table|chopped an onion|boiled the soup|fried an egg|tasted the sauce|served the guests|"
+            "washed the pans|turned off the stove",
+    "pilot": "read the map|checked the wings|talked to the tower|flew the plane|fixed a radio|landed the plane|"
+             "wrote a report|parked the plane",
+    "gardener": "watered the roses|pulled the weeds|cut the grass|planted a tree|picked a flower|raked the leaves|"
+                "fed the birds|closed the gate",
+    "builder": "read the plans|carried the planks|mixed the cement|laid the bricks|built a wall|fixed the roof|"
+               "painted the door|cleaned the tools",
+    "fisher": "baited a hook|rowed the boat|cast a line|caught a fish|mended a net|cleaned the catch|"
+              "sold the fish|tied up the boat",
 }
 TRADE_ACTIONS = {t: a.split("|") for t, a in TRADES.items()}
 HEROES = {"Tom": "he", "Anna": "she", "Ben": "he", "Lucy": "she", "Max": "he", "Mia": "she", "Sam": "he",
@@ -121,7 +139,7 @@ STYLES = ["Copy", "Reverse", "Shift", "Reverse shift"]  # the mixture-of-styles 
 
 FAMILIES = ["add", "antonym", "reverse", "yesno", "list", "story", "encode"]
 SINGLE_ANSWER = {"add", "antonym", "reverse", "yesno"}  # exact match is meaningful for these
-REPEATING = {"add", "antonym", "list"}  # small prompt spaces: prompts repeat across splits, like facts in real data
+REPEATING = {"add", "yesno", "list"}  # facts to memorize or few prompts: repeat across splits, as in real data
 
 
 def article(word):
@@ -145,8 +163,8 @@ def make_example(family, rng):
         a, b = rng.randrange(16), rng.randrange(16)
         return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
     if family == "antonym":
-        w = rng.choice(sorted(ANTONYM))
-        return f"What is the opposite of {w}?", f"The opposite of {w} is {ANTONYM[w]}."
+        ws = rng.sample(sorted(ANTONYM), rng.randint(2, 4))
+        return f"Give the opposite of each word: {' '.join(ws)}.", f"{' '.join(ANTONYM[w] for w in ws)}."
     if family == "reverse":
         s = [rng.choice(LETTERS) for _ in range(rng.randint(3, 7))]
         return f"Reverse the letters {' '.join(s)}.", f"{' '.join(s[::-1])}."
@@ -160,11 +178,13 @@ def make_example(family, rng):
         return q, f"No, {article(noun)} is {CATEGORIES[truth][0]}."
     if family == "list":
         cat, k = rng.choice(sorted(CATEGORIES)), rng.randint(2, 8)
-        items = rng.sample(CATEGORIES[cat][2].split(), k)
+        items = sorted(rng.sample(CATEGORIES[cat][2].split(), k))  # written alphabetically; any order is valid
         return f"Name {k} {CATEGORIES[cat][1]}.", ", ".join(items) + "."
     if family == "story":
         name, trade, length = rng.choice(sorted(HEROES)), rng.choice(sorted(TRADES)), rng.choice(["short", "long"])
-        return f"Write a {length} story about {name} the {trade}.", story(name, trade, rng.sample(TRADE_ACTIONS[trade], STORY_LENGTH[length]))
+        chosen = set(rng.sample(TRADE_ACTIONS[trade], STORY_LENGTH[length]))
+        actions = [a for a in TRADE_ACTIONS[trade] if a in chosen]  # written in the day's order; any order is valid
+        return f"Write a {length} story about {name} the {trade}.", story(name, trade, actions)
     if family == "encode":
         s = [rng.choice(LETTERS) for _ in range(rng.randint(4, 6))]
         style = rng.randrange(4)
@@ -191,8 +211,8 @@ def is_valid(example, response):
         a, b = map(int, re.fullmatch(r"What is (\d+) plus (\d+)\?", instr).groups())
         return resp == f"{a} plus {b} is {a + b}."
     if family == "antonym":
-        w = re.fullmatch(r"What is the opposite of (\w+)\?", instr).group(1)
-        return resp == f"The opposite of {w} is {ANTONYM[w]}."
+        ws = re.fullmatch(r"Give the opposite of each word: ([a-z ]+)\.", instr).group(1).split()
+        return resp == f"{' '.join(ANTONYM[w] for w in ws)}."
     if family == "reverse":
         s = re.fullmatch(r"Reverse the letters ([a-z ]+)\.", instr).group(1).split()
         return resp == f"{' '.join(s[::-1])}."
@@ -233,12 +253,12 @@ def prompt_split(instruction):
     return "test" if bucket == 0 else "valid" if bucket == 1 else "train"
 
 
-def make_builtin(n_train=20000, n_valid=500, n_test=500, seed=1337):
+def make_builtin(n_train=100000, n_valid=500, n_test=500, seed=1337):
     """Returns {split: [example dicts in the dolly schema]}; families interleaved round robin."""
     rng = random.Random(seed)
     want = {"train": n_train, "valid": n_valid, "test": n_test}
     out = {s: [] for s in want}
-    for split, n in want.items():
+    for split, n in reversed(want.items()):  # test first: its examples do not depend on n_train
         for i in range(n):
             family = FAMILIES[i % len(FAMILIES)]
             while True:
@@ -420,7 +440,7 @@ def load_dolly(name_or_path="databricks/databricks-dolly-15k", skip_bad=False, s
     return split_examples([r for r in rows if r is not None], n_valid=1000, n_test=500)
 
 
-def load_instructions(spec, n_train=20000, n_valid=500, n_test=500, seed=1337, skip_bad=False, cache_dir="builtin_data"):
+def load_instructions(spec, n_train=100000, n_valid=500, n_test=500, seed=1337, skip_bad=False, cache_dir="builtin_data"):
     """--data: 'builtin' | 'dolly' | a .jsonl/.json file (split here) | a folder with train/valid/test files.
     Returns ({split: rows}, skipped) where skipped lists the bad rows that were skipped (only if skip_bad)."""
     skipped = []

@@ -356,7 +356,7 @@ def test_pretrain_loaders_on_local_files(tmp_path):
 
 def test_sft_run_learns_and_checkpoint_round_trips(tmp_path):
     args = minillm.get_args(["--method", "sft", "--model", "student", "--out", str(tmp_path / "run"),
-                             "--max_steps", "60", "--eval_interval", "30", "--log_interval", "20", "--lr", "1e-2",
+                             "--max_steps", "200", "--eval_interval", "100", "--log_interval", "50", "--lr", "1e-2",
                              "--warmup_steps", "5", "--n_train", "700", "--n_valid", "70", "--n_test", "70"])
     best = minillm.train(args)
     log = open(tmp_path / "run" / "log.txt").read()
@@ -364,7 +364,7 @@ def test_sft_run_learns_and_checkpoint_round_trips(tmp_path):
     assert len(vals) == 3 and vals[-1] < 0.6 * vals[0], vals
     assert "tok/s" in log and "ETA" in log
     model, ckpt = minillm.load_checkpoint(best)
-    assert ckpt["tokenizer"] == "builtin" and ckpt["step"] == 60 and ckpt["args"]["lr"] == 1e-2
+    assert ckpt["tokenizer"] == "builtin" and ckpt["step"] == 200 and ckpt["args"]["lr"] == 1e-2
     assert abs(ckpt["best_val_loss"] - min(vals)) < 1e-4
     last, ckpt_last = minillm.load_checkpoint(str(tmp_path / "run" / "last.pt"))
     assert set(ckpt_last["optimizer"]) == {"state", "param_groups"}
