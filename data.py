@@ -14,7 +14,7 @@ categories, 40 antonym pairs, 12 trades with 8 actions each. Seven families, eac
 
     family   kind          example instruction                        prompts repeat across splits?
     add      one answer    What is 7 plus 12?                         yes: 256 facts to memorize
-    antonym  one answer    Give the opposite of each word: hot up.    no (2-4 of 80 words)
+    antonym  one answer    Give the opposite of each word: hot up on.  no (3-6 of 80 words)
     reverse  one answer    Reverse the letters k d s a.               no (random letters)
     yesno    one answer    Is a tiger a fruit?                        yes: 240 facts (see below)
     list     open-ended    Name 4 birds.                              yes: 84 prompts, countless answers
@@ -163,7 +163,7 @@ def make_example(family, rng):
         a, b = rng.randrange(16), rng.randrange(16)
         return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
     if family == "antonym":
-        ws = rng.sample(sorted(ANTONYM), rng.randint(2, 4))
+        ws = rng.sample(sorted(ANTONYM), rng.randint(3, 6))
         return f"Give the opposite of each word: {' '.join(ws)}.", f"{' '.join(ANTONYM[w] for w in ws)}."
     if family == "reverse":
         s = [rng.choice(LETTERS) for _ in range(rng.randint(3, 7))]

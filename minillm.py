@@ -319,16 +319,13 @@ def validation_loss(model, pairs, batch_size, device, ctx):
     return total / max(count, 1)
 
 
-class Logger:
-    """Prints and appends to the run's log file."""
-    def __init__(self, folder):
-        self.path = os.path.join(folder, "log.txt") if folder else None
-
-    def __call__(self, line):
+def logger(folder):
+    """Returns log(line): prints the line and appends it to folder/log.txt."""
+    def log(line):
         print(line, flush=True)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
+        with open(os.path.join(folder, "log.txt"), "a") as f:
+            f.write(line + "\n")
+    return log
 
 
 def train(args):
@@ -338,8 +335,8 @@ def train(args):
     torch.manual_seed(args.seed)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     os.makedirs(args.out, exist_ok=True)
-    log = Logger(args.out)
-    log(f"# {' '.join(sys.argv)}")
+    log = logger(args.out)
+    log(f"# {' '.join(sys.argv)}\n# settings: {vars(args)}")
 
     # model: a named size from scratch, or continued from a checkpoint (--init)
     tokenizer = args.tokenizer if args.tokenizer != "auto" else "builtin" if args.data == "builtin" else "gpt2"
@@ -424,7 +421,7 @@ def train(args):
     return best_path
 
 # -----------------------------------------------------------------------------
-# Evaluation on the built-in task: validity (data.is_valid) per family. eval.py has the paper's full metrics.
+# Evaluation on the built-in task: validity (data.is_valid) per family
 
 
 @torch.no_grad()
@@ -502,14 +499,15 @@ def builtin_default(args):
         runs[name] = path
     enc = data.get_encoding("builtin")
     test = data.load_instructions("builtin", args.n_train, args.n_valid, args.n_test)[0]["test"]
-    print(f"\nvalidity on the built-in test split ({len(test)} prompts, greedy decoding)")
-    header = f"{'model':<14}{'params':>9}{'val loss':>10}" + "".join(f"{f:>9}" for f in data.FAMILIES + ["all"])
-    print(header)
+    print(f"\nvalidity on the built-in test split ({len(test)} prompts; greedy, and sampled at T = 1 as the paper "
+          f"evaluates)")
+    print(f"{'model':<9}{'decoding':>9}{'params':>9}{'val loss':>9}" + "".join(f"{f:>8}" for f in data.FAMILIES + ["all"]))
     for name, path in runs.items():
         model, ckpt = load_checkpoint(path, pick_device(args.device))
-        v = validity(model, enc, test)
-        print(f"{name:<14}{model.num_params() / 1e6:8.2f}M{ckpt['best_val_loss']:10.3f}"
-              + "".join(f"{v[f]:9.1%}" for f in data.FAMILIES + ["all"]))
+        for greedy in (True, False):
+            v = validity(model, enc, test, greedy=greedy)
+            print(f"{name:<9}{'greedy' if greedy else 'sampled':>9}{model.num_params() / 1e6:8.3f}M"
+                  f"{ckpt['best_val_loss']:9.3f}" + "".join(f"{v[f]:8.1%}" for f in data.FAMILIES + ["all"]))
 
 
 def get_args(argv=None):
