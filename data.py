@@ -14,7 +14,7 @@ categories, 40 antonym pairs, 12 trades with 8 actions each. Seven families, eac
 
     family   kind          example instruction                        prompts repeat across splits?
     add      one answer    What is 7 plus 12?                         yes: 256 facts to memorize
-    antonym  one answer    Give the opposite of each word: hot up on.  no (3-6 of 80 words)
+    antonym  one answer    Give the opposite of each word: hot up wet. no (3-6 of 80 words)
     reverse  one answer    Reverse the letters k d s a.               no (random letters)
     yesno    one answer    Is a tiger a fruit?                        yes: 240 facts (see below)
     list     open-ended    Name 4 birds.                              yes: 84 prompts, countless answers
@@ -24,22 +24,24 @@ categories, 40 antonym pairs, 12 trades with 8 actions each. Seven families, eac
                            "Shift: l e t b." | "Reverse shift: b t e l." (one picked at random per example)
 
 Splits are disjoint by prompt where that still asks something training taught (antonym, reverse, story, encode:
-a stable hash of the instruction picks the split). Facts are different: held-out yes/no prompts would ask about a fact that
-training never states in that form ("Is a heron a bird?" is the only yes-question about herons), so add and yesno
-repeat prompts across splits like facts in real data do, and so does list, whose 84 prompts each have
-thousands of valid answers.
+a stable hash of the instruction picks the split). Facts are different: a held-out yes/no prompt would ask about a
+fact that training never states in that form ("Is a heron a bird?" is the only yes-question about herons), so add
+and yesno repeat prompts across splits, as facts do in real data, and so does list, whose 84 prompts each have
+thousands of valid answers. Training lists are written alphabetically and stories in the trade's order of the day
+(any order is valid): with random orders the teacher kept repeating items (measured: 20% valid lists, greedy).
 
 `encode` is the family where reverse KL measurably beats forward KL with an under-capacity student
 (../shared/MINILLM.md section 9): forward KL spreads the student over four styles it cannot all finish, reverse KL
-lets it commit to the ones it can. Response lengths run from 2 words (reverse) to about 60 (long stories).
+lets it commit to the ones it can. Responses run from 3 words (reverse) to 54 (long stories).
 
 Tokenizer. GPT-2 checkpoints use tiktoken's `gpt2` encoding. The built-in task uses its own tiktoken Encoding
 built here with no download: the 256 byte values, every word of the world as one token (with and without a
 leading space), and <|endoftext|>. Digits and single letters are separate tokens, so arithmetic is digit by digit
 and a reversed string is one token per letter; anything outside the world falls back to bytes. Measured with
-`python data.py --compare_tokenizers` on this 2-core CPU (the 4-layer, 128-dim teacher, batch 32): byte-level
-sequences average 101.6 tokens vs 26.5 word-level, and a training step takes 88 ms vs 29 ms, so the word-level
-encoding sees 3.0x more examples per second (and 3.8x more per token of context). Word-level it is.
+`python data.py --compare_tokenizers` on this 2-core CPU (2026-11-28; the 4-layer, 128-dim teacher, batch 32,
+length-bucketed batches): byte-level sequences average 105.9 tokens (257-token vocabulary) against 29.0 word-level
+(1,623 tokens), and a training step takes 220 ms against 58 ms, so the word-level encoding trains on 3.8x more
+examples per second. Word-level it is.
 """
 import argparse
 import json

@@ -108,12 +108,11 @@ def test_batched_generation_equals_one_by_one():
 
 def test_generation_stops_at_eos_and_pads_after():
     model = tiny()
-    with torch.no_grad():  # make token 3 the EOS and very likely after token 9
+    with torch.no_grad():  # zero (tied) embeddings: a uniform next-token distribution, so rows end at different steps
         model.lm_head.weight.zero_()
     eos = 3
     gen = torch.Generator().manual_seed(0)
-    # uniform next-token distribution: rows hit EOS at different steps
-    out = minillm.generate(model, [[1, 2]] * 16, 200 // 4, eos_id=eos, generator=gen, pad_id=0)
+    out = minillm.generate(model, [[1, 2]] * 16, 50, eos_id=eos, generator=gen, pad_id=0)
     for row in out.tolist():
         if eos in row:
             k = row.index(eos)
