@@ -231,6 +231,8 @@ def generate(model, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=0, t
     pad_id = (eos_id if eos_id is not None else 0) if pad_id is None else pad_id
     device = next(model.parameters()).device
     idx, valid = left_pad(prompts, pad_id, device)
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if idx.size(1) + max_new_tokens > model.config.block_size:
         raise InputError(f"prompt ({idx.size(1)} tokens) + max_new_tokens ({max_new_tokens}) exceeds block_size "
                          f"{model.config.block_size}")
