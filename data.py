@@ -44,8 +44,8 @@ length-bucketed batches): byte-level sequences average 105.9 tokens (257-token v
 examples per second. Word-level it is.
 """
 import argparse
+import functools
 import json
-import math
 import os
 import random
 import re
@@ -310,7 +310,8 @@ DOLLY_TEMPLATE_INPUT = ("Below is an instruction that describes a task, paired w
 
 
 def world_words():
-    """Every word the built-in task uses, from its own generators (so the vocabulary can never miss one)."""
+    """The words of the built-in task: its word lists plus a large fixed sample of every generator (a word this
+    missed would still encode, as bytes). Deterministic, so the vocabulary is the same on every machine."""
     rng, words = random.Random(0), set("Instruction Response".split()) | set(LETTERS)
     text = [" ".join(CONNECTORS + STYLES + list(HEROES) + list(TRADES) + list(WORKPLACE.values()))]
     text += [w for c in CATEGORIES.values() for w in c] + list(TRADES.values())
@@ -323,6 +324,7 @@ def world_words():
     return sorted(words)
 
 
+@functools.lru_cache(maxsize=None)
 def builtin_encoding(word_level=True):
     """The built-in task's tiktoken Encoding: 256 bytes (+ the world's words as single tokens) + <|endoftext|>."""
     ranks = {bytes([i]): i for i in range(256)}
@@ -346,7 +348,10 @@ def get_encoding(name):
         return builtin_encoding()
     if name == "builtin-bytes":
         return builtin_encoding(word_level=False)
-    return _tiktoken().get_encoding(name)
+    try:
+        return _tiktoken().get_encoding(name)
+    except Exception as e:  # unknown name, or offline before tiktoken has cached the file
+        raise DataError(f"tokenizer {name}: could not load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 # -----------------------------------------------------------------------------
 # Loading instruction data: builtin, dolly (Hugging Face hub or a local copy), or the user's own files
@@ -430,13 +435,24 @@ def split_examples(rows, n_valid, n_test, seed=1337):
     return {"test": rows[:n_test], "valid": rows[n_test:n_test + n_valid], "train": rows[n_test + n_valid:]}
 
 
+def hf_dataset(name_or_path, streaming):
+    """The train split of a Hugging Face dataset: a hub name, a local folder, or a local .json/.jsonl file."""
+    from datasets import load_dataset  # imported here: `datasets` takes seconds to import
+    try:
+        if name_or_path.endswith((".jsonl", ".json")):
+            if not os.path.isfile(name_or_path):
+                raise DataError(f"{name_or_path}: no such file")
+            return load_dataset("json", data_files=name_or_path, split="train", streaming=streaming)
+        return load_dataset(name_or_path, split="train", streaming=streaming)
+    except DataError:
+        raise
+    except Exception as e:  # offline, unknown name, unreadable files: one line, not a traceback
+        raise DataError(f"{name_or_path}: could not load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
 def load_dolly(name_or_path="databricks/databricks-dolly-15k", skip_bad=False, skipped=None):
     """databricks-dolly-15k through `datasets` (the hub name, or a local folder or file holding the same rows)."""
-    from datasets import load_dataset
-    if os.path.isfile(name_or_path):
-        ds = load_dataset("json", data_files=name_or_path, split="train")
-    else:
-        ds = load_dataset(name_or_path, split="train")
+    ds = hf_dataset(name_or_path, streaming=False)
     skipped = [] if skipped is None else skipped
     rows = [check_example(r, f"{name_or_path}: row {i}", skip_bad, skipped) for i, r in enumerate(ds)]
     return split_examples([r for r in rows if r is not None], n_valid=1000, n_test=500)
@@ -548,14 +564,7 @@ def pretrain_texts(spec, seed):
             raise DataError(f"{spec}: file is empty")
         while True:
             yield from docs
-    from datasets import load_dataset
-    name = "Skylion007/openwebtext" if spec == "openwebtext" else spec
-    if spec.endswith((".jsonl", ".json")):
-        if not os.path.isfile(spec):
-            raise DataError(f"{spec}: no such file")
-        ds = load_dataset("json", data_files=spec, split="train", streaming=True)
-    else:
-        ds = load_dataset(name, split="train", streaming=True)
+    ds = hf_dataset("Skylion007/openwebtext" if spec == "openwebtext" else spec, streaming=True)
     while True:
         n = 0
         for i, row in enumerate(ds):

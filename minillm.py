@@ -30,6 +30,10 @@ import torch.nn.functional as F
 
 import data
 
+
+class InputError(Exception):
+    """A checkpoint, device or length that cannot be used. The message is one line naming the problem."""
+
 # -----------------------------------------------------------------------------
 # Model configuration
 
@@ -140,10 +144,12 @@ class GPT(nn.Module):
         attended to). cache: a KV cache from new_cache(); idx is then appended after what it already holds.
         Returns (logits (B, T, V), or (B, 1, V) with last_only; mean cross-entropy or None)."""
         B, T = idx.shape
+        start = 0 if cache is None else cache["len"]  # slots already in the cache
+        if start + T > self.config.block_size:  # (a position never exceeds its slot)
+            raise InputError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         if cache is None and valid is None:  # training: right padding only, plain causal attention
             pos, mask = torch.arange(T, device=idx.device), None
         else:
-            start = 0 if cache is None else cache["len"]
             if cache is not None:
                 cache["valid"][:, start:start + T] = True if valid is None else valid
                 valid = cache["valid"][:, :start + T]  # (B, S) over every slot so far
@@ -152,11 +158,9 @@ class GPT(nn.Module):
             k_slot = torch.arange(start + T, device=idx.device)[None, :]         # (1, S)
             mask = (k_slot <= q_slot) & valid[:, None, :]  # (B, T, S) causal, and never a padding key
             mask = (mask | (k_slot == q_slot))[:, None]    # (B, 1, T, S): a padding query sees itself, so no NaN
-        if pos.max() >= self.config.block_size:
-            raise ValueError(f"sequence of {pos.max() + 1} tokens exceeds block_size {self.config.block_size}")
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, None if cache is None else (cache["k"][i], cache["v"][i], cache["len"]))
+            x = block(x, mask, None if cache is None else (cache["k"][i], cache["v"][i], start))
         if cache is not None:
             cache["len"] += T
         x = self.transformer.ln_f(x)
@@ -288,9 +292,6 @@ def load_checkpoint(path, device="cpu"):
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
 
-
-class InputError(Exception):
-    """A checkpoint, device or length that cannot be used. The message is one line naming the problem."""
 
 # -----------------------------------------------------------------------------
 # Training: supervised fine-tuning (Algorithm 1, step 1). Cross-entropy on the response tokens only.

@@ -400,3 +400,11 @@ def test_cli_bad_data_is_one_clear_line(tmp_path):
                         "--out", str(tmp_path / "o"), "--model", "student", "--tokenizer", "builtin"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == f"error: {path}:6: not valid JSON (Expecting property name enclosed in double quotes)"
+
+
+def test_unloadable_dataset_is_one_line(tmp_path):
+    with pytest.raises(data.DataError) as e:
+        data.load_dolly(str(tmp_path / "no-such-folder"))
+    assert str(e.value).startswith(str(tmp_path / "no-such-folder")) and "\n" not in str(e.value)
+    with pytest.raises(data.DataError, match="no such file"):
+        next(data.pretrain_batches(str(tmp_path / "missing.jsonl"), data.get_encoding("builtin"), 2, 8, seed=0))
