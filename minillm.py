@@ -292,7 +292,6 @@ def load_checkpoint(path, device="cpu"):
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
 
-
 # -----------------------------------------------------------------------------
 # Training: supervised fine-tuning (Algorithm 1, step 1). Cross-entropy on the response tokens only.
 
