@@ -353,7 +353,8 @@ def test_pretrain_loaders_on_local_files(tmp_path):
 # training, checkpoints, the command line
 
 
-def test_sft_run_learns_and_checkpoint_round_trips(tmp_path):
+def test_sft_run_learns_and_checkpoint_round_trips(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the built-in data cache goes to ./builtin_data
     args = minillm.get_args(["--method", "sft", "--model", "student", "--out", str(tmp_path / "run"),
                              "--max_steps", "200", "--eval_interval", "100", "--log_interval", "50", "--lr", "1e-2",
                              "--warmup_steps", "5", "--n_train", "700", "--n_valid", "70", "--n_test", "70"])
@@ -408,3 +409,18 @@ def test_unloadable_dataset_is_one_line(tmp_path):
     assert str(e.value).startswith(str(tmp_path / "no-such-folder")) and "\n" not in str(e.value)
     with pytest.raises(data.DataError, match="no such file"):
         next(data.pretrain_batches(str(tmp_path / "missing.jsonl"), data.get_encoding("builtin"), 2, 8, seed=0))
+
+
+def test_builtin_default_trains_then_reuses(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--out", str(tmp_path / "out"), "--teacher_steps", "10", "--student_steps", "10", "--eval_interval", "5",
+            "--n_train", "350", "--n_valid", "35", "--n_test", "35"]
+    minillm.main(argv)
+    first = capsys.readouterr().out
+    assert "teacher trained" in first and "student trained" in first
+    minillm.main(argv)
+    second = capsys.readouterr().out
+    assert "reusing" in second and "trained" not in second
+    table = lambda out: out[out.index("validity on the built-in test split"):]
+    assert table(first) == table(second)  # same checkpoints, same seeds: the same table
+    assert len(table(first).splitlines()) == 6 and "teacher    sampled" in table(first)
