@@ -234,9 +234,10 @@ def is_valid(example, response):
     if family == "story":
         length, name, trade = re.fullmatch(r"Write a (\w+) story about (\w+) the (\w+)\.", instr).groups()
         k = STORY_LENGTH[length]
-        pattern = r"\. ".join([f"Once there was a {trade} named {name}", r"\w+ worked at the [\w ]+"] +
-                              [f"(?:{'|'.join(CONNECTORS)}) (?:he|she) ([\\w ]+)"] * k + [f"In the end {name} went home and was happy"]) + r"\."
-        m = re.fullmatch(pattern, resp)
+        action = f"(?:{'|'.join(CONNECTORS)}) (?:he|she) ([a-z ]+)"  # captures the action
+        frame = ([f"Once there was a {trade} named {name}", r"\w+ worked at the [a-z ]+"] + [action] * k
+                 + [f"In the end {name} went home and was happy"])
+        m = re.fullmatch(r"\. ".join(frame) + r"\.", resp)
         if m is None or len(set(m.groups())) != k or not set(m.groups()) <= set(TRADE_ACTIONS[trade]):
             return False
         return resp == story(name, trade, list(m.groups()))  # connectors and pronoun exactly right

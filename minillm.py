@@ -487,7 +487,8 @@ def builtin_default(args):
     """`python minillm.py`: the teacher and the SFT student on the built-in task (reused from earlier runs in
     args.out if there), then their validity on the test split."""
     runs = {}
-    for name, steps, lr in (("teacher", args.teacher_steps, 2e-3), ("student", args.student_steps, 1e-2)):  # student lr 1e-2 beat 3e-3 and 3e-2
+    # peak learning rates: for the student, 1e-2 beat 3e-3 and 3e-2 (validation loss after 15,000 steps)
+    for name, steps, lr in (("teacher", args.teacher_steps, 2e-3), ("student", args.student_steps, 1e-2)):
         folder = os.path.join(args.out, name if name == "teacher" else "student-sft")
         path = os.path.join(folder, "best.pt")
         if os.path.isfile(path):

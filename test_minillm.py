@@ -28,7 +28,8 @@ def tiny(vocab_size=97, block_size=64, seed=0, n_layer=2):
 
 def assert_close(actual, expected, atol, what):
     diff = (actual - expected).abs()
-    assert diff.max() <= atol, f"{what}: max abs diff {diff.max():.3g} at {tuple(torch.nonzero(diff == diff.max())[0].tolist())}"
+    where = tuple(torch.nonzero(diff == diff.max())[0].tolist())
+    assert diff.max() <= atol, f"{what}: max abs diff {diff.max():.3g} at {where}"
 
 # -----------------------------------------------------------------------------
 # model
@@ -400,7 +401,9 @@ def test_cli_bad_data_is_one_clear_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "minillm.py"), "--method", "sft", "--data", str(path),
                         "--out", str(tmp_path / "o"), "--model", "student", "--tokenizer", "builtin"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == f"error: {path}:6: not valid JSON (Expecting property name enclosed in double quotes)"
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == (f"error: {path}:6: not valid JSON "
+                                                 "(Expecting property name enclosed in double quotes)")
 
 
 def test_unloadable_dataset_is_one_line(tmp_path):
