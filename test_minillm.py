@@ -14,8 +14,12 @@ import sys
 import pytest
 import torch
 
-import data
-import minillm
+if not torch.cuda.is_available():  # the Triton kernels run on the CPU in the interpreter; set before kernels imports
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import data  # noqa: E402
+import kernels  # noqa: E402
+import minillm  # noqa: E402
 from minillm import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -427,3 +431,133 @@ def test_builtin_default_trains_then_reuses(tmp_path, monkeypatch, capsys):
     table = lambda out: out[out.index("validity on the built-in test split"):]
     assert table(first) == table(second)  # same checkpoints, same seeds: the same table
     assert len(table(first).splitlines()) == 6 and "teacher    sampled" in table(first)
+
+# -----------------------------------------------------------------------------
+# kernels.py: the fused reverse-KL kernel (under the Triton interpreter on the CPU) against float64
+
+
+def rkl64(s, t, y, T, ignore_index=-100):
+    """Independent float64 reverse KL, log q(y), log p(y), with the union mask, written from the definitions."""
+    s, t = s.double() / T, t.double() / T
+    masked = torch.isinf(s) | torch.isinf(t)
+    row_s = torch.isinf(s).all(-1, keepdim=True)
+    row_t = torch.isinf(t).all(-1, keepdim=True)
+    es = torch.exp(s - torch.where(row_s, 0.0, s.max(-1, keepdim=True).values))
+    et = torch.exp(t - torch.where(row_t, 0.0, t.max(-1, keepdim=True).values))
+    q = es / es.sum(-1, keepdim=True).clamp_min(1e-300)
+    p = et / et.sum(-1, keepdim=True).clamp_min(1e-300)
+    terms = torch.where(masked, 0.0, q * (torch.where(masked, 1.0, q).log() - torch.where(masked, 1.0, p).log()))
+    kl = terms.sum(-1)
+    keep = y != ignore_index
+    yy = y.clamp_min(0)[:, None]
+    lq = torch.where(keep, q.gather(-1, yy).squeeze(-1), 1.0).log()  # an ignored row: log 1 = 0, no 0 * inf
+    lp = torch.where(keep, p.gather(-1, yy).squeeze(-1), 1.0).log()
+    return torch.where(keep, kl, 0.0), lq, lp
+
+
+def kernel_case(N, V, seed, scale=3.0, mask=None, T=1.0, ignore=()):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(N, V, generator=g) * scale
+    t = torch.randn(N, V, generator=g) * scale
+    y = torch.randint(0, V, (N,), generator=g)
+    if mask in ("student", "both"):
+        s[torch.rand(N, V, generator=g) < 0.3] = float("-inf")
+    if mask in ("teacher", "both"):
+        t[torch.rand(N, V, generator=g) < 0.3] = float("-inf")
+    for i in ignore:
+        y[i] = -100
+    for i in range(N):  # targets on entries both models keep, so that log q(y) and log p(y) are finite
+        if y[i] >= 0 and (torch.isinf(s[i, y[i]]) or torch.isinf(t[i, y[i]])):
+            finite = torch.nonzero(~torch.isinf(s[i]) & ~torch.isinf(t[i]))
+            y[i] = finite[0, 0] if len(finite) else -100
+    return s, t, y, T
+
+
+def check_kernel(s, t, y, T, atol=1e-4):
+    assert kernels.use_kernel(s), "the kernel path must run in these tests (TRITON_INTERPRET=1 or CUDA)"
+    g = torch.Generator().manual_seed(1)
+    g_kl, g_lq = torch.randn(len(s), generator=g), torch.randn(len(s), generator=g)  # grad_output != 1
+    s_k = s.clone().requires_grad_()
+    kl, lq, lp = kernels.reverse_kl(s_k, t, y, temperature=T)
+    (kl * g_kl + lq * g_lq + lp).sum().backward()  # log p(y) carries no student gradient
+    s64 = s.double().requires_grad_()
+    kl64, lq64, lp64 = rkl64(s64, t, y, T)
+    (kl64 * g_kl.double() + lq64 * g_lq.double()).sum().backward()
+    for name, a, b in (("kl", kl, kl64), ("log q(y)", lq, lq64), ("log p(y)", lp, lp64), ("grad", s_k.grad, s64.grad)):
+        assert torch.isfinite(a).all(), f"{name}: non-finite at {torch.nonzero(~torch.isfinite(a))[:3].tolist()}"
+        assert_close(a.double(), b, atol, name)
+    assert s_k.grad.dtype == s.dtype
+
+
+@pytest.mark.parametrize("V", [8, 41, 1271, 5000])  # 5000 spans two 4096-wide blocks
+@pytest.mark.parametrize("mask", [None, "student", "teacher", "both"])
+def test_kernel_matches_float64(V, mask):
+    check_kernel(*kernel_case(5, V, seed=V, mask=mask, ignore=(3,)))
+
+
+def test_kernel_gpt2_vocabulary_peaked_and_temperature():
+    check_kernel(*kernel_case(3, 50257, seed=0, scale=20.0, T=0.7))   # peaked logits (x20)
+    check_kernel(*kernel_case(4, 1271, seed=2, scale=20.0, T=2.0, mask="both"))
+
+
+def test_kernel_all_ignored_and_fully_masked_rows():
+    s, t, y, T = kernel_case(4, 41, seed=3, ignore=(0, 1, 2, 3))
+    check_kernel(s, t, y, T)
+    s_k = s.clone().requires_grad_()
+    kl, lq, lp = kernels.reverse_kl(s_k, t, y)
+    (kl + lq).sum().backward()
+    assert not kl.any() and not lq.any() and not lp.any() and not s_k.grad.any()
+    s, t, y, T = kernel_case(4, 41, seed=4)
+    s[0], t[1], s[2], t[2] = float("-inf"), float("-inf"), float("-inf"), float("-inf")
+    y[0] = y[1] = y[2] = -100  # a fully masked row has no token to score
+    check_kernel(s, t, y, T)
+    kl = kernels.reverse_kl(s, t)  # without targets: KL only
+    assert kl.shape == (4,) and kl[0] == 0 and kl[1] == 0 and kl[2] == 0
+
+
+def test_kl_of_a_distribution_with_itself_is_zero_and_kl_is_nonnegative():
+    s, t, y, _ = kernel_case(6, 1271, seed=5)
+    assert kernels.reverse_kl(s, s.clone()).abs().max() < 1e-5
+    for use in (True, False):
+        kernels.USE_TRITON = use
+        try:
+            assert (kernels.reverse_kl(s, t) >= 0).all()
+        finally:
+            kernels.USE_TRITON = None
+
+
+def test_kernel_and_reference_paths_agree_and_shapes():
+    s, t, y, _ = kernel_case(6, 41, seed=6)
+    outs = []
+    for use in (True, False):
+        kernels.USE_TRITON = use
+        try:
+            outs.append(kernels.reverse_kl(s.view(2, 3, 41), t.view(2, 3, 41), y.view(2, 3)))
+        finally:
+            kernels.USE_TRITON = None
+    for a, b in zip(*outs):
+        assert a.shape == (2, 3)
+        assert_close(a, b, 1e-5, "kernel vs reference")
+    with pytest.raises(ValueError, match="slice it"):
+        kernels.reverse_kl(torch.randn(2, 41), torch.randn(2, 48))
+
+
+def test_reference_gradcheck():
+    s, t, y, _ = kernel_case(3, 8, seed=7, mask="teacher", ignore=(1,))
+    s = s.double().requires_grad_()
+    t = t.double()
+    torch.autograd.gradcheck(lambda x: kernels.reverse_kl_ref(x, t, y, temperature=1.3), (s,))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 / fp16 kernels are checked on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_half_precision_on_cuda(dtype):
+    s, t, y, T = kernel_case(64, 50257, seed=8, scale=5.0, mask="both", ignore=(3,))
+    s, t, y = s.cuda().to(dtype), t.cuda().to(dtype), y.cuda()
+    s_k = s.clone().requires_grad_()
+    kl, lq, lp = kernels.reverse_kl(s_k, t, y)
+    (kl + lq).sum().backward()
+    kl64, lq64, lp64 = rkl64(s.double().cpu(), t.double().cpu(), y.cpu(), 1.0)
+    for name, a, b in (("kl", kl, kl64), ("log q(y)", lq, lq64), ("log p(y)", lp, lp64)):
+        assert_close(a.double().cpu(), b, 2e-2, name)  # inputs rounded to dtype, fp32 accumulation
+    assert s_k.grad.dtype == dtype and torch.isfinite(s_k.grad).all()

@@ -1,0 +1,292 @@
+"""
+Fused log-softmax / reverse-KL: the per-token quantities of MiniLLM's objective in one pass over the logits.
+
+    python kernels.py                                  # benchmark (kernel figures need a GPU)
+    python -m pytest test_minillm.py -q -k kernel      # correctness, on the CPU under TRITON_INTERPRET=1
+
+For every response token MiniLLM needs (Gu et al., ICLR 2024, section 2.2):
+- the single-step term (Eq. 3-4): the exact reverse KL over the vocabulary, KL(q || p) = sum_v q_v (log q_v - log p_v),
+  with q = softmax(student logits / T), p = softmax(teacher logits / T);
+- the rewards and the policy-gradient term (Eq. 2, 7): log q(y_t) and log p(y_t) of the sampled token.
+Done naively that is several passes over two (N, V) tensors and (N, V) fp32 temporaries. Here: the PyTorch
+reference (the specification), then the Triton kernels (forward and gradient), their launchers, the
+autograd.Function, and `reverse_kl`, which dispatches to the kernel on CUDA or under TRITON_INTERPRET=1 and to the
+reference otherwise.
+
+Masked vocabulary (-inf logits from top-k/top-p masks or a padded vocabulary): as in the official code
+(minillm/losses.py), an entry that is -inf in the student *or* the teacher is dropped from the KL sum (the union of
+the two masks); its q_v still counts in the student's normalization. 0 * (-inf) is taken as 0, a row with every
+entry masked gives KL = 0 and a zero gradient, never NaN. log q(y) and log p(y) are the true log-probabilities
+(-inf if y itself is masked). Rows whose target is ignore_index give zeros and a zero gradient.
+"""
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference serves
+    triton = None
+
+USE_TRITON = None  # None: the kernel on CUDA tensors or under TRITON_INTERPRET=1; True / False force a path (tests)
+
+
+def check_inputs(student_logits, teacher_logits, targets):
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(f"student vocabulary {student_logits.shape[-1]} != teacher vocabulary "
+                         f"{teacher_logits.shape[-1]}; if one is only padded (e.g. 50304 vs 50257), slice it: "
+                         f"teacher_logits[..., :{min(student_logits.shape[-1], teacher_logits.shape[-1])}]")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    if targets is not None and targets.shape != student_logits.shape[:-1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must match the logits' leading shape "
+                         f"{tuple(student_logits.shape[:-1])}")
+
+# -----------------------------------------------------------------------------
+# Reference (the specification)
+
+
+def reverse_kl_ref(student_logits, teacher_logits, targets=None, temperature=1.0, ignore_index=-100):
+    """KL(q || p) per row (..., V) -> (...); with targets also (log q(y), log p(y)). Gradient to the student only."""
+    check_inputs(student_logits, teacher_logits, targets)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # fp32 math for bf16/fp16; float64 stays
+    s = student_logits.to(dtype) / temperature
+    t = teacher_logits.detach().to(dtype) / temperature
+    masked = torch.isinf(s) | torch.isinf(t)  # the union of both masks leaves the KL sum
+    # a row masked everywhere has no distribution: give it finite logits, its terms are all dropped below
+    s = s.masked_fill(torch.isinf(s).all(-1, keepdim=True), 0.0)
+    t = t.masked_fill(torch.isinf(t).all(-1, keepdim=True), 0.0)
+    log_q, log_p = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    log_ratio = (log_q - log_p).masked_fill(masked, 0.0)  # masked before the product: no 0 * inf, even in backward
+    kl = (log_q.exp() * log_ratio).sum(-1)  # Eq. 3-4: sum_v q_v (log q_v - log p_v)
+    if targets is None:
+        return kl
+    ignore = targets == ignore_index
+    y = targets.masked_fill(ignore, 0).unsqueeze(-1)
+    lq_y = log_q.gather(-1, y).squeeze(-1).masked_fill(ignore, 0.0)
+    lp_y = log_p.gather(-1, y).squeeze(-1).masked_fill(ignore, 0.0)
+    return kl.masked_fill(ignore, 0.0), lq_y, lp_y
+
+# -----------------------------------------------------------------------------
+# Triton kernels: one program per row, a loop over V in blocks with the online max / sum (arXiv 1805.02867)
+#
+# Forward. With s = z/T (student) and t = teacher/T, m the running max and d = sum exp(s - m):
+#   log q_v = s_v - lse_s,   log p_v = t_v - lse_t,   lse = m + log d
+#   KL = sum_F q_v (log q_v - log p_v) = A / d_s - (lse_s - lse_t) * Q_F,
+#   A = sum_F exp(s_v - m_s) (s_v - t_v),  Q_F = sum_F q_v,   F = entries finite in both.
+# A, d_s and Q_F * d_s are rescaled by exp(m_old - m_new) whenever the running max grows, so one pass suffices.
+#
+# Gradient w.r.t. the student logits z, for upstream gradients g_kl (of KL) and g_lq (of log q(y)):
+#   dKL/ds_j     = sum_{v in F} [dq_v/ds_j (log q_v - log p_v) + q_v dlog q_v/ds_j]
+#                = 1[j in F] q_j (log q_j - log p_j + 1) - q_j (KL + Q_F)
+#                  (= q_j (log q_j - log p_j - KL) when nothing is masked, Q_F = 1)
+#   dlog q_y/ds_j = 1[j = y] - q_j
+#   dL/dz_j      = [g_kl dKL/ds_j + g_lq (1[j = y] - q_j)] / T          (log p(y) has no student gradient)
+#
+# Bytes, for N rows of V logits of b bytes each: the forward reads both tensors once (2 N V b) and writes 6 N
+# floats; the backward reads both once more (2 N V b) and writes the gradient once (N V b): 5 N V b in all. The
+# floor is 3 N V b (read each input once, write the gradient once) and needs the upstream gradients during the
+# forward pass; autograd supplies them only afterwards, and the gradient is a mix of two vectors (one per output)
+# whose weights g_kl, g_lq are unknown until then, so storing partial gradients in the forward would move more
+# bytes, not fewer. Two passes, no (N, V) temporaries.
+
+if triton is not None:
+    @triton.jit
+    def _reverse_kl_fwd(S, T, Y, KL, LQ, LP, LSE_S, LSE_T, QF, stride_s, stride_t, V, inv_temp, ignore_index,
+                        HAS_TARGET: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        s_row, t_row = S + row * stride_s, T + row * stride_t
+        m_s, d_s, a, qf = -float("inf"), 0.0, 0.0, 0.0  # student running max, sum, A, Q_F * d_s
+        m_t, d_t = -float("inf"), 0.0                   # teacher running max, sum
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < V
+            s = tl.load(s_row + cols, mask=inside, other=-float("inf")).to(tl.float32) * inv_temp
+            t = tl.load(t_row + cols, mask=inside, other=-float("inf")).to(tl.float32) * inv_temp
+            finite = (s != -float("inf")) & (t != -float("inf"))  # F
+            m_new = tl.maximum(m_s, tl.max(s, 0))
+            m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # an all-masked prefix: avoid -inf - -inf
+            alpha = tl.exp(m_s - m_use)
+            e = tl.exp(s - m_use)  # 0 where s = -inf
+            d_s = d_s * alpha + tl.sum(e, 0)
+            diff = tl.where(finite, s, 0.0) - tl.where(finite, t, 0.0)  # s - t on F, 0 elsewhere: no inf - inf
+            a = a * alpha + tl.sum(e * diff, 0)  # and no 0 * (-inf)
+            qf = qf * alpha + tl.sum(tl.where(finite, e, 0.0), 0)
+            m_s = m_new
+            mt_new = tl.maximum(m_t, tl.max(t, 0))
+            mt_use = tl.where(mt_new == -float("inf"), 0.0, mt_new)
+            d_t = d_t * tl.exp(m_t - mt_use) + tl.sum(tl.exp(t - mt_use), 0)
+            m_t = mt_new
+        ds_safe, dt_safe = tl.where(d_s > 0, d_s, 1.0), tl.where(d_t > 0, d_t, 1.0)  # d = 0: a fully masked row
+        lse_s = tl.where(d_s > 0, m_s + tl.log(ds_safe), 0.0)  # then lse = 0, so that q_j = exp(-inf - 0) = 0
+        lse_t = tl.where(d_t > 0, m_t + tl.log(dt_safe), 0.0)
+        q_f = qf / ds_safe
+        kl = tl.where(q_f > 0, a / ds_safe - (lse_s - lse_t) * q_f, 0.0)
+        if HAS_TARGET:
+            y = tl.load(Y + row)
+            keep = y != ignore_index
+            y_safe = tl.where(keep, y, 0).to(tl.int64)
+            s_y = tl.load(s_row + y_safe).to(tl.float32) * inv_temp
+            t_y = tl.load(t_row + y_safe).to(tl.float32) * inv_temp
+            tl.store(LQ + row, tl.where(keep, s_y - lse_s, 0.0))
+            tl.store(LP + row, tl.where(keep, t_y - lse_t, 0.0))
+            kl = tl.where(keep, kl, 0.0)
+        tl.store(KL + row, kl)
+        tl.store(LSE_S + row, lse_s)
+        tl.store(LSE_T + row, lse_t)
+        tl.store(QF + row, q_f)
+
+    @triton.jit
+    def _reverse_kl_bwd(S, T, Y, G, KL, LSE_S, LSE_T, QF, G_KL, G_LQ, stride_s, stride_t, stride_g, V, inv_temp,
+                        ignore_index, HAS_TARGET: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        s_row, t_row, g_row = S + row * stride_s, T + row * stride_t, G + row * stride_g
+        lse_s, lse_t = tl.load(LSE_S + row), tl.load(LSE_T + row)
+        kl, q_f = tl.load(KL + row), tl.load(QF + row)
+        g_kl = tl.load(G_KL + row)
+        g_lq = 0.0
+        y = -1
+        if HAS_TARGET:
+            y_raw = tl.load(Y + row)
+            keep = y_raw != ignore_index
+            g_kl = tl.where(keep, g_kl, 0.0)  # an ignored row: zero gradient
+            g_lq = tl.where(keep, tl.load(G_LQ + row), 0.0)
+            y = tl.where(keep, y_raw, -1).to(tl.int64)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < V
+            s = tl.load(s_row + cols, mask=inside, other=-float("inf")).to(tl.float32) * inv_temp
+            t = tl.load(t_row + cols, mask=inside, other=-float("inf")).to(tl.float32) * inv_temp
+            finite = (s != -float("inf")) & (t != -float("inf"))
+            q = tl.exp(s - lse_s)
+            log_ratio = tl.where(finite, s - lse_s, 0.0) - tl.where(finite, t - lse_t, 0.0)  # log q - log p on F
+            dkl = tl.where(finite, q * (log_ratio + 1.0), 0.0) - q * (kl + q_f)
+            dlq = tl.where(cols == y, 1.0, 0.0) - q
+            grad = (g_kl * dkl + g_lq * dlq) * inv_temp
+            tl.store(g_row + cols, grad.to(G.dtype.element_ty), mask=inside)
+
+# -----------------------------------------------------------------------------
+# Launchers
+
+
+def _block(V):
+    return min(4096, triton.next_power_of_2(V))
+
+
+def _launch_fwd(s, t, y, temperature, ignore_index):
+    N, V = s.shape
+    out = [torch.empty(N, device=s.device, dtype=torch.float32) for _ in range(6)]  # kl, lq, lp, lse_s, lse_t, q_f
+    has_target = y is not None
+    _reverse_kl_fwd[(N,)](s, t, y if has_target else s, *out, s.stride(0), t.stride(0), V, 1.0 / temperature,
+                          ignore_index, HAS_TARGET=has_target, BLOCK=_block(V))
+    return out
+
+
+def _launch_bwd(s, t, y, saved, g_kl, g_lq, temperature, ignore_index):
+    N, V = s.shape
+    kl, lse_s, lse_t, q_f = saved
+    grad = torch.empty_like(s)  # the input dtype
+    has_target = y is not None
+    _reverse_kl_bwd[(N,)](s, t, y if has_target else s, grad, kl, lse_s, lse_t, q_f, g_kl, g_lq,
+                          s.stride(0), t.stride(0), grad.stride(0), V, 1.0 / temperature, ignore_index,
+                          HAS_TARGET=has_target, BLOCK=_block(V))
+    return grad
+
+# -----------------------------------------------------------------------------
+# autograd.Function
+
+
+class ReverseKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, t, y, temperature, ignore_index):
+        kl, lq, lp, lse_s, lse_t, q_f = _launch_fwd(s, t, y, temperature, ignore_index)
+        ctx.save_for_backward(s, t, y, kl, lse_s, lse_t, q_f)
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.mark_non_differentiable(lp)
+        return kl, lq, lp
+
+    @staticmethod
+    def backward(ctx, g_kl, g_lq, g_lp):
+        s, t, y, kl, lse_s, lse_t, q_f = ctx.saved_tensors
+        zeros = torch.zeros_like(kl)
+        g_kl = zeros if g_kl is None else g_kl.float().contiguous()
+        g_lq = zeros if g_lq is None else g_lq.float().contiguous()
+        grad = _launch_bwd(s, t, y, (kl, lse_s, lse_t, q_f), g_kl, g_lq, ctx.temperature, ctx.ignore_index)
+        return grad, None, None, None, None
+
+# -----------------------------------------------------------------------------
+# Public function
+
+
+def use_kernel(x):
+    if USE_TRITON is not None:
+        return USE_TRITON
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def reverse_kl(student_logits, teacher_logits, targets=None, temperature=1.0, ignore_index=-100):
+    """Same contract as reverse_kl_ref; the fused kernel where it can run, the reference elsewhere."""
+    if not use_kernel(student_logits):
+        return reverse_kl_ref(student_logits, teacher_logits, targets, temperature, ignore_index)
+    check_inputs(student_logits, teacher_logits, targets)
+    lead, V = student_logits.shape[:-1], student_logits.shape[-1]
+    s = student_logits.reshape(-1, V).contiguous()  # (N, V), unit stride along V
+    t = teacher_logits.detach().reshape(-1, V).contiguous()
+    y = None if targets is None else targets.reshape(-1).contiguous()
+    kl, lq, lp = ReverseKL.apply(s, t, y, float(temperature), ignore_index)
+    if targets is None:
+        return kl.view(lead)
+    return kl.view(lead), lq.view(lead), lp.view(lead)
+
+# -----------------------------------------------------------------------------
+# Benchmark
+
+
+def benchmark():
+    if not torch.cuda.is_available():
+        print("no GPU: the kernel figures need one (python kernels.py on a CUDA machine). The reference on the CPU:")
+        for N, V in ((256, 50257),):
+            s, t = torch.randn(N, V, requires_grad=True), torch.randn(N, V)
+            y = torch.randint(0, V, (N,))
+            t0 = time.time()
+            kl, lq, _ = reverse_kl_ref(s, t, y)
+            (kl.sum() + lq.sum()).backward()
+            print(f"  reference, N={N} V={V} fp32, forward+backward: {1000 * (time.time() - t0):.0f} ms")
+        return
+    from triton.testing import do_bench
+    copy = torch.empty(2 ** 28, device="cuda", dtype=torch.uint8)
+    copy_ms = do_bench(lambda: copy.clone())
+    copy_gbs = 2 * copy.numel() / copy_ms / 1e6
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbs:.0f} GB/s")
+    ref_compiled = torch.compile(reverse_kl_ref)
+    print(f"{'V':>7} {'dtype':>5} {'pass':>8} {'impl':>8} {'ms':>8} {'GB/s':>7} {'% copy':>7} {'peak MiB':>9}")
+    N = 8192
+    for V in (32000, 50257, 128256):
+        for dtype in (torch.bfloat16, torch.float32):
+            s = torch.randn(N, V, device="cuda", dtype=dtype, requires_grad=True)
+            t = torch.randn(N, V, device="cuda", dtype=dtype)
+            y = torch.randint(0, V, (N,), device="cuda")
+            b = s.element_size()
+            impls = {"kernel": lambda: reverse_kl(s, t, y), "eager": lambda: reverse_kl_ref(s, t, y),
+                     "compile": lambda: ref_compiled(s, t, y)}
+            for name, fn in impls.items():
+                for pass_name, bytes_moved in (("fwd", 2 * N * V * b), ("fwd+bwd", 3 * N * V * b)):
+                    def run():
+                        kl, lq, _ = fn()
+                        if pass_name == "fwd+bwd":
+                            (kl.sum() + lq.sum()).backward()
+                            s.grad = None
+                    torch.cuda.reset_peak_memory_stats()
+                    ms = do_bench(run)
+                    peak = torch.cuda.max_memory_allocated() / 2 ** 20
+                    gbs = bytes_moved / ms / 1e6
+                    print(f"{V:>7} {str(dtype)[6:]:>5} {pass_name:>8} {name:>8} {ms:8.3f} {gbs:7.0f} "
+                          f"{100 * gbs / copy_gbs:6.0f}% {peak:9.0f}")
+
+
+if __name__ == "__main__":
+    benchmark()
