@@ -263,6 +263,84 @@ def generate(model, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=0, t
     return out[:, :t + 1]
 
 # -----------------------------------------------------------------------------
+# Rollouts (Algorithm 1, step 2): responses sampled from the teacher-mixed distribution (Eq. 4-5)
+#     p_mix(y_t | y_<t, x) = alpha * p(y_t | y_<t, x) + (1 - alpha) * q(y_t | y_<t, x)
+# with the student q and the teacher p stepped in lockstep, each with its own KV cache. alpha = 0 is pure student
+# sampling; T = 1, no top-k, no top-p, as the paper samples.
+
+
+@torch.no_grad()
+def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=None):
+    """Samples one response per prompt from p_mix. Returns a dict of (B, n) tensors, n <= max_new_tokens:
+    tokens (padded with eos_id after each row's EOS), mask (True on response tokens, EOS included, False after),
+    logq_old = log q_old(y_t) (the student at rollout time), logp = log p(y_t), log_pmix = log p_mix(y_t);
+    and prompt_idx, prompt_valid: the left-padded prompts (B, Tp)."""
+    device = next(student.parameters()).device
+    idx, valid = left_pad(prompts, eos_id, device)
+    V = student.config.vocab_size
+    s_cache, s_logits = prefill(student, idx, valid, max_new_tokens)
+    t_cache, t_logits = prefill(teacher, idx, valid, max_new_tokens)
+    B = idx.size(0)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    steps = []
+    for t in range(max_new_tokens):
+        log_q = F.log_softmax(s_logits, -1)             # (B, V)
+        log_p = F.log_softmax(t_logits[:, :V], -1)      # (B, V); a teacher padded past V is sliced
+        p_mix = alpha * log_p.exp() + (1 - alpha) * log_q.exp()  # Eq. 4
+        token = torch.multinomial(p_mix, 1, generator=generator)  # (B, 1)
+        live = ~done
+        steps.append((torch.where(live, token[:, 0], eos_id), live, log_q.gather(1, token)[:, 0],
+                      log_p.gather(1, token)[:, 0], p_mix.gather(1, token)[:, 0].log()))
+        done |= token[:, 0] == eos_id
+        if done.all() or t == max_new_tokens - 1:
+            break
+        s_logits, t_logits = decode(student, s_cache, token[:, 0]), decode(teacher, t_cache, token[:, 0])
+    tokens, mask, logq_old, logp, log_pmix = (torch.stack(x, 1) for x in zip(*steps))  # (B, n) each
+    zero = torch.zeros((), device=device)
+    return {"prompt_idx": idx, "prompt_valid": valid, "tokens": tokens, "mask": mask,
+            # nothing after EOS or in padding may reach a reward, a return, an advantage or a loss:
+            "logq_old": torch.where(mask, logq_old, zero), "logp": torch.where(mask, logp, zero),
+            "log_pmix": torch.where(mask, log_pmix, zero)}
+
+
+def response_logits(model, batch):
+    """Logits (B, n, V) that predict each response token: one forward over prompt + response."""
+    idx = torch.cat([batch["prompt_idx"], batch["tokens"]], 1)  # (B, Tp + n)
+    valid = torch.cat([batch["prompt_valid"], torch.ones_like(batch["mask"])], 1)
+    logits, _ = model(idx[:, :-1], valid=valid[:, :-1])  # position i predicts token i + 1
+    Tp = batch["prompt_idx"].size(1)
+    return logits[:, Tp - 1:]  # (B, n, V): the last prompt position predicts the first response token
+
+# -----------------------------------------------------------------------------
+# The MiniLLM objective (Eq. 7 with PPO clipping), per response token
+
+
+def returns(r, mask, length_norm=True):
+    """Long-term return R_{t+1} of the steps after t (Eq. 2; the paper's return excludes step t).
+    length_norm (Eq. 6): R^Norm_{t+1} = mean of r_{t'} over the valid steps t' = t+1 .. T of the response
+    (T - t terms, the number actually summed; 0 at the last step). Without it: the plain sum."""
+    r = r * mask
+    after = r.flip(1).cumsum(1).flip(1) - r  # (B, n): sum over t' > t
+    count = mask.flip(1).cumsum(1).flip(1) - mask.long()  # (B, n): valid steps after t
+    if not length_norm:
+        return after * mask
+    return torch.where(count > 0, after / count.clamp(min=1), 0.0) * mask
+
+
+def minillm_terms(logq, kl, logq_old, advantage, w_single, w_long, clip_eps=0.2):
+    """Per-token loss terms (B, n) whose gradient is Eq. 7's estimate of grad KL[q_theta || p]:
+    single-step: w_t * KL(q_theta(.|y_<t) || p(.|y_<t)), the exact expectation over y_t (Eq. 3-4);
+    long-term: PPO-clipped policy gradient, rho_t = q_theta(y_t) / q_old(y_t) * w_t = q_theta / p_mix,
+               max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)) with A_t = R^Norm_{t+1} (no clipping: eps None).
+    w_single and w_long are the importance weights q/p_mix (Eq. 5): in training both are the per-step ratio
+    w_t = q_old(y_t) / p_mix(y_t); the estimator test passes exact sequence-level weights instead."""
+    rho = torch.exp(logq - logq_old) * w_long
+    long_term = -advantage * rho
+    if clip_eps is not None:
+        long_term = torch.max(long_term, -advantage * rho.clamp(1 - clip_eps, 1 + clip_eps))
+    return w_single * kl, long_term
+
+# -----------------------------------------------------------------------------
 # Checkpoints: one file, written atomically, loaded without executing pickled code (weights_only=True)
 
 

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():  # the Triton kernels run on the CPU in the interpreter; set before kernels imports
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -561,3 +562,116 @@ def test_kernel_half_precision_on_cuda(dtype):
     for name, a, b in (("kl", kl, kl64), ("log q(y)", lq, lq64), ("log p(y)", lp, lp64)):
         assert_close(a.double().cpu(), b, 2e-2, name)  # inputs rounded to dtype, fp32 accumulation
     assert s_k.grad.dtype == dtype and torch.isfinite(s_k.grad).all()
+
+# -----------------------------------------------------------------------------
+# the MiniLLM objective
+
+
+def estimator_models(seed=0):
+    """A tiny student and teacher over 4 tokens (3 is EOS) whose next-token distributions differ clearly."""
+    models = []
+    for k in range(2):
+        m = tiny(vocab_size=4, block_size=16, seed=seed + k, n_layer=1)
+        with torch.no_grad():
+            m.transformer.wte.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(seed + 10 + k))
+            m.transformer.ln_f.weight.fill_(0.08)  # logits of order 1: neither peaked nor uniform
+        models.append(m)
+    return models
+
+
+def exact_kl_gradient(student, teacher, prompt, eos, L):
+    """grad of KL[q || p] over every response (ending at EOS, or cut at L tokens), by enumeration."""
+    import itertools
+    seqs = [c for n in range(1, L + 1) for c in itertools.product(range(4), repeat=n)
+            if eos not in c[:-1] and (c[-1] == eos or n == L)]
+    idx = torch.tensor([prompt + list(c) + [eos] * (L - len(c)) for c in seqs])  # (S, Tp + L)
+    mask = torch.tensor([[i < len(c) for i in range(L)] for c in seqs])
+    Tp = len(prompt)
+
+    def seq_logprob(model):
+        logp = F.log_softmax(model(idx[:, :-1])[0][:, Tp - 1:], -1)  # (S, L, V)
+        return (logp.gather(-1, idx[:, Tp:, None])[..., 0] * mask).sum(1)
+    lq = seq_logprob(student)
+    with torch.no_grad():
+        lp = seq_logprob(teacher)
+    kl = (lq.exp() * (lq - lp)).sum()
+    return kl.item(), torch.autograd.grad(kl, list(student.parameters()))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_estimator_matches_exact_gradient_by_enumeration(alpha):
+    student, teacher = estimator_models()
+    prompt, eos, L, B = [0, 1], 3, 3, 40000
+    kl, exact = exact_kl_gradient(student, teacher, prompt, eos, L)
+    assert kl > 0.03  # the two models really differ
+    batch = minillm.rollout(student, teacher, [prompt] * B, L, eos, alpha, torch.Generator().manual_seed(0))
+    mask = batch["mask"]
+    targets = batch["tokens"].masked_fill(~mask, -100)
+    with torch.no_grad():
+        t_logits = minillm.response_logits(teacher, batch)
+    # the reference: the interpreter would run 120,000 kernel programs one by one (the kernel has its own tests)
+    kl_t, logq, logp = kernels.reverse_kl_ref(minillm.response_logits(student, batch), t_logits, targets)
+    assert_close(logp, batch["logp"], 1e-5, "teacher log-probs: rollout vs recomputation")
+    r = batch["logp"] - batch["logq_old"]                                # r_t = log p - log q_old
+    A = minillm.returns(r, mask, length_norm=False)                      # R_{t+1}, plain sum (Eq. 2)
+    log_w = (batch["logq_old"] - batch["log_pmix"]) * mask               # per-step log q/p_mix
+    w_single = torch.exp(log_w.cumsum(1) - log_w)                        # exact: prod over t' < t
+    w_long = torch.exp(log_w.sum(1, keepdim=True)).expand_as(log_w)      # exact: the whole sequence
+    single, long_term = minillm.minillm_terms(logq, kl_t, batch["logq_old"], A, w_single, w_long, clip_eps=None)
+    loss = ((single + long_term) * mask).sum() / B                       # E over sequences of the sum over t
+    est = torch.autograd.grad(loss, list(student.parameters()))
+    g_est, g_exact = torch.cat([g.flatten() for g in est]), torch.cat([g.flatten() for g in exact])
+    rel = ((g_est - g_exact).norm() / g_exact.norm()).item()
+    assert rel < 0.05, f"alpha {alpha}: relative error {rel:.3f} of the estimated gradient"
+
+
+def test_returns_length_normalization_and_masks():
+    r = torch.tensor([[1.0, 2.0, 3.0, 4.0, 9.0], [5.0, 7.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    # R^Norm_{t+1}: mean of r over the valid steps after t; 0 at the last step and after the end
+    expected = torch.tensor([[3.0, 3.5, 4.0, 0.0, 0.0], [7.0, 0.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(minillm.returns(r, mask), expected)
+    assert torch.equal(minillm.returns(r, mask, length_norm=False), torch.tensor([[9.0, 7, 4, 0, 0], [7.0, 0, 0, 0, 0]]))
+
+
+def test_clipping_only_outside_the_trust_region():
+    logq_old = torch.zeros(1, 5)
+    logq = torch.log(torch.tensor([[0.5, 0.9, 1.0, 1.1, 1.5]]))  # rho = q_theta / q_old (w = 1)
+    ones = torch.ones(1, 5)
+    for A in (1.0, -1.0):
+        logq_ = logq.clone().requires_grad_()
+        _, long_term = minillm.minillm_terms(logq_, torch.zeros(1, 5), logq_old, A * ones, ones, ones, clip_eps=0.2)
+        long_term.sum().backward()
+        inside = logq_.grad[0, 1:4]
+        assert torch.allclose(inside, -A * torch.tensor([0.9, 1.0, 1.1])), inside  # d(-A rho)/d log q = -A rho
+        if A > 0:  # a good action is not pushed further once rho > 1 + eps; a bad one (A < 0) below 1 - eps
+            assert logq_.grad[0, 4] == 0 and logq_.grad[0, 0] != 0
+        else:
+            assert logq_.grad[0, 0] == 0 and logq_.grad[0, 4] != 0
+
+
+def test_rollout_masks_and_tokens_after_eos_change_nothing():
+    student, teacher = estimator_models(seed=3)
+    batch = minillm.rollout(student, teacher, [[0, 1], [2], [1, 2, 0]] * 20, 6, 3, 0.2,
+                            torch.Generator().manual_seed(1))
+    mask, tokens = batch["mask"], batch["tokens"]
+    ended = (tokens == 3) & mask
+    assert ended.any() and (~mask).any()
+    for row in range(len(tokens)):  # the mask runs up to and including the first EOS, then stops
+        n = int(mask[row].sum())
+        assert mask[row, :n].all() and not mask[row, n:].any()
+        assert n == tokens.size(1) or tokens[row, n - 1] == 3
+    for key in ("logq_old", "logp", "log_pmix"):
+        assert (batch[key][~mask] == 0).all()
+
+    def loss_of(b):
+        targets = b["tokens"].masked_fill(~b["mask"], -100)
+        kl, logq, _ = kernels.reverse_kl(minillm.response_logits(student, b),
+                                         minillm.response_logits(teacher, b), targets)
+        A = minillm.returns(b["logp"] - b["logq_old"], b["mask"])
+        w = torch.exp(b["logq_old"] - b["log_pmix"])
+        single, long_term = minillm.minillm_terms(logq, kl, b["logq_old"], A, w, w)
+        return ((single + long_term) * b["mask"]).sum()
+    garbled = {**batch, "tokens": torch.where(mask, tokens, torch.randint(0, 4, tokens.shape))}
+    with torch.no_grad():
+        assert torch.allclose(loss_of(batch), loss_of(garbled))
