@@ -19,6 +19,7 @@ What this version simplifies (relative to the paper's setup):
 import argparse
 import math
 import os
+import random
 import sys
 import time
 from contextlib import nullcontext
@@ -29,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import kernels
 
 
 class InputError(Exception):
@@ -374,6 +376,14 @@ def load_checkpoint(path, device="cpu"):
 # Training: supervised fine-tuning (Algorithm 1, step 1). Cross-entropy on the response tokens only.
 
 
+def make_optimizer(model, args):
+    """AdamW (0.9, 0.95), weight decay on matrices only (nanoGPT)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+
 def get_lr(step, args):
     """Linear warm-up to args.lr, then cosine decay to args.min_lr at args.max_steps."""
     if step < args.warmup_steps:
@@ -446,11 +456,7 @@ def train(args):
         raise data.DataError(f"{args.data}: {len(train_pairs)} usable training examples, fewer than one batch "
                              f"of {args.batch_size}")
 
-    # optimizer: AdamW, weight decay on matrices only (nanoGPT)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    optimizer = make_optimizer(model, args)
     log(f"model {args.init or args.model}: {model.num_params() / 1e6:.3f}M parameters, {model.config}")
     fwd = model
     if args.compile:
@@ -499,6 +505,148 @@ def train(args):
     save_checkpoint(last_path, model, optimizer, step, args, tokenizer, best_val)
     log(f"done: {step} steps in {time.time() - t_start:.0f}s, best val loss {best_val:.4f} -> {best_path}")
     return best_path
+
+# -----------------------------------------------------------------------------
+# MiniLLM distillation (Algorithm 1, step 2): rollouts from p_mix, then ppo_epochs passes of mini-batches over them,
+# each step on single-step + long-term + L_PT
+
+
+@torch.no_grad()
+def reverse_kl_k3(student, teacher, prompts, args, generator):
+    """Sequence-level KL[q || p] estimated on pure student samples with k3 = p/q - 1 - log(p/q) per token."""
+    b = rollout(student, teacher, prompts, args.max_new_tokens, args.eos_id, 0.0, generator)
+    log_ratio = (b["logp"] - b["logq_old"]) * b["mask"]
+    k3 = (log_ratio.exp() - 1 - log_ratio) * b["mask"]
+    return k3.sum(1).mean().item(), b["mask"].sum(1).float().mean().item()
+
+
+def pretrain_loss(student, teacher, x, y, kd_ratio, ctx):
+    """L_PT: language modelling on the pretraining stream; kd_ratio mixes in soft cross-entropy to the teacher
+    (the official code uses 0.5; the paper's L_PT is the pure LM loss, kd_ratio = 0)."""
+    with ctx:
+        logits, lm = student(x, y)
+    if kd_ratio == 0:
+        return lm
+    with torch.no_grad(), ctx:
+        p = F.softmax(teacher(x)[0][..., :logits.size(-1)].float(), -1)
+    soft = -(p * F.log_softmax(logits.float(), -1)).sum(-1).mean()
+    return (1 - kd_ratio) * lm + kd_ratio * soft
+
+
+def distill(args):
+    """MiniLLM: --teacher CKPT and --init STUDENT_CKPT; best.pt is the lowest validation reverse KL."""
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if not args.teacher or not args.init:
+        raise InputError("--method minillm needs --teacher CKPT and --init STUDENT_CKPT")
+    teacher, t_ckpt = load_checkpoint(args.teacher, device)
+    student, s_ckpt = load_checkpoint(args.init, device)
+    teacher.eval()
+    if t_ckpt["tokenizer"] != s_ckpt["tokenizer"]:
+        raise InputError(f"{args.teacher}: tokenizer {t_ckpt['tokenizer']} differs from the student's "
+                         f"{s_ckpt['tokenizer']} ({args.init})")
+    if teacher.config.vocab_size < student.config.vocab_size:
+        raise InputError(f"{args.teacher}: vocabulary {teacher.config.vocab_size} is smaller than the student's "
+                         f"{student.config.vocab_size}")
+    os.makedirs(args.out, exist_ok=True)
+    log = logger(args.out)
+    log(f"# {' '.join(sys.argv)}\n# settings: {vars(args)}")
+    enc = data.get_encoding(s_ckpt["tokenizer"])
+    args.eos_id = enc.eot_token
+    template = "builtin" if args.data == "builtin" else "dolly"
+    splits, _ = data.load_instructions(args.data, args.n_train, args.n_valid, args.n_test, skip_bad=args.skip_bad)
+    longest = min(student.config.block_size, teacher.config.block_size) - args.max_new_tokens
+    if longest < 1:
+        raise InputError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in block_size "
+                         f"{student.config.block_size}")
+    prompts = {s: [p for p in (enc.encode_ordinary(data.prompt_text(r, template)) for r in splits[s])
+                   if len(p) <= min(args.max_prompt_length, longest)] for s in ("train", "valid")}
+    log(f"{len(prompts['train'])} train / {len(prompts['valid'])} valid prompts (longer than "
+        f"{min(args.max_prompt_length, longest)} tokens dropped)")
+    pt_iter = data.pretrain_batches(args.pt_data, enc, args.batch_size, min(128, student.config.block_size),
+                                    args.seed)
+    optimizer = make_optimizer(student, args)
+    if len(prompts["train"]) < args.rollout_size or not prompts["valid"]:
+        raise data.DataError(f"{args.data}: {len(prompts['train'])} usable training prompts, fewer than "
+                             f"--rollout_size {args.rollout_size} (or no validation prompts)")
+    rng, gen = random.Random(args.seed), torch.Generator(device=device).manual_seed(args.seed)  # prompts, sampling
+    shuffle = torch.Generator().manual_seed(args.seed)  # mini-batch order
+    valid_prompts = prompts["valid"][:args.rollout_size]
+    best, step, t_start, tokens, next_eval = float("inf"), 0, time.time(), 0, 0
+    while step < args.max_steps:
+        if step >= next_eval:  # validation reverse KL (the objective), on fixed prompts and seed
+            next_eval += args.eval_interval
+            val, _ = reverse_kl_k3(student, teacher, valid_prompts, args, torch.Generator(device).manual_seed(0))
+            if val < best:
+                best = val
+                save_checkpoint(os.path.join(args.out, "best.pt"), student, optimizer, step, args,
+                                s_ckpt["tokenizer"], val)
+            log(f"step {step:5d} | val reverse KL {val:.4f} | best {best:.4f} | {time.time() - t_start:6.1f}s")
+        # 1. rollouts from p_mix with the student of now (q_old), rewards and advantages (no gradient)
+        student.eval()
+        batch = rollout(student, teacher, rng.sample(prompts["train"], args.rollout_size), args.max_new_tokens,
+                        args.eos_id, args.alpha, gen)
+        student.train()
+        mask = batch["mask"]
+        # the paper, where the official code differs (../shared/MINILLM.md section 5): the return excludes step t,
+        # no discount, no advantage whitening or reward scaling, and w_t also weighs the single-step term
+        r = batch["logp"] - batch["logq_old"]                    # r_t = log p(y_t) - log q_old(y_t)
+        batch["A"] = returns(r, mask, args.length_norm)          # Eq. 6: R^Norm_{t+1}
+        batch["w"] = torch.exp(batch["logq_old"] - batch["log_pmix"])  # Eq. 5: w_t = q_old(y_t) / p_mix(y_t)
+        tokens += int(mask.sum())
+        # 2. ppo_epochs passes over the rollouts in mini-batches (Algorithm 1)
+        for _ in range(args.ppo_epochs):
+            order = torch.randperm(args.rollout_size, generator=shuffle)
+            for i in range(0, args.rollout_size, args.batch_size):
+                rows = order[i:i + args.batch_size].to(device)
+                mb = {k: v[rows] for k, v in batch.items()}
+                mb_mask = mb["mask"]
+                lr = get_lr(step, args)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with ctx:
+                    logits_q = response_logits(student, mb)  # (b, n, V)
+                    with torch.no_grad():
+                        logits_p = response_logits(teacher, mb)[..., :logits_q.size(-1)]
+                kl, logq, _ = kernels.reverse_kl(logits_q, logits_p, mb["tokens"].masked_fill(~mb_mask, -100))
+                single, long_term = minillm_terms(logq, kl, mb["logq_old"], mb["A"], mb["w"], mb["w"], args.clip_eps)
+                n_tok = mb_mask.sum().clamp(min=1)
+                loss_single = (single * mb_mask).sum() / n_tok
+                loss_long = (long_term * mb_mask).sum() / n_tok
+                x, y = (t.to(device) for t in next(pt_iter))
+                loss_pt = pretrain_loss(student, teacher, x, y, args.kd_ratio, ctx)
+                loss = loss_single + loss_long + args.lm_coef * loss_pt
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"step {step}: loss is {loss.item()} (single {loss_single.item()}, "
+                                             f"long {loss_long.item()}, L_PT {loss_pt.item()}); stopping")
+                loss.backward()
+                if args.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if step % args.log_interval == 0:
+                    rho = torch.exp(logq.detach() - mb["logq_old"]) * mb["w"]
+                    clipped = (((rho - 1).abs() > args.clip_eps) & mb_mask).sum() / n_tok
+                    rkl, length = reverse_kl_k3(student, teacher, valid_prompts[:16], args, gen)
+                    elapsed = time.time() - t_start
+                    log(f"step {step:5d} | rkl {rkl:.4f} | reward {(r * mask).sum().item() / mask.sum().item():+.4f} | "
+                        f"single {loss_single.item():.4f} | long {loss_long.item():+.4f} | L_PT {loss_pt.item():.4f} | "
+                        f"clip {clipped.item():.2f} | w {(mb['w'] * mb_mask).sum().item() / n_tok.item():.3f} | "
+                        f"len {length:.1f} | lr {lr:.2e} | {tokens / elapsed:6.0f} tok/s | "
+                        f"ETA {elapsed / (step + 1) * (args.max_steps - step - 1):5.0f}s")
+                step += 1
+                if step >= args.max_steps:
+                    break
+            if step >= args.max_steps:
+                break
+    val, _ = reverse_kl_k3(student, teacher, valid_prompts, args, torch.Generator(device).manual_seed(0))
+    if val < best:
+        best = val
+        save_checkpoint(os.path.join(args.out, "best.pt"), student, optimizer, step, args, s_ckpt["tokenizer"], val)
+    save_checkpoint(os.path.join(args.out, "last.pt"), student, optimizer, step, args, s_ckpt["tokenizer"], best)
+    log(f"step {step:5d} | val reverse KL {val:.4f} | best {best:.4f} | done in {time.time() - t_start:.0f}s")
+    return os.path.join(args.out, "best.pt")
 
 # -----------------------------------------------------------------------------
 # Evaluation on the built-in task: validity (data.is_valid) per family
@@ -594,7 +742,9 @@ def builtin_default(args):
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="MiniLLM distillation (see the docstring of minillm.py)")
     # what to run
-    ap.add_argument("--method", choices=["sft"], help="sft: supervised fine-tuning (default: the built-in pipeline)")
+    ap.add_argument("--method", choices=["sft", "minillm"],
+                    help="sft: supervised fine-tuning; minillm: distillation (default: the built-in pipeline)")
+    ap.add_argument("--teacher", help="minillm: the teacher checkpoint")
     ap.add_argument("--model", default="student", choices=sorted(MODEL_SIZES), help="size to train from scratch")
     ap.add_argument("--init", help="start from this checkpoint instead of a fresh --model")
     ap.add_argument("--out", default="out", help="run folder: log.txt, best.pt, last.pt")
@@ -608,6 +758,17 @@ def get_args(argv=None):
     ap.add_argument("--max_prompt_length", type=int, default=256, help="longer prompts are dropped (paper: 256)")
     ap.add_argument("--tokenizer", default="auto", help="auto (builtin for --data builtin, else gpt2) | builtin | gpt2")
     ap.add_argument("--skip_bad", action="store_true", help="skip and count malformed data rows instead of stopping")
+    ap.add_argument("--pt_data", default="builtin", help="minillm: L_PT text: builtin | openwebtext | a .txt/.jsonl")
+    # MiniLLM (the paper's GPT-2 values in brackets)
+    ap.add_argument("--alpha", type=float, default=0.2, help="teacher share of the sampling mixture p_mix [0.2]")
+    ap.add_argument("--rollout_size", type=int, default=64, help="responses sampled per round [256]")
+    ap.add_argument("--ppo_epochs", type=int, default=4, help="passes over each round's rollouts [4]")
+    ap.add_argument("--clip_eps", type=float, default=0.2, help="PPO clipping of rho = q_theta / p_mix [0.2]")
+    ap.add_argument("--max_new_tokens", type=int, default=96, help="longest response sampled [256]")
+    ap.add_argument("--no_length_norm", dest="length_norm", action="store_false",
+                    help="use the plain sum R_{t+1} instead of the mean (Eq. 6) [on]")
+    ap.add_argument("--lm_coef", type=float, default=1.0, help="weight of L_PT [1]")
+    ap.add_argument("--kd_ratio", type=float, default=0.0, help="soft cross-entropy share of L_PT [official code 0.5]")
     # optimization
     ap.add_argument("--max_steps", type=int, default=2000)
     ap.add_argument("--max_minutes", type=float, default=0, help="also stop after this much wall-clock time (0: off)")
@@ -637,6 +798,8 @@ def main(argv=None):
             bench_generation(args)
         elif args.method == "sft":
             train(args)
+        elif args.method == "minillm":
+            distill(args)
         else:
             builtin_default(args)
     except (data.DataError, InputError, FloatingPointError) as e:

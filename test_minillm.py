@@ -675,3 +675,29 @@ def test_rollout_masks_and_tokens_after_eos_change_nothing():
     garbled = {**batch, "tokens": torch.where(mask, tokens, torch.randint(0, 4, tokens.shape))}
     with torch.no_grad():
         assert torch.allclose(loss_of(batch), loss_of(garbled))
+
+
+def test_minillm_steps_lower_the_reverse_kl(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    enc = data.get_encoding("builtin")
+    for name, seed in (("teacher", 0), ("student", 1)):
+        model = tiny(vocab_size=enc.n_vocab, block_size=64, seed=seed)
+        if name == "teacher":  # a peaked teacher, far from the near-uniform student
+            with torch.no_grad():
+                model.transformer.ln_f.weight.fill_(4.0)
+        opt = torch.optim.AdamW(model.parameters())
+        minillm.save_checkpoint(str(tmp_path / f"{name}.pt"), model, opt, 0, None, "builtin", 0.0)
+    args = minillm.get_args(["--method", "minillm", "--teacher", str(tmp_path / "teacher.pt"),
+                             "--init", str(tmp_path / "student.pt"), "--out", str(tmp_path / "run"),
+                             "--max_steps", "24", "--eval_interval", "24", "--log_interval", "8", "--lr", "1e-2",
+                             "--warmup_steps", "1", "--rollout_size", "16", "--batch_size", "8",
+                             "--max_new_tokens", "12", "--n_train", "350", "--n_valid", "35", "--n_test", "35",
+                             "--lm_coef", "0"])  # the objective alone: L_PT pulls toward other text
+    minillm.distill(args)
+    log = open(tmp_path / "run" / "log.txt").read()
+    vals = [float(l.split("val reverse KL ")[1].split()[0]) for l in log.splitlines() if "val reverse KL" in l]
+    assert len(vals) == 2 and vals[1] < 0.8 * vals[0], vals
+    for field in ("rkl", "reward", "single", "long", "L_PT", "clip", " w ", "len", "tok/s", "ETA"):
+        assert field in log, field
+    model, ckpt = minillm.load_checkpoint(str(tmp_path / "run" / "best.pt"))
+    assert ckpt["best_val_loss"] == min(vals) or abs(ckpt["best_val_loss"] - min(vals)) < 1e-4
