@@ -4,17 +4,25 @@ MiniLLM: knowledge distillation of a small GPT student from a larger GPT teacher
     python minillm.py                                              # the built-in default, end to end (see README)
     python minillm.py --method sft --model teacher --out out/teacher          # supervised fine-tuning (stage 1)
     python minillm.py --method sft --model student --out out/student-sft
+    python minillm.py --method minillm --teacher out/teacher/best.pt --init out/student-sft/best.pt --out out/minillm
     python minillm.py --bench generate                             # KV-cache vs recomputation benchmark
 
 Follows Gu, Dong, Wei, Huang, "MiniLLM: Knowledge Distillation of Large Language Models" (ICLR 2024).
 This file holds, top to bottom: the run settings, the GPT model (GPT-2 layout and parameter names), generation
-with a KV cache, supervised fine-tuning (Algorithm 1, step 1: the student's initialization and the teacher), the
-validity evaluation of the built-in task, and main. Data and tokenizers live in data.py.
+with a KV cache, teacher-mixed rollouts, the MiniLLM objective (Eq. 2-7), checkpoints, supervised fine-tuning
+(Algorithm 1, step 1: the student's initialization and the teacher), MiniLLM distillation (Algorithm 1, step 2),
+the validity evaluation of the built-in task, and main. Data and tokenizers live in data.py, the fused reverse-KL
+kernel in kernels.py.
 
-What this version simplifies (relative to the paper's setup):
+What this version simplifies or changes (relative to the paper and its official code):
 - The built-in task is a small procedurally generated instruction world (data.py) so that the whole method runs
   on a 2-core CPU in minutes; GPT-2 shapes are available by name for real runs.
-- Supervised fine-tuning keeps the checkpoint with the lowest validation loss, as the paper does (Appendix B).
+- Where the official code departs from the paper (the return includes step t, a discount of 0.95, whitened and
+  scaled advantages, no importance weight on the single-step term), this follows the paper.
+- The teacher's logits are recomputed for each mini-batch instead of being stored with the rollouts (memory over
+  time; the teacher forward is cheap next to the rollouts).
+- Distillation keeps the checkpoint with the lowest validation reverse KL (the paper selects by validation
+  Rouge-L, which eval.py will provide).
 """
 import argparse
 import math
