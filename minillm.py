@@ -22,7 +22,7 @@ What this version simplifies or changes (relative to the paper and its official 
 - The teacher's logits are recomputed for each mini-batch instead of being stored with the rollouts (memory over
   time; the teacher forward is cheap next to the rollouts).
 - Distillation keeps the checkpoint with the lowest validation reverse KL (the paper selects by validation
-  Rouge-L, which eval.py will provide).
+  Rouge-L).
 """
 import argparse
 import math
