@@ -522,7 +522,10 @@ def train(args):
 @torch.no_grad()
 def reverse_kl_k3(student, teacher, prompts, args, generator):
     """Sequence-level KL[q || p] estimated on pure student samples with k3 = p/q - 1 - log(p/q) per token."""
+    was_training = student.training
+    student.eval()
     b = rollout(student, teacher, prompts, args.max_new_tokens, args.eos_id, 0.0, generator)
+    student.train(was_training)
     log_ratio = (b["logp"] - b["logq_old"]) * b["mask"]
     k3 = (log_ratio.exp() - 1 - log_ratio) * b["mask"]
     return k3.sum(1).mean().item(), b["mask"].sum(1).float().mean().item()
