@@ -585,8 +585,8 @@ def distill(args):
     shuffle = torch.Generator().manual_seed(args.seed)  # mini-batch order
     valid_prompts = prompts["valid"][:args.rollout_size]
     best, step, t_start, tokens, next_eval = float("inf"), 0, time.time(), 0, 0
-    while step < args.max_steps:
-        if step >= next_eval:  # validation reverse KL (the objective), on fixed prompts and seed
+    while True:
+        if step >= next_eval or step >= args.max_steps:  # validation reverse KL, on fixed prompts and seed
             next_eval += args.eval_interval
             val, _ = reverse_kl_k3(student, teacher, valid_prompts, args, torch.Generator(device).manual_seed(0))
             if val < best:
@@ -594,6 +594,8 @@ def distill(args):
                 save_checkpoint(os.path.join(args.out, "best.pt"), student, optimizer, step, args,
                                 s_ckpt["tokenizer"], val)
             log(f"step {step:5d} | val reverse KL {val:.4f} | best {best:.4f} | {time.time() - t_start:6.1f}s")
+        if step >= args.max_steps:
+            break
         # 1. rollouts from p_mix with the student of now (q_old), rewards and advantages (no gradient)
         student.eval()
         batch = rollout(student, teacher, rng.sample(prompts["train"], args.rollout_size), args.max_new_tokens,
@@ -651,12 +653,8 @@ def distill(args):
                     break
             if step >= args.max_steps:
                 break
-    val, _ = reverse_kl_k3(student, teacher, valid_prompts, args, torch.Generator(device).manual_seed(0))
-    if val < best:
-        best = val
-        save_checkpoint(os.path.join(args.out, "best.pt"), student, optimizer, step, args, s_ckpt["tokenizer"], val)
     save_checkpoint(os.path.join(args.out, "last.pt"), student, optimizer, step, args, s_ckpt["tokenizer"], best)
-    log(f"step {step:5d} | val reverse KL {val:.4f} | best {best:.4f} | done in {time.time() - t_start:.0f}s")
+    log(f"done: {step} steps in {time.time() - t_start:.0f}s, best validation reverse KL {best:.4f}")
     return os.path.join(args.out, "best.pt")
 
 # -----------------------------------------------------------------------------
