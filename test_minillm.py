@@ -24,6 +24,7 @@ import minillm  # noqa: E402
 from minillm import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel tests run where the kernel runs
 
 
 def tiny(vocab_size=97, block_size=64, seed=0, n_layer=2):
@@ -471,13 +472,13 @@ def kernel_case(N, V, seed, scale=3.0, mask=None, T=1.0, ignore=()):
         if y[i] >= 0 and (torch.isinf(s[i, y[i]]) or torch.isinf(t[i, y[i]])):
             finite = torch.nonzero(~torch.isinf(s[i]) & ~torch.isinf(t[i]))
             y[i] = finite[0, 0] if len(finite) else -100
-    return s, t, y, T
+    return s.to(DEV), t.to(DEV), y.to(DEV), T
 
 
 def check_kernel(s, t, y, T, atol=1e-4):
     assert kernels.use_kernel(s), "the kernel path must run in these tests (TRITON_INTERPRET=1 or CUDA)"
     g = torch.Generator().manual_seed(1)
-    g_kl, g_lq = torch.randn(len(s), generator=g), torch.randn(len(s), generator=g)  # grad_output != 1
+    g_kl, g_lq = (torch.randn(len(s), generator=g).to(s.device) for _ in range(2))  # grad_output != 1
     s_k = s.clone().requires_grad_()
     kl, lq, lp = kernels.reverse_kl(s_k, t, y, temperature=T)
     (kl * g_kl + lq * g_lq + lp).sum().backward()  # log p(y) carries no student gradient
