@@ -1,28 +1,31 @@
 """
 MiniLLM: knowledge distillation of a small GPT student from a larger GPT teacher, in one readable file.
 
-    python minillm.py                                              # the built-in default, end to end (see README)
+    python minillm.py                                              # the built-in pipeline, end to end (see README)
     python minillm.py --method sft --model teacher --out out/teacher          # supervised fine-tuning (stage 1)
     python minillm.py --method sft --model student --out out/student-sft
     python minillm.py --method minillm --teacher out/teacher/best.pt --init out/student-sft/best.pt --out out/minillm
+    python minillm.py --method kd --teacher out/teacher/best.pt --init out/student-sft/best.pt --out out/kd
+    python minillm.py --method seqkd --teacher out/teacher/best.pt --init out/student-sft/best.pt --out out/seqkd
     python minillm.py --bench generate                             # KV-cache vs recomputation benchmark
 
 Follows Gu, Dong, Wei, Huang, "MiniLLM: Knowledge Distillation of Large Language Models" (ICLR 2024).
 This file holds, top to bottom: the run settings, the GPT model (GPT-2 layout and parameter names), generation
-with a KV cache, teacher-mixed rollouts, the MiniLLM objective (Eq. 2-7), checkpoints, supervised fine-tuning
-(Algorithm 1, step 1: the student's initialization and the teacher), MiniLLM distillation (Algorithm 1, step 2),
-the validity evaluation of the built-in task, and main. Data and tokenizers live in data.py, the fused reverse-KL
+with a KV cache, teacher-mixed rollouts, the MiniLLM objective (Eq. 2-7), checkpoints, one training loop for
+supervised fine-tuning (Algorithm 1, step 1), the KD and SeqKD baselines and MiniLLM (Algorithm 1, step 2), the
+validity evaluation of the built-in task, and main. Data and tokenizers live in data.py, the fused reverse-KL
 kernel in kernels.py.
 
 What this version simplifies or changes (relative to the paper and its official code):
 - The built-in task is a small procedurally generated instruction world (data.py) so that the whole method runs
   on a 2-core CPU in minutes; GPT-2 shapes are available by name for real runs.
 - Where the official code departs from the paper (the return includes step t, a discount of 0.95, whitened and
-  scaled advantages, no importance weight on the single-step term), this follows the paper.
+  scaled advantages, no importance weight on the single-step term), this follows the paper; --gamma and --whiten
+  give the official discount and whitening.
 - The teacher's logits are recomputed for each mini-batch instead of being stored with the rollouts (memory over
   time; the teacher forward is cheap next to the rollouts).
-- Distillation keeps the checkpoint with the lowest validation reverse KL (the paper selects by validation
-  Rouge-L).
+- On the built-in task the distilled checkpoint is chosen by the validity of sampled validation responses (the
+  paper chooses by validation Rouge-L).
 """
 import argparse
 import math
@@ -325,12 +328,17 @@ def response_logits(model, batch):
 # The MiniLLM objective (Eq. 7 with PPO clipping), per response token
 
 
-def returns(r, mask, length_norm=True):
-    """Long-term return R_{t+1} of the steps after t (Eq. 2; the paper's return excludes step t).
-    length_norm (Eq. 6): R^Norm_{t+1} = mean of r_{t'} over the valid steps t' = t+1 .. T of the response
+def returns(r, mask, length_norm=True, gamma=1.0):
+    """Long-term return R_{t+1} = sum over the steps t' > t of gamma^(t' - t - 1) r_t' (Eq. 2: the paper's return
+    excludes step t and has no discount, gamma = 1; the official code discounts with 0.95).
+    length_norm (Eq. 6): R^Norm_{t+1} = that sum divided by the number of valid steps t' = t+1 .. T of the response
     (T - t terms, the number actually summed; 0 at the last step). Without it: the plain sum."""
     r = r * mask
-    after = r.flip(1).cumsum(1).flip(1) - r  # (B, n): sum over t' > t
+    after = torch.zeros_like(r)  # (B, n): after[:, t] = R_{t+1}
+    acc = torch.zeros_like(r[:, 0])
+    for t in range(r.size(1) - 1, -1, -1):
+        after[:, t] = acc
+        acc = r[:, t] + gamma * acc
     count = mask.flip(1).cumsum(1).flip(1) - mask.long()  # (B, n): valid steps after t
     if not length_norm:
         return after * mask
@@ -354,10 +362,11 @@ def minillm_terms(logq, kl, logq_old, advantage, w_single, w_long, clip_eps=0.2)
 # Checkpoints: one file, written atomically, loaded without executing pickled code (weights_only=True)
 
 
-def save_checkpoint(path, model, optimizer, step, args, tokenizer, best_val_loss):
+def save_checkpoint(path, model, optimizer, step, args, tokenizer, metrics):
+    """metrics: the validation numbers of this checkpoint ({name: float})."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
             "config": asdict(model.config), "step": step, "args": vars(args) if args else {},
-            "tokenizer": tokenizer, "best_val_loss": best_val_loss}
+            "tokenizer": tokenizer, "metrics": metrics}
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(ckpt, f)
@@ -381,7 +390,13 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device), ckpt
 
 # -----------------------------------------------------------------------------
-# Training: supervised fine-tuning (Algorithm 1, step 1). Cross-entropy on the response tokens only.
+# Training: one loop for the four methods. They share the data, optimizer, schedule, logging, validation and
+# checkpoints, and differ only in the loss of a step, so that the comparison between them is fair:
+#   sft      cross-entropy on the ground-truth responses (Algorithm 1, step 1: the student's initialization; also
+#            how the teacher is made)
+#   kd       (1 - kd_ratio) CE + kd_ratio KL[p || q] per response token, on the ground-truth responses
+#   seqkd    the same loss on responses that the teacher sampled for the training prompts
+#   minillm  the policy-gradient objective of Eq. 7 on rollouts from p_mix, plus lm_coef * L_PT (Algorithm 1, step 2)
 
 
 def make_optimizer(model, args):
@@ -400,9 +415,125 @@ def get_lr(step, args):
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def forward_kl(logits_q, logits_p, keep):
+    """Token-level forward KL[p || q] = sum_v p_v (log p_v - log q_v), averaged over the positions where keep is
+    True. Its gradient is that of the soft cross-entropy -sum_v p_v log q_v that the official code uses; its value
+    is a divergence (0 when q = p)."""
+    log_q = F.log_softmax(logits_q.float(), -1)
+    log_p = F.log_softmax(logits_p.float(), -1)
+    kl = torch.where(log_p > -math.inf, log_p.exp() * (log_p - log_q), 0.0).sum(-1)  # p_v = 0 adds nothing
+    return (kl * keep).sum() / keep.sum().clamp(min=1)
+
+
+def token_loss(student, teacher, x, y, kd_ratio, ctx):
+    """Teacher-forced loss on the targets y (-100: no loss). Without a teacher (or kd_ratio 0): cross-entropy
+    (sft, and L_PT). With one: (1 - kd_ratio) CE + kd_ratio KL[p || q] (kd, seqkd, and L_PT with --kd_ratio).
+    Returns (loss, {name: detached value} for the log)."""
+    with ctx:
+        logits, ce = student(x, y)
+    if teacher is None or kd_ratio == 0:
+        return ce, {"ce": ce.detach()}
+    with torch.no_grad(), ctx:
+        logits_p = teacher(x)[0][..., :logits.size(-1)]  # a teacher vocabulary padded past V is sliced
+    fkl = forward_kl(logits, logits_p, y != -100)
+    return (1 - kd_ratio) * ce + kd_ratio * fkl, {"ce": ce.detach(), "fkl": fkl.detach()}
+
+
+def rollout_batches(student, teacher, prompts, args, device):
+    """Endless mini-batches for MiniLLM (Algorithm 1, step 2). Each round samples args.rollout_size training
+    prompts, rolls out one response each from p_mix with the student of now (q_old), computes the rewards,
+    returns and importance weights once, and then yields ppo_epochs passes over the round in shuffled mini-batches
+    of args.batch_size."""
+    rng, gen = random.Random(args.seed), torch.Generator(device=device).manual_seed(args.seed)  # prompts, sampling
+    shuffle = torch.Generator().manual_seed(args.seed)  # mini-batch order
+    while True:
+        student.eval()  # q_old without dropout noise
+        batch = rollout(student, teacher, rng.sample(prompts, args.rollout_size), args.max_new_tokens,
+                        args.eos_id, args.alpha, gen)
+        student.train()
+        mask = batch["mask"]
+        # the paper; ../shared/MINILLM.md section 5 lists where the official code differs (return including step
+        # t, no w_t on the single-step term, ...); --gamma and --whiten give its discount and advantage whitening
+        batch["r"] = batch["logp"] - batch["logq_old"]                      # r_t = log p(y_t) - log q_old(y_t)
+        A = returns(batch["r"], mask, args.length_norm, args.gamma)         # Eq. 6: A_t = R^Norm_{t+1}
+        if args.whiten and mask.sum() > 1:                                   # official code: whitened over the round
+            A = torch.where(mask, (A - A[mask].mean()) / (A[mask].std() + 1e-8), 0.0)
+        batch["A"] = A
+        batch["w"] = torch.exp(batch["logq_old"] - batch["log_pmix"])      # Eq. 5: w_t = q_old(y_t) / p_mix(y_t)
+        for _ in range(args.ppo_epochs):
+            order = torch.randperm(args.rollout_size, generator=shuffle).to(device)
+            for i in range(0, args.rollout_size, args.batch_size):
+                rows = order[i:i + args.batch_size]
+                yield {k: v[rows] for k, v in batch.items()}
+
+
+def minillm_loss(student, teacher, mb, args, ctx):
+    """Eq. 7 on a mini-batch of rollouts: single-step + PPO-clipped long-term term, each a mean over the
+    mini-batch's response tokens (the mask: nothing after EOS). Returns (loss, {name: value} for the log)."""
+    mask = mb["mask"]
+    with ctx:
+        logits_q = response_logits(student, mb)  # (b, n, V)
+        with torch.no_grad():
+            logits_p = response_logits(teacher, mb)[..., :logits_q.size(-1)]
+    # the fused kernel: KL(q_theta(.|y_<t) || p(.|y_<t)) over the vocabulary and log q_theta(y_t), in one pass
+    kl, logq, _ = kernels.reverse_kl(logits_q, logits_p, mb["tokens"].masked_fill(~mask, -100))
+    single, long_term = minillm_terms(logq, kl, mb["logq_old"], mb["A"], mb["w"], mb["w"], args.clip_eps)
+    n = mask.sum().clamp(min=1)
+    loss_single, loss_long = (single * mask).sum() / n, (long_term * mask).sum() / n
+    rho = torch.exp(logq.detach() - mb["logq_old"]) * mb["w"]
+    stats = {"reward": (mb["r"] * mask).sum() / n, "single": loss_single.detach(), "long": loss_long.detach(),
+             "clip": (((rho - 1).abs() > args.clip_eps) & mask).sum() / n, "w": (mb["w"] * mask).sum() / n,
+             "len": mask.sum(1).float().mean()}
+    return loss_single + loss_long, stats
+
+
+@torch.no_grad()
+def teacher_responses(teacher, rows, enc, template, args, path, log):
+    """SeqKD's training data: one response sampled from the teacher (T = 1, as the paper samples) for each
+    training prompt; generated once and cached in the run folder as JSONL in the Dolly schema (readable, and
+    reused by a later run in the same folder). Responses that reach max_new_tokens without EOS are dropped."""
+    if os.path.isfile(path):
+        log(f"reusing the teacher's responses in {path}")
+        return data.read_examples(path)
+    device = next(teacher.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    longest = teacher.config.block_size - args.max_new_tokens
+    rows = [r for r in rows if len(enc.encode_ordinary(data.prompt_text(r, template))) <= longest]
+    out, dropped, t0, chunk = [], 0, time.time(), 256
+    for i in range(0, len(rows), chunk):
+        batch = rows[i:i + chunk]
+        prompts = [enc.encode_ordinary(data.prompt_text(r, template)) for r in batch]
+        for r, toks in zip(batch, generate(teacher, prompts, args.max_new_tokens, args.eos_id, generator=gen).tolist()):
+            response = enc.decode(toks[:toks.index(args.eos_id)]) if args.eos_id in toks else ""
+            if response.strip():
+                out.append({**r, "response": response})
+            else:
+                dropped += 1  # no EOS within max_new_tokens, or an empty response
+        if (i // chunk) % 20 == 0 or i + chunk >= len(rows):
+            done = min(i + chunk, len(rows))
+            log(f"seqkd: the teacher answered {done}/{len(rows)} training prompts ({time.time() - t0:.0f}s)")
+    data.write_jsonl_splits({os.path.basename(path)[:-len(".jsonl")]: out}, os.path.dirname(path))  # atomic
+    log(f"seqkd: {len(out)} teacher responses ({dropped} without EOS or empty, dropped) -> {path}")
+    return out
+
+
+@torch.no_grad()
+def reverse_kl_k3(student, teacher, prompts, args, generator):
+    """Sequence-level KL[q || p] estimated on pure student samples with k3 = p/q - 1 - log(p/q) per token.
+    Returns (mean over the prompts, mean response length)."""
+    was_training = student.training
+    student.eval()
+    b = rollout(student, teacher, prompts, args.max_new_tokens, args.eos_id, 0.0, generator)
+    student.train(was_training)
+    log_ratio = (b["logp"] - b["logq_old"]) * b["mask"]
+    k3 = (log_ratio.exp() - 1 - log_ratio) * b["mask"]
+    return k3.sum(1).mean().item(), b["mask"].sum(1).float().mean().item()
+
+
 @torch.no_grad()
 def validation_loss(model, pairs, batch_size, device, ctx):
     """Token-weighted mean cross-entropy over the response tokens of every validation example."""
+    was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(pairs), batch_size):
@@ -413,8 +544,34 @@ def validation_loss(model, pairs, batch_size, device, ctx):
         n = (y != -100).sum().item()
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
         count += n
-    model.train()
+    model.train(was_training)
     return total / max(count, 1)
+
+
+def validate(student, teacher, val, args, ctx):
+    """The validation numbers: loss (CE on the ground-truth responses), and with a teacher rkl (KL[q || p], k3 on
+    pure student samples of 64 validation prompts, fixed seed) and, on the built-in task, valid (the fraction of
+    valid responses sampled at T = 1 for the validation prompts, fixed seed)."""
+    device = next(student.parameters()).device
+    metrics = {"loss": validation_loss(student, val["pairs"], 64, device, ctx)}
+    if teacher is not None:
+        metrics["rkl"], _ = reverse_kl_k3(student, teacher, val["prompts"][:64], args,
+                                          torch.Generator(device).manual_seed(0))
+        if args.data == "builtin":
+            metrics["valid"] = validity(student, val["enc"], val["rows"], greedy=False, seed=0,
+                                        max_new_tokens=args.max_new_tokens)["all"]
+    return metrics
+
+
+def selection_score(metrics, method):
+    """best.pt is the checkpoint with the highest score. sft: -validation loss (Algorithm 1, step 1). The
+    distillation methods, as the paper selects them by validation Rouge-L: the validity rate on the built-in task;
+    elsewhere (until eval.py's Rouge-L) -rkl for minillm and -validation loss for kd and seqkd."""
+    if method == "sft":
+        return -metrics["loss"]
+    if "valid" in metrics:
+        return metrics["valid"]
+    return -metrics["rkl"] if method == "minillm" else -metrics["loss"]
 
 
 def logger(folder):
@@ -426,236 +583,158 @@ def logger(folder):
     return log
 
 
+def load_models(args, device):
+    """The model to train (--init, or a fresh --model) and, for kd, seqkd and minillm, the teacher (--teacher),
+    with the name of their shared tokenizer. Every mismatch stops here, before any training."""
+    if args.method == "minillm" and not args.init:
+        raise InputError("--method minillm needs --init STUDENT_CKPT (Algorithm 1 starts from the SFT student)")
+    if args.method != "sft" and not args.teacher:
+        raise InputError(f"--method {args.method} needs --teacher CKPT")
+    tokenizer = args.tokenizer if args.tokenizer != "auto" else "builtin" if args.data == "builtin" else "gpt2"
+    teacher = student = None
+    for role, path in (("teacher", args.teacher if args.method != "sft" else None), ("student", args.init)):
+        if path:
+            model, ckpt = load_checkpoint(path, device)
+            if args.tokenizer != "auto" and ckpt["tokenizer"] != args.tokenizer:
+                raise InputError(f"{path}: trained with tokenizer {ckpt['tokenizer']}, not --tokenizer {args.tokenizer}")
+            if role == "student" and teacher is not None and ckpt["tokenizer"] != tokenizer:
+                raise InputError(f"{path}: tokenizer {ckpt['tokenizer']} differs from the teacher's {tokenizer} "
+                                 f"({args.teacher})")
+            tokenizer = ckpt["tokenizer"]
+            teacher, student = (model.eval(), student) if role == "teacher" else (teacher, model)
+    n_vocab = data.get_encoding(tokenizer).n_vocab
+    if student is None:
+        student = GPT(MODEL_SIZES[args.model](vocab_size=n_vocab, dropout=args.dropout)).to(device)
+    if student.config.vocab_size < n_vocab:
+        raise InputError(f"{args.init}: vocabulary of {student.config.vocab_size} tokens is smaller than the "
+                         f"{tokenizer} tokenizer's {n_vocab}")
+    if teacher is not None and teacher.config.vocab_size < student.config.vocab_size:
+        raise InputError(f"{args.teacher}: vocabulary {teacher.config.vocab_size} is smaller than the student's "
+                         f"{student.config.vocab_size}")
+    return student, teacher, tokenizer
+
+
 def train(args):
-    """Supervised fine-tuning. Writes best.pt (lowest validation loss) and last.pt into args.out.
-    Returns the path of best.pt."""
+    """Runs --method sft | kd | seqkd | minillm. Writes best.pt (highest selection_score) and last.pt into
+    args.out; returns the path of best.pt."""
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if args.kd_ratio is None:  # kd / seqkd: the paper's 0.5; L_PT of minillm: the paper's pure LM loss
+        args.kd_ratio = 0.5 if args.method in ("kd", "seqkd") else 0.0
+    if args.lm_coef is None:  # L_PT belongs to MiniLLM; the built-in pipeline also mixes it into its student's SFT
+        args.lm_coef = 1.0 if args.method == "minillm" else 0.0
+    student, teacher, tokenizer = load_models(args, device)
     os.makedirs(args.out, exist_ok=True)
     log = logger(args.out)
     log(f"# {' '.join(sys.argv)}\n# settings: {vars(args)}")
-
-    # model: a named size from scratch, or continued from a checkpoint (--init)
-    tokenizer = args.tokenizer if args.tokenizer != "auto" else "builtin" if args.data == "builtin" else "gpt2"
-    if args.init:
-        model, ckpt = load_checkpoint(args.init, device)
-        if args.tokenizer != "auto" and ckpt["tokenizer"] != args.tokenizer:
-            raise InputError(f"{args.init}: trained with tokenizer {ckpt['tokenizer']}, not --tokenizer {args.tokenizer}")
-        tokenizer = ckpt["tokenizer"]
     enc = data.get_encoding(tokenizer)
-    if not args.init:
-        model = GPT(MODEL_SIZES[args.model](vocab_size=enc.n_vocab, dropout=args.dropout)).to(device)
-    if model.config.vocab_size < enc.n_vocab:
-        raise InputError(f"{args.init}: vocabulary of {model.config.vocab_size} tokens is smaller than the "
-                              f"{tokenizer} tokenizer's {enc.n_vocab}")
+    args.eos_id = enc.eot_token
 
     # data: prompt + response + EOS, prompt masked; prompts too long for the context dropped and counted
     template = "builtin" if args.data == "builtin" else "dolly"
     splits, skipped = data.load_instructions(args.data, args.n_train, args.n_valid, args.n_test, skip_bad=args.skip_bad)
-    max_length = min(args.max_length, model.config.block_size)
-    train_pairs, dropped = data.tokenize(splits["train"], enc, template, max_length, args.max_prompt_length)
-    valid_pairs, dropped_v = data.tokenize(splits["valid"], enc, template, max_length, args.max_prompt_length)
     if skipped:
         log(f"skipped {len(skipped)} bad rows (--skip_bad), first: {skipped[0]}")
-    log(f"data {args.data}: {len(train_pairs)} train / {len(valid_pairs)} valid examples "
-        f"({dropped} / {dropped_v} dropped: prompt over {args.max_prompt_length} tokens)")
-    if len(train_pairs) < args.batch_size:
-        raise data.DataError(f"{args.data}: {len(train_pairs)} usable training examples, fewer than one batch "
-                             f"of {args.batch_size}")
+    block = min(student.config.block_size, teacher.config.block_size if teacher else student.config.block_size)
+    max_length = min(args.max_length, block)
+    if teacher is not None and block - args.max_new_tokens < 1:
+        raise InputError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in block_size {block}")
+    longest = min(args.max_prompt_length, block - args.max_new_tokens)  # a prompt that leaves room to answer
+    if args.method == "seqkd":
+        n = min(len(splits["train"]), args.max_steps * args.batch_size)  # as many as one pass of the run uses
+        splits["train"] = teacher_responses(teacher, splits["train"][:n], enc, template, args,
+                                            os.path.join(args.out, f"teacher_responses_{n}.jsonl"), log)
+    train_pairs, dropped = data.tokenize(splits["train"], enc, template, max_length, args.max_prompt_length)
+    val = {"enc": enc, "rows": splits["valid"]}
+    val["pairs"], dropped_v = data.tokenize(splits["valid"], enc, template, max_length, args.max_prompt_length)
+    val["prompts"] = [p for p in (enc.encode_ordinary(data.prompt_text(r, template)) for r in splits["valid"])
+                      if len(p) <= longest]
+    if args.method == "minillm":
+        prompts = [p for p, _ in train_pairs if len(p) <= longest]
+        log(f"data {args.data}: {len(prompts)} train prompts (longer than {longest} tokens dropped) / "
+            f"{len(val['pairs'])} valid examples")
+        if len(prompts) < args.rollout_size:
+            raise data.DataError(f"{args.data}: {len(prompts)} usable training prompts, fewer than --rollout_size "
+                                 f"{args.rollout_size}")
+        batches = rollout_batches(student, teacher, prompts, args, device)
+    else:
+        log(f"data {args.data}: {len(train_pairs)} train / {len(val['pairs'])} valid examples "
+            f"({dropped} / {dropped_v} dropped: prompt over {args.max_prompt_length} tokens)")
+        if len(train_pairs) < args.batch_size:
+            raise data.DataError(f"{args.data}: {len(train_pairs)} usable training examples, fewer than one batch "
+                                 f"of {args.batch_size}")
+        batches = data.batches(train_pairs, args.batch_size, args.seed)  # (epoch, x, y), length-bucketed
+    if not val["pairs"] or (teacher is not None and not val["prompts"]):
+        raise data.DataError(f"{args.data}: no usable validation examples")
+    pt_batches = None
+    if args.lm_coef:  # L_PT: the language-modelling loss on the pretraining stream (Algorithm 1)
+        pt_batches = data.pretrain_batches(args.pt_data, enc, args.pt_batch_size, min(args.pt_length, block), args.seed)
 
-    optimizer = make_optimizer(model, args)
-    log(f"model {args.init or args.model}: {model.num_params() / 1e6:.3f}M parameters, {model.config}")
-    fwd = model
+    optimizer = make_optimizer(student, args)
+    log(f"{args.method}: model {args.init or args.model}: {student.num_params() / 1e6:.3f}M parameters, "
+        f"{student.config}" + (f"; teacher {args.teacher}: {teacher.num_params() / 1e6:.3f}M" if teacher else ""))
+    fwd = student
     if args.compile:
-        log("compiling the model with torch.compile")
-        fwd = torch.compile(model)
+        log("compiling the model with torch.compile (the teacher-forced forward)")
+        fwd = torch.compile(student)
 
     best_path, last_path = os.path.join(args.out, "best.pt"), os.path.join(args.out, "last.pt")
-    best_val, tokens, t_start = float("inf"), 0, time.time()
-    train_iter = data.batches(train_pairs, args.batch_size, args.seed)
+    best, best_step, tokens, t_start = -math.inf, 0, 0, time.time()
+    log_gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # the logged rkl's samples
     for step in range(args.max_steps + 1):
         elapsed = time.time() - t_start
-        out_of_time = args.max_minutes and elapsed > args.max_minutes * 60
-        if step % args.eval_interval == 0 or step == args.max_steps or out_of_time:
-            val = validation_loss(model, valid_pairs, 64, device, ctx)
-            if not math.isfinite(val):
-                raise FloatingPointError(f"step {step}: validation loss is {val}; stopping (lower --lr?)")
-            if val < best_val:
-                best_val = val
-                save_checkpoint(best_path, model, optimizer, step, args, tokenizer, best_val)
-            log(f"step {step:5d} | val loss {val:.4f} | best {best_val:.4f} | {elapsed:6.1f}s")
-        if step == args.max_steps or out_of_time:
+        last = step == args.max_steps or (args.max_minutes and elapsed > args.max_minutes * 60)
+        if step % args.eval_interval == 0 or last:
+            metrics = validate(student, teacher, val, args, ctx)
+            if not all(map(math.isfinite, metrics.values())):
+                raise FloatingPointError(f"step {step}: validation {metrics}; stopping (lower --lr?)")
+            score = selection_score(metrics, args.method)
+            if score > best:
+                best, best_step = score, step
+                save_checkpoint(best_path, student, optimizer, step, args, tokenizer, metrics)
+            log(f"step {step:5d} | " + " | ".join(f"val {k} {v:.4f}" for k, v in metrics.items()) +
+                f" | best: step {best_step} | {elapsed:6.1f}s")
+        if last:
             break
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        epoch, x, y = next(train_iter)
-        x, y = x.to(device), y.to(device)
-        with ctx:
-            _, loss = fwd(x, y)
+        if args.method == "minillm":
+            mb = next(batches)
+            loss, stats = minillm_loss(student, teacher, mb, args, ctx)
+            tokens += mb["prompt_idx"].numel() + mb["tokens"].numel()
+        else:
+            epoch, x, y = next(batches)
+            x, y = x.to(device), y.to(device)
+            loss, stats = token_loss(fwd, teacher, x, y, args.kd_ratio, ctx)
+            stats["epoch"] = epoch
+            tokens += x.numel()
+        if pt_batches is not None:
+            x, y = (t.to(device) for t in next(pt_batches))
+            loss_pt, _ = token_loss(fwd, teacher if args.method == "minillm" else None, x, y, args.kd_ratio, ctx)
+            loss, stats["L_PT"] = loss + args.lm_coef * loss_pt, loss_pt.detach()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: training loss is {loss.item()}; stopping (lower --lr?)")
+            raise FloatingPointError(f"step {step}: loss is {loss.item()} ("
+                                     + ", ".join(f"{k} {float(v):.4g}" for k, v in stats.items()) + "); stopping")
         loss.backward()
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += x.numel()
         if step % args.log_interval == 0:
+            if teacher is not None:  # the quantity MiniLLM minimizes, on 16 validation prompts
+                stats = {"rkl": reverse_kl_k3(student, teacher, val["prompts"][:16], args, log_gen)[0], **stats}
             elapsed = time.time() - t_start
-            steps_left = args.max_steps - step - 1
-            eta = elapsed / (step + 1) * steps_left
+            eta = elapsed / (step + 1) * (args.max_steps - step - 1)
             if args.max_minutes:
                 eta = min(eta, args.max_minutes * 60 - elapsed)
-            log(f"step {step:5d} | epoch {epoch} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                f"{tokens / elapsed:7.0f} tok/s | ETA {eta:5.0f}s")
-    save_checkpoint(last_path, model, optimizer, step, args, tokenizer, best_val)
-    log(f"done: {step} steps in {time.time() - t_start:.0f}s, best val loss {best_val:.4f} -> {best_path}")
+            log(f"step {step:5d} | loss {loss.item():.4f} | " +
+                " | ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {float(v):.4f}" for k, v in stats.items()) +
+                f" | lr {lr:.2e} | {tokens / elapsed:6.0f} tok/s | ETA {eta:5.0f}s")
+    save_checkpoint(last_path, student, optimizer, step, args, tokenizer, metrics)
+    log(f"done: {step} steps in {time.time() - t_start:.0f}s; best.pt is step {best_step} -> {best_path}")
     return best_path
-
-# -----------------------------------------------------------------------------
-# MiniLLM distillation (Algorithm 1, step 2): rollouts from p_mix, then ppo_epochs passes of mini-batches over them,
-# each step on single-step + long-term + L_PT
-
-
-@torch.no_grad()
-def reverse_kl_k3(student, teacher, prompts, args, generator):
-    """Sequence-level KL[q || p] estimated on pure student samples with k3 = p/q - 1 - log(p/q) per token."""
-    was_training = student.training
-    student.eval()
-    b = rollout(student, teacher, prompts, args.max_new_tokens, args.eos_id, 0.0, generator)
-    student.train(was_training)
-    log_ratio = (b["logp"] - b["logq_old"]) * b["mask"]
-    k3 = (log_ratio.exp() - 1 - log_ratio) * b["mask"]
-    return k3.sum(1).mean().item(), b["mask"].sum(1).float().mean().item()
-
-
-def pretrain_loss(student, teacher, x, y, kd_ratio, ctx):
-    """L_PT: language modelling on the pretraining stream; kd_ratio mixes in soft cross-entropy to the teacher
-    (the official code uses 0.5; the paper's L_PT is the pure LM loss, kd_ratio = 0)."""
-    with ctx:
-        logits, lm = student(x, y)
-    if kd_ratio == 0:
-        return lm
-    with torch.no_grad(), ctx:
-        p = F.softmax(teacher(x)[0][..., :logits.size(-1)].float(), -1)
-    soft = -(p * F.log_softmax(logits.float(), -1)).sum(-1).mean()
-    return (1 - kd_ratio) * lm + kd_ratio * soft
-
-
-def distill(args):
-    """MiniLLM: --teacher CKPT and --init STUDENT_CKPT; best.pt is the lowest validation reverse KL."""
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    if not args.teacher or not args.init:
-        raise InputError("--method minillm needs --teacher CKPT and --init STUDENT_CKPT")
-    teacher, t_ckpt = load_checkpoint(args.teacher, device)
-    student, s_ckpt = load_checkpoint(args.init, device)
-    teacher.eval()
-    if t_ckpt["tokenizer"] != s_ckpt["tokenizer"]:
-        raise InputError(f"{args.teacher}: tokenizer {t_ckpt['tokenizer']} differs from the student's "
-                         f"{s_ckpt['tokenizer']} ({args.init})")
-    if teacher.config.vocab_size < student.config.vocab_size:
-        raise InputError(f"{args.teacher}: vocabulary {teacher.config.vocab_size} is smaller than the student's "
-                         f"{student.config.vocab_size}")
-    os.makedirs(args.out, exist_ok=True)
-    log = logger(args.out)
-    log(f"# {' '.join(sys.argv)}\n# settings: {vars(args)}")
-    enc = data.get_encoding(s_ckpt["tokenizer"])
-    args.eos_id = enc.eot_token
-    template = "builtin" if args.data == "builtin" else "dolly"
-    splits, _ = data.load_instructions(args.data, args.n_train, args.n_valid, args.n_test, skip_bad=args.skip_bad)
-    longest = min(student.config.block_size, teacher.config.block_size) - args.max_new_tokens
-    if longest < 1:
-        raise InputError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in block_size "
-                         f"{student.config.block_size}")
-    prompts = {s: [p for p in (enc.encode_ordinary(data.prompt_text(r, template)) for r in splits[s])
-                   if len(p) <= min(args.max_prompt_length, longest)] for s in ("train", "valid")}
-    log(f"{len(prompts['train'])} train / {len(prompts['valid'])} valid prompts (longer than "
-        f"{min(args.max_prompt_length, longest)} tokens dropped)")
-    pt_iter = data.pretrain_batches(args.pt_data, enc, args.batch_size, min(128, student.config.block_size),
-                                    args.seed)
-    optimizer = make_optimizer(student, args)
-    if len(prompts["train"]) < args.rollout_size or not prompts["valid"]:
-        raise data.DataError(f"{args.data}: {len(prompts['train'])} usable training prompts, fewer than "
-                             f"--rollout_size {args.rollout_size} (or no validation prompts)")
-    rng, gen = random.Random(args.seed), torch.Generator(device=device).manual_seed(args.seed)  # prompts, sampling
-    shuffle = torch.Generator().manual_seed(args.seed)  # mini-batch order
-    valid_prompts = prompts["valid"][:args.rollout_size]
-    best, step, t_start, tokens, next_eval = float("inf"), 0, time.time(), 0, 0
-    while True:
-        if step >= next_eval or step >= args.max_steps:  # validation reverse KL, on fixed prompts and seed
-            next_eval += args.eval_interval
-            val, _ = reverse_kl_k3(student, teacher, valid_prompts, args, torch.Generator(device).manual_seed(0))
-            if val < best:
-                best = val
-                save_checkpoint(os.path.join(args.out, "best.pt"), student, optimizer, step, args,
-                                s_ckpt["tokenizer"], val)
-            log(f"step {step:5d} | val reverse KL {val:.4f} | best {best:.4f} | {time.time() - t_start:6.1f}s")
-        if step >= args.max_steps:
-            break
-        # 1. rollouts from p_mix with the student of now (q_old), rewards and advantages (no gradient)
-        student.eval()
-        batch = rollout(student, teacher, rng.sample(prompts["train"], args.rollout_size), args.max_new_tokens,
-                        args.eos_id, args.alpha, gen)
-        student.train()
-        mask = batch["mask"]
-        # the paper, where the official code differs (../shared/MINILLM.md section 5): the return excludes step t,
-        # no discount, no advantage whitening or reward scaling, and w_t also weighs the single-step term
-        r = batch["logp"] - batch["logq_old"]                    # r_t = log p(y_t) - log q_old(y_t)
-        batch["A"] = returns(r, mask, args.length_norm)          # Eq. 6: R^Norm_{t+1}
-        batch["w"] = torch.exp(batch["logq_old"] - batch["log_pmix"])  # Eq. 5: w_t = q_old(y_t) / p_mix(y_t)
-        tokens += int(mask.sum())
-        # 2. ppo_epochs passes over the rollouts in mini-batches (Algorithm 1)
-        for _ in range(args.ppo_epochs):
-            order = torch.randperm(args.rollout_size, generator=shuffle)
-            for i in range(0, args.rollout_size, args.batch_size):
-                rows = order[i:i + args.batch_size].to(device)
-                mb = {k: v[rows] for k, v in batch.items()}
-                mb_mask = mb["mask"]
-                lr = get_lr(step, args)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with ctx:
-                    logits_q = response_logits(student, mb)  # (b, n, V)
-                    with torch.no_grad():
-                        logits_p = response_logits(teacher, mb)[..., :logits_q.size(-1)]
-                kl, logq, _ = kernels.reverse_kl(logits_q, logits_p, mb["tokens"].masked_fill(~mb_mask, -100))
-                single, long_term = minillm_terms(logq, kl, mb["logq_old"], mb["A"], mb["w"], mb["w"], args.clip_eps)
-                n_tok = mb_mask.sum().clamp(min=1)
-                loss_single = (single * mb_mask).sum() / n_tok
-                loss_long = (long_term * mb_mask).sum() / n_tok
-                x, y = (t.to(device) for t in next(pt_iter))
-                loss_pt = pretrain_loss(student, teacher, x, y, args.kd_ratio, ctx)
-                loss = loss_single + loss_long + args.lm_coef * loss_pt
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"step {step}: loss is {loss.item()} (single {loss_single.item()}, "
-                                             f"long {loss_long.item()}, L_PT {loss_pt.item()}); stopping")
-                loss.backward()
-                if args.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if step % args.log_interval == 0:
-                    rho = torch.exp(logq.detach() - mb["logq_old"]) * mb["w"]
-                    clipped = (((rho - 1).abs() > args.clip_eps) & mb_mask).sum() / n_tok
-                    rkl, length = reverse_kl_k3(student, teacher, valid_prompts[:16], args, gen)
-                    elapsed = time.time() - t_start
-                    log(f"step {step:5d} | rkl {rkl:.4f} | reward {(r * mask).sum().item() / mask.sum().item():+.4f} | "
-                        f"single {loss_single.item():.4f} | long {loss_long.item():+.4f} | L_PT {loss_pt.item():.4f} | "
-                        f"clip {clipped.item():.2f} | w {(mb['w'] * mb_mask).sum().item() / n_tok.item():.3f} | "
-                        f"len {length:.1f} | lr {lr:.2e} | {tokens / elapsed:6.0f} tok/s | "
-                        f"ETA {elapsed / (step + 1) * (args.max_steps - step - 1):5.0f}s")
-                step += 1
-                if step >= args.max_steps:
-                    break
-            if step >= args.max_steps:
-                break
-    save_checkpoint(os.path.join(args.out, "last.pt"), student, optimizer, step, args, s_ckpt["tokenizer"], best)
-    log(f"done: {step} steps in {time.time() - t_start:.0f}s, best validation reverse KL {best:.4f}")
-    return os.path.join(args.out, "best.pt")
 
 # -----------------------------------------------------------------------------
 # Evaluation on the built-in task: validity (data.is_valid) per family
@@ -665,6 +744,7 @@ def distill(args):
 def validity(model, enc, rows, greedy=True, seed=0, batch_size=128, max_new_tokens=96):
     """Fraction of valid responses per family (and 'all'); generation as the paper evaluates (T = 1, top-p 1)
     unless greedy."""
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -679,6 +759,7 @@ def validity(model, enc, rows, greedy=True, seed=0, batch_size=128, max_new_toke
             hits.setdefault(r["category"], []).append(data.is_valid(r, text))
     scores = {f: sum(h) / len(h) for f, h in hits.items()}
     scores["all"] = sum(sum(h) for h in hits.values()) / len(rows)
+    model.train(was_training)
     return scores
 
 # -----------------------------------------------------------------------------
@@ -719,41 +800,63 @@ def pick_device(name):
 
 
 def builtin_default(args):
-    """`python minillm.py`: the teacher and the SFT student on the built-in task (reused from earlier runs in
-    args.out if there), then their validity on the test split."""
-    runs = {}
-    # peak learning rates: for the student, 1e-2 beat 3e-3 and 3e-2 (validation loss after 15,000 steps)
-    for name, steps, lr in (("teacher", args.teacher_steps, 2e-3), ("student", args.student_steps, 1e-2)):
-        folder = os.path.join(args.out, name if name == "teacher" else "student-sft")
-        path = os.path.join(folder, "best.pt")
-        if os.path.isfile(path):
-            print(f"reusing {path}")
-        else:
-            t0 = time.time()
-            run = argparse.Namespace(**{**vars(args), "method": "sft", "model": name, "out": folder,
-                                        "max_steps": steps, "lr": lr, "min_lr": lr / 10})
-            train(run)
-            print(f"{name} trained in {time.time() - t0:.0f}s")
-        runs[name] = path
+    """`python minillm.py`: the built-in pipeline, Algorithm 1 end to end. Trains the teacher and the SFT student
+    (or reuses them from an earlier run in args.out), distills the student with MiniLLM, and prints a table of the
+    three: validation loss and reverse KL to the teacher, and validity on the test split."""
+    t_all, times = time.time(), {}
+    teacher_ckpt, student_ckpt = (os.path.join(args.out, f, "best.pt") for f in ("teacher", "student-sft"))
+    stages = (  # peak learning rates: for the student, 1e-2 beat 3e-3 and 3e-2 (validation loss after 15,000 steps)
+        ("teacher", dict(method="sft", model="teacher", max_steps=args.teacher_steps, lr=2e-3, min_lr=2e-4,
+                         lm_coef=0.0)),
+        ("student-sft", dict(method="sft", model="student", max_steps=args.student_steps, lr=1e-2, min_lr=1e-3,
+                             lm_coef=0.0)),
+        # L_PT off (the paper's "without L_PT" ablation, which left its instruction scores flat): the built-in
+        # student has never seen the plain-text stream, so its L_PT starts at 17 nats and swamps the objective;
+        # and learning that stream in SFT (--lm_coef 1 there) cost the 0.033M student half its validity (README)
+        ("minillm", dict(method="minillm", teacher=teacher_ckpt, init=student_ckpt, max_steps=args.minillm_steps,
+                         lr=1e-3, min_lr=1e-4, lm_coef=0.0, eval_interval=100, log_interval=50)),
+    )
+    for name, settings in stages:
+        folder = os.path.join(args.out, name)
+        if name != "minillm" and os.path.isfile(os.path.join(folder, "best.pt")):
+            print(f"reusing {folder}/best.pt")
+            continue
+        t0 = time.time()
+        train(argparse.Namespace(**{**vars(args), **settings, "out": folder}))
+        times[name] = time.time() - t0
+        print(f"{name}: trained in {times[name]:.0f}s")
+
+    device = pick_device(args.device)
     enc = data.get_encoding("builtin")
-    test = data.load_instructions("builtin", args.n_train, args.n_valid, args.n_test)[0]["test"]
-    print(f"\nvalidity on the built-in test split ({len(test)} prompts; greedy, and sampled at T = 1 as the paper "
-          f"evaluates)")
-    print(f"{'model':<9}{'decoding':>9}{'params':>9}{'val loss':>9}" + "".join(f"{f:>8}" for f in data.FAMILIES + ["all"]))
-    for name, path in runs.items():
-        model, ckpt = load_checkpoint(path, pick_device(args.device))
+    args.eos_id = enc.eot_token
+    splits = data.load_instructions("builtin", args.n_train, args.n_valid, args.n_test)[0]
+    val_pairs, _ = data.tokenize(splits["valid"], enc, "builtin", 256, 256)
+    val_prompts = [enc.encode_ordinary(data.prompt_text(r, "builtin")) for r in splits["valid"]]
+    teacher, _ = load_checkpoint(teacher_ckpt, device)
+    print(f"\nvalidation loss and reverse KL to the teacher (k3 per response, student samples) on the "
+          f"{len(val_pairs)} validation examples; validity on the {len(splits['test'])} test prompts, greedy and "
+          f"sampled at T = 1 as the paper evaluates")
+    print(f"{'model':<9}{'decoding':>8}{'params':>9}{'val loss':>9}{'val rkl':>8}" +
+          "".join(f"{f:>8}" for f in data.FAMILIES + ["all"]))
+    for label, name in (("teacher", "teacher"), ("sft", "student-sft"), ("minillm", "minillm")):
+        model, _ = load_checkpoint(os.path.join(args.out, name, "best.pt"), device)
+        loss = validation_loss(model, val_pairs, 64, device, nullcontext())
+        rkl, _ = reverse_kl_k3(model, teacher, val_prompts, args, torch.Generator(device).manual_seed(0))
         for greedy in (True, False):
-            v = validity(model, enc, test, greedy=greedy)
-            print(f"{name:<9}{'greedy' if greedy else 'sampled':>9}{model.num_params() / 1e6:8.3f}M"
-                  f"{ckpt['best_val_loss']:9.3f}" + "".join(f"{v[f]:8.1%}" for f in data.FAMILIES + ["all"]))
+            v = validity(model, enc, splits["test"], greedy=greedy, max_new_tokens=args.max_new_tokens)
+            print(f"{label:<9}{'greedy' if greedy else 'sampled':>8}{model.num_params() / 1e6:8.3f}M{loss:9.3f}"
+                  f"{rkl:8.2f}" + "".join(f"{v[f]:8.1%}" for f in data.FAMILIES + ["all"]))
+    print(f"built-in pipeline: {time.time() - t_all:.0f}s (" +
+          ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + ")")
 
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="MiniLLM distillation (see the docstring of minillm.py)")
     # what to run
-    ap.add_argument("--method", choices=["sft", "minillm"],
-                    help="sft: supervised fine-tuning; minillm: distillation (default: the built-in pipeline)")
-    ap.add_argument("--teacher", help="minillm: the teacher checkpoint")
+    ap.add_argument("--method", choices=["sft", "kd", "seqkd", "minillm"],
+                    help="sft: fine-tuning on ground truth; kd, seqkd: the baselines; minillm: reverse-KL distillation "
+                         "(none: the built-in pipeline)")
+    ap.add_argument("--teacher", help="kd, seqkd, minillm: the teacher checkpoint")
     ap.add_argument("--model", default="student", choices=sorted(MODEL_SIZES), help="size to train from scratch")
     ap.add_argument("--init", help="start from this checkpoint instead of a fresh --model")
     ap.add_argument("--out", default="out", help="run folder: log.txt, best.pt, last.pt")
@@ -767,7 +870,9 @@ def get_args(argv=None):
     ap.add_argument("--max_prompt_length", type=int, default=256, help="longer prompts are dropped (paper: 256)")
     ap.add_argument("--tokenizer", default="auto", help="auto (builtin for --data builtin, else gpt2) | builtin | gpt2")
     ap.add_argument("--skip_bad", action="store_true", help="skip and count malformed data rows instead of stopping")
-    ap.add_argument("--pt_data", default="builtin", help="minillm: L_PT text: builtin | openwebtext | a .txt/.jsonl")
+    ap.add_argument("--pt_data", default="builtin", help="L_PT text: builtin | openwebtext | a .txt/.jsonl")
+    ap.add_argument("--pt_batch_size", type=int, default=4, help="rows of pretraining text per L_PT batch")
+    ap.add_argument("--pt_length", type=int, default=64, help="tokens per L_PT row [512]")
     # MiniLLM (the paper's GPT-2 values in brackets)
     ap.add_argument("--alpha", type=float, default=0.2, help="teacher share of the sampling mixture p_mix [0.2]")
     ap.add_argument("--rollout_size", type=int, default=64, help="responses sampled per round [256]")
@@ -776,8 +881,13 @@ def get_args(argv=None):
     ap.add_argument("--max_new_tokens", type=int, default=96, help="longest response sampled [256]")
     ap.add_argument("--no_length_norm", dest="length_norm", action="store_false",
                     help="use the plain sum R_{t+1} instead of the mean (Eq. 6) [on]")
-    ap.add_argument("--lm_coef", type=float, default=1.0, help="weight of L_PT [1]")
-    ap.add_argument("--kd_ratio", type=float, default=0.0, help="soft cross-entropy share of L_PT [official code 0.5]")
+    ap.add_argument("--lm_coef", type=float, help="weight of L_PT (default 1 for minillm [1], else 0)")
+    ap.add_argument("--kd_ratio", type=float,
+                    help="kd, seqkd: forward-KL share of the loss (default 0.5 [0.5]); minillm: soft cross-entropy "
+                         "share of L_PT (default 0 as in the paper; the official code 0.5)")
+    # the official code's variants (the paper's choice is the default; see ../shared/MINILLM.md section 5)
+    ap.add_argument("--gamma", type=float, default=1.0, help="discount of the long-term return [paper 1, code 0.95]")
+    ap.add_argument("--whiten", action="store_true", help="whiten the advantages over each round (official code)")
     # optimization
     ap.add_argument("--max_steps", type=int, default=2000)
     ap.add_argument("--max_minutes", type=float, default=0, help="also stop after this much wall-clock time (0: off)")
@@ -791,6 +901,7 @@ def get_args(argv=None):
     # the built-in default pipeline
     ap.add_argument("--teacher_steps", type=int, default=7000, help="built-in default: teacher SFT steps")
     ap.add_argument("--student_steps", type=int, default=15000, help="built-in default: student SFT steps")
+    ap.add_argument("--minillm_steps", type=int, default=600, help="built-in default: MiniLLM steps")
     # bookkeeping
     ap.add_argument("--eval_interval", type=int, default=500, help="steps between validation losses")
     ap.add_argument("--log_interval", type=int, default=250)
@@ -805,10 +916,8 @@ def main(argv=None):
     try:
         if args.bench == "generate":
             bench_generation(args)
-        elif args.method == "sft":
+        elif args.method:
             train(args)
-        elif args.method == "minillm":
-            distill(args)
         else:
             builtin_default(args)
     except (data.DataError, InputError, FloatingPointError) as e:

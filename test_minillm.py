@@ -6,6 +6,7 @@ Tests for minillm: the model, KV-cache generation, the built-in task, the data l
 Everything runs on the CPU in well under 3 minutes with tiny models; nothing is downloaded.
 """
 import json
+import math
 import os
 import random
 import subprocess
@@ -372,7 +373,7 @@ def test_sft_run_learns_and_checkpoint_round_trips(tmp_path, monkeypatch):
     assert "tok/s" in log and "ETA" in log
     model, ckpt = minillm.load_checkpoint(best)
     assert ckpt["tokenizer"] == "builtin" and ckpt["step"] == 200 and ckpt["args"]["lr"] == 1e-2
-    assert abs(ckpt["best_val_loss"] - min(vals)) < 1e-4
+    assert abs(ckpt["metrics"]["loss"] - min(vals)) < 1e-4
     last, ckpt_last = minillm.load_checkpoint(str(tmp_path / "run" / "last.pt"))
     assert set(ckpt_last["optimizer"]) == {"state", "param_groups"}
     x = torch.randint(0, model.config.vocab_size, (2, 8))
@@ -422,17 +423,22 @@ def test_unloadable_dataset_is_one_line(tmp_path):
 
 def test_builtin_default_trains_then_reuses(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    argv = ["--out", str(tmp_path / "out"), "--teacher_steps", "10", "--student_steps", "10", "--eval_interval", "5",
-            "--n_train", "350", "--n_valid", "35", "--n_test", "35"]
+    monkeypatch.setattr(kernels, "USE_TRITON", False)  # the reference: the interpreter is slow (the kernel has tests)
+    argv = ["--out", str(tmp_path / "out"), "--teacher_steps", "10", "--student_steps", "10", "--minillm_steps", "4",
+            "--eval_interval", "5", "--n_train", "350", "--n_valid", "35", "--n_test", "35", "--rollout_size", "16",
+            "--max_new_tokens", "24"]
     minillm.main(argv)
     first = capsys.readouterr().out
-    assert "teacher trained" in first and "student trained" in first
+    assert "teacher: trained" in first and "student-sft: trained" in first and "minillm: trained" in first
     minillm.main(argv)
     second = capsys.readouterr().out
-    assert "reusing" in second and "trained" not in second
-    table = lambda out: out[out.index("validity on the built-in test split"):]
-    assert table(first) == table(second)  # same checkpoints, same seeds: the same table
-    assert len(table(first).splitlines()) == 6 and "teacher    sampled" in table(first)
+    assert second.count("reusing") == 2 and "minillm: trained" in second and "teacher: trained" not in second
+    table = lambda out: out[out.index("validation loss and reverse KL"):out.index("built-in pipeline:")]
+    assert table(first) == table(second)  # same checkpoints, same seeds: the same distillation and table
+    rows = table(first).splitlines()[2:]
+    assert [r.split()[:2] for r in rows] == [[m, d] for m in ("teacher", "sft", "minillm")
+                                            for d in ("greedy", "sampled")]
+    assert float(rows[0].split()[4]) == 0.0  # the teacher's reverse KL to itself
 
 # -----------------------------------------------------------------------------
 # kernels.py: the fused reverse-KL kernel (under the Triton interpreter on the CPU) against float64
@@ -633,6 +639,10 @@ def test_returns_length_normalization_and_masks():
     expected = torch.tensor([[3.0, 3.5, 4.0, 0.0, 0.0], [7.0, 0.0, 0.0, 0.0, 0.0]])
     assert torch.equal(minillm.returns(r, mask), expected)
     assert torch.equal(minillm.returns(r, mask, length_norm=False), torch.tensor([[9.0, 7, 4, 0, 0], [7.0, 0, 0, 0, 0]]))
+    # --gamma (the official code's discount): R_{t+1} = sum_{t' > t} gamma^(t' - t - 1) r_t'
+    half = torch.tensor([[2 + 3 / 2 + 4 / 4, 3 + 4 / 2, 4.0, 0, 0], [7.0, 0, 0, 0, 0]])
+    assert torch.allclose(minillm.returns(r, mask, length_norm=False, gamma=0.5), half)
+    assert torch.allclose(minillm.returns(r, mask, gamma=0.5), half / torch.tensor([[3.0, 2, 1, 1, 1], [1.0, 1, 1, 1, 1]]))
 
 
 def test_clipping_only_outside_the_trust_region():
@@ -687,18 +697,87 @@ def test_minillm_steps_lower_the_reverse_kl(tmp_path, monkeypatch):
             with torch.no_grad():
                 model.transformer.ln_f.weight.fill_(4.0)
         opt = torch.optim.AdamW(model.parameters())
-        minillm.save_checkpoint(str(tmp_path / f"{name}.pt"), model, opt, 0, None, "builtin", 0.0)
+        minillm.save_checkpoint(str(tmp_path / f"{name}.pt"), model, opt, 0, None, "builtin", {})
     args = minillm.get_args(["--method", "minillm", "--teacher", str(tmp_path / "teacher.pt"),
                              "--init", str(tmp_path / "student.pt"), "--out", str(tmp_path / "run"),
                              "--max_steps", "24", "--eval_interval", "24", "--log_interval", "8", "--lr", "1e-2",
                              "--warmup_steps", "1", "--rollout_size", "16", "--batch_size", "8",
                              "--max_new_tokens", "12", "--n_train", "350", "--n_valid", "35", "--n_test", "35",
                              "--lm_coef", "0"])  # the objective alone: L_PT pulls toward other text
-    minillm.distill(args)
+    minillm.train(args)
     log = open(tmp_path / "run" / "log.txt").read()
-    vals = [float(l.split("val reverse KL ")[1].split()[0]) for l in log.splitlines() if "val reverse KL" in l]
+    vals = [float(l.split("val rkl ")[1].split()[0]) for l in log.splitlines() if "val rkl" in l]
     assert len(vals) == 2 and vals[1] < 0.8 * vals[0], vals
-    for field in ("rkl", "reward", "single", "long", "L_PT", "clip", " w ", "len", "tok/s", "ETA"):
+    for field in ("rkl", "reward", "single", "long", "clip", " w ", "len", "tok/s", "ETA"):
         assert field in log, field
-    model, ckpt = minillm.load_checkpoint(str(tmp_path / "run" / "best.pt"))
-    assert ckpt["best_val_loss"] == min(vals) or abs(ckpt["best_val_loss"] - min(vals)) < 1e-4
+
+# -----------------------------------------------------------------------------
+# the baselines, and the four methods in one loop
+
+
+def test_forward_kl_and_the_kd_loss():
+    g = torch.Generator().manual_seed(0)
+    q, p = torch.randn(2, 3, 11, generator=g), torch.randn(2, 3, 11, generator=g)
+    keep = torch.tensor([[True, True, False], [True, False, False]])
+    ref = F.kl_div(F.log_softmax(q, -1), F.log_softmax(p, -1), log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(minillm.forward_kl(q, p, keep), ref[keep].mean())
+    assert minillm.forward_kl(q, q, keep).abs() < 1e-6
+    p_zero = p.clone()
+    p_zero[..., 0] = float("-inf")  # a token the teacher never emits adds nothing (and no NaN)
+    assert torch.isfinite(minillm.forward_kl(q, p_zero, keep))
+    qa, qb = q.clone().requires_grad_(), q.clone().requires_grad_()
+    minillm.forward_kl(qa, p, keep).backward()
+    (-(F.softmax(p, -1) * F.log_softmax(qb, -1)).sum(-1))[keep].mean().backward()
+    assert torch.allclose(qa.grad, qb.grad, atol=1e-6)  # the gradient of the official soft cross-entropy
+    student, teacher = tiny(seed=0), tiny(seed=1)
+    x = torch.randint(0, 97, (2, 10), generator=g)
+    y = x.roll(-1, 1)
+    y[:, :4] = -100  # the prompt
+    logits = student(x)[0]
+    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    loss, stats = minillm.token_loss(student, teacher, x, y, 0.5, torch.no_grad())
+    assert torch.allclose(loss, 0.5 * ce + 0.5 * minillm.forward_kl(logits, teacher(x)[0], y != -100))
+    assert set(stats) == {"ce", "fkl"}
+    assert torch.allclose(minillm.token_loss(student, None, x, y, 0.5, torch.no_grad())[0], ce)  # sft
+
+
+def eos_teacher(enc, p_eos=0.3):
+    """A tiny model that says EOS with probability about p_eos at every step, whatever the context."""
+    model = tiny(vocab_size=enc.n_vocab, block_size=64, seed=5)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()  # the final hidden state is the bias alone
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.transformer.wte.weight[:, 0] = 0.0
+        model.transformer.wte.weight[enc.eot_token, 0] = math.log(p_eos / (1 - p_eos) * (enc.n_vocab - 1))
+    return model
+
+
+@pytest.mark.parametrize("method", ["sft", "kd", "seqkd", "minillm"])
+def test_every_method_runs_in_the_same_loop(tmp_path, monkeypatch, method):
+    monkeypatch.chdir(tmp_path)
+    enc = data.get_encoding("builtin")
+    for name, model in (("teacher", eos_teacher(enc)), ("student", tiny(vocab_size=enc.n_vocab, block_size=64))):
+        minillm.save_checkpoint(str(tmp_path / f"{name}.pt"), model, None, 0, None, "builtin", {})
+    argv = ["--method", method, "--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"),
+            "--out", str(tmp_path / "run"), "--max_steps", "6", "--eval_interval", "3", "--log_interval", "2",
+            "--rollout_size", "8", "--batch_size", "4", "--max_new_tokens", "8", "--n_train", "70", "--n_valid", "14",
+            "--n_test", "14", "--lm_coef", "1", "--pt_length", "16", "--warmup_steps", "1"]
+    best = minillm.train(minillm.get_args(argv))
+    log = open(tmp_path / "run" / "log.txt").read()
+    fields = {"sft": ["ce", "L_PT"], "kd": ["rkl", "ce", "fkl", "L_PT"], "seqkd": ["rkl", "ce", "fkl", "L_PT"],
+              "minillm": ["rkl", "reward", "single", "long", "clip", "w", "len", "L_PT"]}[method]
+    step_lines = [line for line in log.splitlines() if line.startswith("step") and "| loss" in line]
+    assert len(step_lines) == 3 and all("tok/s" in line and "ETA" in line for line in step_lines)
+    assert [f.split()[0] for f in step_lines[0].split(" | ")[2:-3] if f.split()[0] != "epoch"] == fields
+    assert len([line for line in log.splitlines() if "| val loss" in line]) == 3  # steps 0, 3, 6
+    model, ckpt = minillm.load_checkpoint(best)
+    assert set(ckpt["metrics"]) == ({"loss"} if method == "sft" else {"loss", "rkl", "valid"})
+    assert minillm.load_checkpoint(str(tmp_path / "run" / "last.pt"))[1]["step"] == 6
+    if method == "seqkd":  # the teacher's responses: generated once, in the Dolly schema, reused by a second run
+        rows = data.read_examples(str(tmp_path / "run" / "teacher_responses_24.jsonl"))
+        assert 0 < len(rows) < 24  # some had no EOS within 8 tokens and were dropped
+        originals = {r["instruction"]: r["response"] for r in data.load_instructions("builtin", 70, 14, 14)[0]["train"]}
+        assert all(r["instruction"] in originals and r["response"] != originals[r["instruction"]] for r in rows)
+        minillm.train(minillm.get_args(argv))
+        assert "reusing the teacher's responses" in open(tmp_path / "run" / "log.txt").read()
