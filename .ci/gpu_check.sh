@@ -1,7 +1,8 @@
 #!/bin/bash
 # GPU checks in one call (the lent device machine; CI never runs this): versions, the test suite on CUDA,
-# the fused kernel's benchmark, the generation benchmark, and a short MiniLLM run in bf16.
-# Needs out/teacher/best.pt and out/student-sft/best.pt (from `python minillm.py`). Logs go to $OUT.
+# the generation benchmark, a short run of each distillation method in bf16, and the fused kernel's benchmark
+# (skipped with BENCH=0). Needs out/teacher/best.pt and out/student-sft/best.pt (from `python minillm.py`).
+# Logs go to $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
@@ -11,6 +12,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # the `datasets` package is not on the device image: its loader tests run on the CPU machine only
 timeout 200 python3 -m pytest test_minillm.py -q -rs -k "not dolly and not pretrain_loaders and not unloadable" 2>&1 | tee "$OUT/tests.txt"
 timeout 60 python3 minillm.py --bench generate 2>&1 | tee "$OUT/bench_generate.txt"
-timeout 90 python3 minillm.py --method minillm --teacher out/teacher/best.pt --init out/student-sft/best.pt \
-    --out /tmp/minillm-gpu --max_steps 60 --log_interval 10 --eval_interval 30 2>&1 | tee "$OUT/distill.txt"
-timeout 240 python3 kernels.py 2>&1 | tee "$OUT/kernels.txt"
+for method in kd seqkd minillm; do
+    timeout 90 python3 minillm.py --method $method --teacher out/teacher/best.pt --init out/student-sft/best.pt \
+        --out /tmp/gpu-$method --max_steps 60 --log_interval 20 --eval_interval 30 --lm_coef 0 2>&1 | grep -v settings
+done | tee "$OUT/methods.txt"
+[ "${BENCH:-1}" = 0 ] || timeout 240 python3 kernels.py 2>&1 | tee "$OUT/kernels.txt"
