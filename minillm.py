@@ -2,6 +2,7 @@
 MiniLLM: knowledge distillation of a small GPT student from a larger GPT teacher, in one readable file.
 
     python minillm.py                                              # the built-in pipeline, end to end (see README)
+    python minillm.py --teacher CKPT [--init STUDENT_CKPT]         # the same with your teacher (and SFT student)
     python minillm.py --method sft --model teacher --out out/teacher          # supervised fine-tuning (stage 1)
     python minillm.py --method sft --model student --out out/student-sft
     python minillm.py --method minillm --teacher out/teacher/best.pt --init out/student-sft/best.pt --out out/minillm
@@ -596,7 +597,8 @@ def load_models(args, device):
         if path:
             model, ckpt = load_checkpoint(path, device)
             if args.tokenizer != "auto" and ckpt["tokenizer"] != args.tokenizer:
-                raise InputError(f"{path}: trained with tokenizer {ckpt['tokenizer']}, not --tokenizer {args.tokenizer}")
+                raise InputError(f"{path}: trained with tokenizer {ckpt['tokenizer']}, not --tokenizer "
+                                 f"{args.tokenizer}")
             if role == "student" and teacher is not None and ckpt["tokenizer"] != tokenizer:
                 raise InputError(f"{path}: tokenizer {ckpt['tokenizer']} differs from the teacher's {tokenizer} "
                                  f"({args.teacher})")
@@ -800,16 +802,18 @@ def pick_device(name):
 
 
 def builtin_default(args):
-    """`python minillm.py`: the built-in pipeline, Algorithm 1 end to end. Trains the teacher and the SFT student
-    (or reuses them from an earlier run in args.out), distills the student with MiniLLM, and prints a table of the
-    three: validation loss and reverse KL to the teacher, and validity on the test split."""
+    """`python minillm.py [--teacher CKPT] [--init CKPT]`: Algorithm 1 end to end on the built-in task. Trains the
+    teacher and the SFT student unless given (or reuses them from an earlier run in args.out), distills the student
+    with MiniLLM, and prints a table of the three: validation loss and reverse KL to the teacher, and validity on
+    the test split."""
     t_all, times = time.time(), {}
-    teacher_ckpt, student_ckpt = (os.path.join(args.out, f, "best.pt") for f in ("teacher", "student-sft"))
+    teacher_ckpt = args.teacher or os.path.join(args.out, "teacher", "best.pt")
+    student_ckpt = args.init or os.path.join(args.out, "student-sft", "best.pt")
     stages = (  # peak learning rates: for the student, 1e-2 beat 3e-3 and 3e-2 (validation loss after 15,000 steps)
-        ("teacher", dict(method="sft", model="teacher", max_steps=args.teacher_steps, lr=2e-3, min_lr=2e-4,
-                         lm_coef=0.0)),
-        ("student-sft", dict(method="sft", model="student", max_steps=args.student_steps, lr=1e-2, min_lr=1e-3,
-                             lm_coef=0.0)),
+        ("teacher", dict(method="sft", model="teacher", init=None, max_steps=args.teacher_steps, lr=2e-3,
+                         min_lr=2e-4, lm_coef=0.0)),
+        ("student-sft", dict(method="sft", model="student", init=None, max_steps=args.student_steps, lr=1e-2,
+                             min_lr=1e-3, lm_coef=0.0)),
         # L_PT off (the paper's "without L_PT" ablation, which left its instruction scores flat): the built-in
         # student has never seen the plain-text stream, so its L_PT starts at 17 nats and swamps the objective;
         # and learning that stream in SFT (--lm_coef 1 there) cost the 0.033M student half its validity (README)
@@ -818,6 +822,8 @@ def builtin_default(args):
     )
     for name, settings in stages:
         folder = os.path.join(args.out, name)
+        if (name, True) in (("teacher", bool(args.teacher)), ("student-sft", bool(args.init))):
+            continue  # given on the command line
         if name != "minillm" and os.path.isfile(os.path.join(folder, "best.pt")):
             print(f"reusing {folder}/best.pt")
             continue
@@ -838,8 +844,9 @@ def builtin_default(args):
           f"sampled at T = 1 as the paper evaluates")
     print(f"{'model':<9}{'decoding':>8}{'params':>9}{'val loss':>9}{'val rkl':>8}" +
           "".join(f"{f:>8}" for f in data.FAMILIES + ["all"]))
-    for label, name in (("teacher", "teacher"), ("sft", "student-sft"), ("minillm", "minillm")):
-        model, _ = load_checkpoint(os.path.join(args.out, name, "best.pt"), device)
+    for label, path in (("teacher", teacher_ckpt), ("sft", student_ckpt),
+                        ("minillm", os.path.join(args.out, "minillm", "best.pt"))):
+        model, _ = load_checkpoint(path, device)
         loss = validation_loss(model, val_pairs, 64, device, nullcontext())
         rkl, _ = reverse_kl_k3(model, teacher, val_prompts, args, torch.Generator(device).manual_seed(0))
         for greedy in (True, False):
@@ -855,7 +862,7 @@ def get_args(argv=None):
     # what to run
     ap.add_argument("--method", choices=["sft", "kd", "seqkd", "minillm"],
                     help="sft: fine-tuning on ground truth; kd, seqkd: the baselines; minillm: reverse-KL distillation "
-                         "(none: the built-in pipeline)")
+                         "(none: minillm, and on the built-in task the whole pipeline, training what is not given)")
     ap.add_argument("--teacher", help="kd, seqkd, minillm: the teacher checkpoint")
     ap.add_argument("--model", default="student", choices=sorted(MODEL_SIZES), help="size to train from scratch")
     ap.add_argument("--init", help="start from this checkpoint instead of a fresh --model")
@@ -918,6 +925,8 @@ def main(argv=None):
             bench_generation(args)
         elif args.method:
             train(args)
+        elif args.data != "builtin":  # python minillm.py --teacher CKPT --init CKPT --data ...: MiniLLM
+            train(argparse.Namespace(**{**vars(args), "method": "minillm"}))
         else:
             builtin_default(args)
     except (data.DataError, InputError, FloatingPointError) as e:

@@ -413,6 +413,16 @@ def test_cli_bad_data_is_one_clear_line(tmp_path):
                                                  "(Expecting property name enclosed in double quotes)")
 
 
+def test_distillation_without_its_checkpoints_is_one_line(tmp_path):
+    for argv, message in ((["--teacher", "t.pt", "--data", "mine.jsonl"], "--method minillm needs --init STUDENT_CKPT"),
+                          (["--method", "kd", "--init", "s.pt"], "--method kd needs --teacher CKPT"),
+                          (["--method", "seqkd", "--teacher", "none.pt"], "none.pt: no such checkpoint")):
+        with pytest.raises(SystemExit) as e:
+            minillm.main(argv + ["--out", str(tmp_path / "o")])
+        assert str(e.value).startswith(f"error: {message}") and "\n" not in str(e.value)
+        assert not (tmp_path / "o").exists()  # stopped before writing anything
+
+
 def test_unloadable_dataset_is_one_line(tmp_path):
     with pytest.raises(data.DataError) as e:
         data.load_dolly(str(tmp_path / "no-such-folder"))
@@ -439,6 +449,12 @@ def test_builtin_default_trains_then_reuses(tmp_path, monkeypatch, capsys):
     assert [r.split()[:2] for r in rows] == [[m, d] for m in ("teacher", "sft", "minillm")
                                             for d in ("greedy", "sampled")]
     assert float(rows[0].split()[4]) == 0.0  # the teacher's reverse KL to itself
+    # python minillm.py --teacher CKPT: the pipeline with a given teacher trains the student and distills
+    minillm.main(argv[:1] + [str(tmp_path / "given")] + argv[2:] +
+                 ["--teacher", str(tmp_path / "out" / "teacher" / "best.pt")])
+    third = capsys.readouterr().out
+    assert "teacher: trained" not in third and "student-sft: trained" in third and "minillm: trained" in third
+    assert not (tmp_path / "given" / "teacher").exists() and table(third).splitlines()[2] == rows[0]
 
 # -----------------------------------------------------------------------------
 # kernels.py: the fused reverse-KL kernel (under the Triton interpreter on the CPU) against float64
