@@ -329,11 +329,13 @@ def response_logits(model, batch):
 # The MiniLLM objective (Eq. 7 with PPO clipping), per response token
 
 
-def returns(r, mask, length_norm=True, gamma=1.0):
+def returns(r, mask, length_norm=True, gamma=1.0, include_t=False):
     """Long-term return R_{t+1} = sum over the steps t' > t of gamma^(t' - t - 1) r_t' (Eq. 2: the paper's return
     excludes step t and has no discount, gamma = 1; the official code discounts with 0.95).
     length_norm (Eq. 6): R^Norm_{t+1} = that sum divided by the number of valid steps t' = t+1 .. T of the response
-    (T - t terms, the number actually summed; 0 at the last step). Without it: the plain sum."""
+    (T - t terms, the number actually summed; 0 at the last step). Without it: the plain sum.
+    include_t: R_t = r_t + gamma R_{t+1} instead (the plain policy gradient of Eq. 2, for the ablation without the
+    single-step term; normalized by the T - t + 1 steps t .. T)."""
     r = r * mask
     after = torch.zeros_like(r)  # (B, n): after[:, t] = R_{t+1}
     acc = torch.zeros_like(r[:, 0])
@@ -341,6 +343,8 @@ def returns(r, mask, length_norm=True, gamma=1.0):
         after[:, t] = acc
         acc = r[:, t] + gamma * acc
     count = mask.flip(1).cumsum(1).flip(1) - mask.long()  # (B, n): valid steps after t
+    if include_t:
+        after, count = r + gamma * after, count + mask.long()
     if not length_norm:
         return after * mask
     return torch.where(count > 0, after / count.clamp(min=1), 0.0) * mask
@@ -456,7 +460,8 @@ def rollout_batches(student, teacher, prompts, args, device):
         # the paper; ../shared/MINILLM.md section 5 lists where the official code differs (return including step
         # t, no w_t on the single-step term, ...); --gamma and --whiten give its discount and advantage whitening
         batch["r"] = batch["logp"] - batch["logq_old"]                      # r_t = log p(y_t) - log q_old(y_t)
-        A = returns(batch["r"], mask, args.length_norm, args.gamma)         # Eq. 6: A_t = R^Norm_{t+1}
+        A = returns(batch["r"], mask, args.length_norm, args.gamma,         # Eq. 6: A_t = R^Norm_{t+1}
+                    include_t=not args.single_step)                         # (ablation: R_t, no single-step term)
         if args.whiten and mask.sum() > 1:                                   # official code: whitened over the round
             A = torch.where(mask, (A - A[mask].mean()) / (A[mask].std() + 1e-8), 0.0)
         batch["A"] = A
@@ -485,7 +490,7 @@ def minillm_loss(student, teacher, mb, args, ctx):
     stats = {"reward": (mb["r"] * mask).sum() / n, "single": loss_single.detach(), "long": loss_long.detach(),
              "clip": (((rho - 1).abs() > args.clip_eps) & mask).sum() / n, "w": (mb["w"] * mask).sum() / n,
              "len": mask.sum(1).float().mean()}
-    return loss_single + loss_long, stats
+    return (loss_single if args.single_step else 0) + loss_long, stats  # (ablation: the long-term term alone)
 
 
 @torch.no_grad()
@@ -697,6 +702,9 @@ def train(args):
                 save_checkpoint(best_path, student, optimizer, step, args, tokenizer, metrics)
             log(f"step {step:5d} | " + " | ".join(f"val {k} {v:.4f}" for k, v in metrics.items()) +
                 f" | best: step {best_step} | {elapsed:6.1f}s")
+            if args.patience and step - best_step >= args.patience * args.eval_interval:
+                log(f"no better validation score in {args.patience} evaluations: stopping (--patience)")
+                last = True
         if last:
             break
         lr = get_lr(step, args)
@@ -887,7 +895,9 @@ def get_args(argv=None):
     ap.add_argument("--clip_eps", type=float, default=0.2, help="PPO clipping of rho = q_theta / p_mix [0.2]")
     ap.add_argument("--max_new_tokens", type=int, default=96, help="longest response sampled [256]")
     ap.add_argument("--no_length_norm", dest="length_norm", action="store_false",
-                    help="use the plain sum R_{t+1} instead of the mean (Eq. 6) [on]")
+                    help="ablation: the plain sum R_{t+1} instead of the mean (Eq. 6) [on]")
+    ap.add_argument("--no_single_step", dest="single_step", action="store_false",
+                    help="ablation: no single-step term; the long-term term uses R_t, step t included (Eq. 2)")
     ap.add_argument("--lm_coef", type=float, help="weight of L_PT (default 1 for minillm [1], else 0)")
     ap.add_argument("--kd_ratio", type=float,
                     help="kd, seqkd: forward-KL share of the loss (default 0.5 [0.5]); minillm: soft cross-entropy "
@@ -898,6 +908,8 @@ def get_args(argv=None):
     # optimization
     ap.add_argument("--max_steps", type=int, default=2000)
     ap.add_argument("--max_minutes", type=float, default=0, help="also stop after this much wall-clock time (0: off)")
+    ap.add_argument("--patience", type=int, default=0,
+                    help="also stop after this many evaluations without a better validation score (0: off)")
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the built-in pipeline sets its own)")
     ap.add_argument("--min_lr", type=float, default=1e-4, help="learning rate at the end of the cosine decay")

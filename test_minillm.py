@@ -797,3 +797,89 @@ def test_every_method_runs_in_the_same_loop(tmp_path, monkeypatch, method):
         assert all(r["instruction"] in originals and r["response"] != originals[r["instruction"]] for r in rows)
         minillm.train(minillm.get_args(argv))
         assert "reusing the teacher's responses" in open(tmp_path / "run" / "log.txt").read()
+
+# -----------------------------------------------------------------------------
+# eval.py
+
+
+def test_rouge_l_dist4_and_buckets_by_hand():
+    import eval as ev
+    # LCS("the cat sat on the mat", "the cats sat on a mat") with stemming (cats -> cat) = 5 of 6 words each side
+    assert abs(ev.rouge_l("the cats sat on a mat", ["the cat sat on the mat"]) - 100 * 5 / 6) < 1e-9
+    # precision 2/2, recall 2/4: F = 2 * 1 * 0.5 / 1.5; the maximum over references
+    assert abs(ev.rouge_l("a b", ["a x b y", "q"]) - 100 * 2 / 3) < 1e-9
+    assert ev.rouge_l("a b", ["c d"]) == 0 and ev.rouge_l("same words", ["same words"]) == 100
+    assert ev.dist_n(["a b c d e", "a b c d"], n=4) == 2 / 3  # (a b c d) twice, (b c d e) once
+    assert ev.dist_n(["too short"], n=4) == 0.0
+    assert [ev.bucket_of(" ".join("w" * k)) for k in (1, 5, 6, 10, 11, 40)] == \
+        ["[0,5]", "[0,5]", "[6,10]", "[6,10]", "[11,inf)", "[11,inf)"]
+
+
+def test_ece_on_a_constructed_case():
+    import eval as ev
+    # bin [0.9, 1.0): confidence 0.95 x 4, 2 right -> |0.5 - 0.95| = 0.45 with weight 4/10
+    # bin [0.6, 0.7): confidence 0.65 x 6, all right -> |1 - 0.65| = 0.35 with weight 6/10
+    value, bins = ev.ece([0.95] * 4 + [0.65] * 6, [1, 1, 0, 0] + [1] * 6)
+    assert abs(value - (0.4 * 0.45 + 0.6 * 0.35)) < 1e-12 and len(bins) == 2
+    assert ev.ece([0.7, 0.7], [1, 1])[0] == pytest.approx(0.3) and ev.ece([1.0, 1.0], [1, 1])[0] == 0.0
+
+
+def test_exposure_bias_is_zero_for_the_teacher_itself_and_positive_otherwise():
+    import eval as ev
+    student, teacher = estimator_models(seed=4)
+    prompts = [[0, 1], [2], [1, 2, 0]] * 10
+    same = ev.exposure_bias(teacher, teacher, prompts, eos_id=3, length=5, seed=0)
+    assert same["ExAccErr"] == [0.0] * len(same["ExAccErr"]) and max(same["R"]) == 0
+    other = ev.exposure_bias(student, teacher, prompts, eos_id=3, length=5, seed=0)
+    assert min(other["eps"]) > 0 and len(other["ExAccErr"]) >= 2
+
+
+def test_eval_of_a_checkpoint_is_deterministic_and_writes_reports(tmp_path, monkeypatch):
+    import eval as ev
+    monkeypatch.chdir(tmp_path)
+    enc = data.get_encoding("builtin")
+    paths = []
+    for name, model in (("teacher", eos_teacher(enc)), ("student", tiny(vocab_size=enc.n_vocab, block_size=64))):
+        os.makedirs(tmp_path / name)
+        paths.append(str(tmp_path / name / "best.pt"))
+        minillm.save_checkpoint(paths[-1], model, None, 0, None, "builtin", {})
+    argv = [paths[1], paths[0], "--teacher", paths[0], "--n_test", "21", "--seeds", "1", "2",
+            "--max_new_tokens", "12", "--exposure_len", "6", "--out", str(tmp_path / "eval")]
+    ev.main(argv)
+    first = json.load(open(tmp_path / "eval" / "results.json"))
+    ev.main(argv)
+    assert json.load(open(tmp_path / "eval" / "results.json")) == first  # same seeds, same numbers
+    student, teacher = first
+    assert student["label"] == "student" and student["n"] == 21 and student["seeds"] == [1, 2]
+    for key in ("rougeL", "valid", "exact", "dist4", "rkl", "ece", "lm_loss", "rougeL [0,5]", "valid story"):
+        assert key in student and len(student[key]) == 2, key
+    assert teacher["rkl"] == [0.0, 0.0] and teacher["exposure"]["ExAccErr"][0] == 0.0
+    assert os.path.isfile(tmp_path / "student" / "best-eval.json")
+    for f in ("results.csv", "results.md", "exposure_bias.png", "reliability.png"):
+        assert os.path.getsize(tmp_path / "eval" / f) > 0, f
+
+
+def test_table1_trains_each_row_from_the_sft_student_and_reuses_finished_runs(tmp_path, monkeypatch, capsys):
+    import eval as ev
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(kernels, "USE_TRITON", False)  # the reference: the interpreter is slow (the kernel has tests)
+    enc = data.get_encoding("builtin")
+    for name, model in (("teacher", eos_teacher(enc)), ("student-sft", tiny(vocab_size=enc.n_vocab, block_size=64))):
+        os.makedirs(tmp_path / "pipe" / name)
+        minillm.save_checkpoint(str(tmp_path / "pipe" / name / "best.pt"), model, None, 0, None, "builtin", {})
+        (tmp_path / "pipe" / name / "log.txt").write_text("done: 7 steps in 3s; best.pt is step 5 -> best.pt\n")
+    small = " --max_steps 4 --eval_interval 2 --n_train 70 --n_valid 14 --n_test 14 --max_new_tokens 8 --batch_size 4"
+    monkeypatch.setattr(ev, "TABLE1", {"kd": "--method kd" + small,
+                                       "minillm, alpha 0": "--method minillm --alpha 0 --rollout_size 8" + small})
+    argv = ["--table1", "--pipeline_out", str(tmp_path / "pipe"), "--out", str(tmp_path / "t1"), "--n_test", "14",
+            "--seeds", "1", "--max_new_tokens", "8", "--exposure_len", "4"]
+    ev.main(argv)
+    first = capsys.readouterr().out
+    assert "training kd" in first and "training minillm, alpha 0" in first
+    results = json.load(open(tmp_path / "t1" / "results.json"))
+    assert [r["label"] for r in results] == ["teacher", "sft", "kd", "minillm, alpha 0"]
+    assert results[0]["steps"] == [7.0, 0.0] and results[2]["steps"] == [4.0, 0.0]
+    assert "'alpha': 0.2" in open(tmp_path / "t1" / "kd" / "log.txt").read()
+    assert "'alpha': 0.0" in open(tmp_path / "t1" / "minillm-alpha-0" / "log.txt").read()
+    ev.main(argv)
+    assert capsys.readouterr().out.count("reusing") == 2

@@ -1,0 +1,370 @@
+"""
+Evaluation as the paper does it, and the built-in Table 1.
+
+    python eval.py out/student-sft/best.pt out/minillm/best.pt --teacher out/teacher/best.pt
+    python eval.py CKPT --data dolly --seeds 10 20 30 --out out/eval
+    python eval.py --table1                  # train SFT, KD, SeqKD, MiniLLM and its ablations, then evaluate them
+
+For each checkpoint: responses sampled at T = 1, top-p 1, up to 256 new tokens, cut at EOS, for every test prompt,
+once per seed; the metrics averaged over the seeds (mean and standard deviation):
+- Rouge-L (the `rouge-score` package, RougeScorer(['rougeL'], use_stemmer=True)), F-measure x 100, maximum over the
+  references: the paper's metric; and Rouge-L by reference length, [0, 5], [6, 10], [11, inf) words;
+- Dist-4: distinct 4-grams over all 4-grams of the responses (diversity);
+- on the built-in task: validity (data.is_valid), exact match on the single-answer families, validity per family;
+- the test-set language-modelling loss (cross-entropy on the reference responses; no sampling);
+- with --teacher: the reverse KL of the student to the teacher on its own samples (k3 per token, summed per
+  response), and the exposure bias ExAccErr(l) (../shared/MINILLM.md section 8), a curve per model (PNG);
+- calibration, on the built-in yes/no family: expected calibration error of the answer token's probability
+  (10 bins), with a reliability diagram (PNG).
+Each checkpoint's numbers go to a JSON file beside it (best.pt -> best-eval.json); the table of all of them to
+--out (results.json, results.csv, results.md, exposure_bias.png, reliability.png).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+import data
+import minillm
+
+BUCKETS = ((0, 5), (6, 10), (11, math.inf))  # reference length in words, as the paper's length analysis
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+_scorer = None
+
+
+def rouge_l(prediction, references):
+    """Rouge-L F-measure x 100 of one response, the maximum over its references (the paper's metric)."""
+    global _scorer
+    if _scorer is None:
+        from rouge_score import rouge_scorer  # imported here: only evaluation needs it
+        _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return 100 * max(_scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+def dist_n(texts, n=4):
+    """Distinct n-grams over all n-grams of the responses (words); 0 when there is no n-gram at all."""
+    grams = [tuple(ws[i:i + n]) for ws in (t.split() for t in texts) for i in range(len(ws) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def bucket_of(reference):
+    words = len(reference.split())
+    return next(f"[{lo},{hi}]" if hi != math.inf else f"[{lo},inf)" for lo, hi in BUCKETS if lo <= words <= hi)
+
+
+def ece(confidence, correct, n_bins=10):
+    """Expected calibration error: sum over equal-width confidence bins of |accuracy - mean confidence| weighted by
+    the bin's share of the examples. Returns (ece, [(mean confidence, accuracy, count) per non-empty bin])."""
+    conf, corr = torch.as_tensor(confidence, dtype=torch.float64), torch.as_tensor(correct, dtype=torch.float64)
+    which = (conf * n_bins).long().clamp(max=n_bins - 1)  # confidence 1.0 falls in the last bin
+    total, bins = 0.0, []
+    for b in range(n_bins):
+        sel = which == b
+        if sel.any():
+            c, a = conf[sel].mean().item(), corr[sel].mean().item()
+            total += sel.sum().item() / len(conf) * abs(a - c)
+            bins.append((c, a, int(sel.sum())))
+    return total, bins
+
+
+@torch.no_grad()
+def exposure_bias(student, teacher, prompts, eos_id, length, seed):
+    """ExAccErr(l) = (R(l) - eps(l)) / eps(l) x 100 for l = 1 .. length (Arora et al. 2022, as the MiniLLM paper
+    measures it). R(l) accumulates the per-position KL(p || q) over the first l positions of responses the student
+    generated; eps(l) the same along responses the teacher generated (each position averaged over the responses
+    still running there). 0 when the student's prefixes cost no more than the teacher's own."""
+    curves = []
+    for alpha in (0.0, 1.0):  # p_mix with alpha 0: student samples; alpha 1: teacher samples
+        b = minillm.rollout(student, teacher, prompts, length, eos_id, alpha, torch.Generator(
+            next(student.parameters()).device).manual_seed(seed))
+        q_logits = minillm.response_logits(student, b)
+        p_logits = minillm.response_logits(teacher, b)[..., :q_logits.size(-1)]
+        log_q, log_p = F.log_softmax(q_logits.float(), -1), F.log_softmax(p_logits.float(), -1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, n): KL(p || q) at each position of each response
+        mask = b["mask"].float()
+        per_position = (kl * mask).sum(0) / mask.sum(0).clamp(min=1)
+        curves.append(per_position.cumsum(0))
+    n = min(len(c) for c in curves)
+    R, eps = curves[0][:n], curves[1][:n]
+    ex = torch.where(eps > 0, 100 * (R - eps) / eps.clamp(min=1e-12), torch.zeros_like(eps))
+    return {"R": R.tolist(), "eps": eps.tolist(), "ExAccErr": ex.tolist()}
+
+
+@torch.no_grad()
+def yesno_calibration(model, enc, rows):
+    """For each built-in yes/no prompt: the probability the model gives its answer (Yes or No, renormalized over
+    the two), and whether that answer is right. Returns (confidences, correct)."""
+    yes, no = enc.encode_ordinary("Yes")[0], enc.encode_ordinary("No")[0]
+    device = next(model.parameters()).device
+    conf, correct = [], []
+    for i in range(0, len(rows), 128):
+        chunk = rows[i:i + 128]
+        idx, valid = minillm.left_pad([enc.encode_ordinary(data.prompt_text(r, "builtin")) for r in chunk],
+                                      enc.eot_token, device)
+        logits, _ = model(idx, valid=valid, last_only=True)
+        p = F.softmax(logits[:, -1, [yes, no]].float(), -1)  # (b, 2): P(Yes), P(No) renormalized
+        for r, (p_yes, p_no) in zip(chunk, p.tolist()):
+            says_yes = p_yes >= p_no
+            conf.append(max(p_yes, p_no))
+            correct.append(says_yes == r["response"].startswith("Yes"))
+    return conf, correct
+
+# -----------------------------------------------------------------------------
+# Evaluating one checkpoint
+
+
+@torch.no_grad()
+def sample_responses(model, enc, rows, template, seed, max_new_tokens, batch_size=128, label=""):
+    """One response per row, sampled at T = 1 (top-p 1), cut at EOS; batched generation with the KV cache."""
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out, t0 = [], time.time()
+    for i in range(0, len(rows), batch_size):
+        prompts = [enc.encode_ordinary(data.prompt_text(r, template)) for r in rows[i:i + batch_size]]
+        room = min(max_new_tokens, model.config.block_size - max(map(len, prompts)))
+        for toks in minillm.generate(model, prompts, room, enc.eot_token, generator=gen).tolist():
+            out.append(enc.decode(toks[:toks.index(enc.eot_token)] if enc.eot_token in toks else toks))
+        print(f"\r  {label} seed {seed}: {len(out)}/{len(rows)} responses ({time.time() - t0:.0f}s)", end="",
+              file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return out
+
+
+def mean_std(xs):
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def evaluate(path, teacher, rows, template, args, device):
+    """All metrics of one checkpoint on the test rows: {metric: [mean, std]} plus curves and bins."""
+    model, ckpt = minillm.load_checkpoint(path, device)
+    enc = data.get_encoding(ckpt["tokenizer"])
+    label = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+    builtin = all(r.get("category") in data.FAMILIES for r in rows)
+    per_seed = []
+    for seed in args.seeds:
+        responses = sample_responses(model, enc, rows, template, seed, args.max_new_tokens, label=label)
+        rouge = [rouge_l(resp, [r["response"]]) for r, resp in zip(rows, responses)]
+        m = {"rougeL": sum(rouge) / len(rouge), "dist4": dist_n(responses)}
+        for lo, hi in BUCKETS:
+            name = f"[{lo},{hi}]" if hi != math.inf else f"[{lo},inf)"
+            sel = [x for x, r in zip(rouge, rows) if bucket_of(r["response"]) == name]
+            m[f"rougeL {name}"] = sum(sel) / len(sel) if sel else float("nan")
+        if builtin:
+            ok = [data.is_valid(r, resp) for r, resp in zip(rows, responses)]
+            m["valid"] = 100 * sum(ok) / len(ok)
+            single = [(r, resp) for r, resp in zip(rows, responses) if r["category"] in data.SINGLE_ANSWER]
+            m["exact"] = 100 * sum(resp.strip() == r["response"] for r, resp in single) / max(len(single), 1)
+            for f in data.FAMILIES:
+                fam = [o for o, r in zip(ok, rows) if r["category"] == f]
+                m[f"valid {f}"] = 100 * sum(fam) / len(fam) if fam else float("nan")
+        if teacher is not None:
+            prompts = [enc.encode_ordinary(data.prompt_text(r, template)) for r in rows]
+            run = argparse.Namespace(max_new_tokens=min(args.max_new_tokens, model.config.block_size -
+                                                        max(map(len, prompts))), eos_id=enc.eot_token)
+            m["rkl"], _ = minillm.reverse_kl_k3(model, teacher, prompts, run, torch.Generator(device).manual_seed(seed))
+        per_seed.append(m)
+    result = {"checkpoint": path, "label": label, "seeds": args.seeds, "n": len(rows)}
+    result.update({k: list(mean_std([m[k] for m in per_seed])) for k in per_seed[0]})
+    pairs, _ = data.tokenize(rows, enc, template, min(512, model.config.block_size), 256)
+    result["lm_loss"] = [minillm.validation_loss(model, pairs, 64, device, nullcontext()), 0.0]
+    if teacher is not None:
+        prompts = [enc.encode_ordinary(data.prompt_text(r, template)) for r in rows[:args.exposure_prompts]]
+        result["exposure"] = exposure_bias(model, teacher, prompts, enc.eot_token, min(
+            args.exposure_len, model.config.block_size - max(map(len, prompts))), args.seeds[0])
+    yesno = [r for r in rows if r.get("category") == "yesno"]
+    if builtin and yesno:
+        conf, correct = yesno_calibration(model, enc, yesno)
+        result["ece"] = [ece(conf, correct)[0], 0.0]
+        result["reliability"] = ece(conf, correct)[1]
+    with open(os.path.splitext(path)[0] + "-eval.json", "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+# -----------------------------------------------------------------------------
+# Reports: the table (stdout, Markdown, CSV, JSON) and the two plots
+
+
+COLUMNS = ["rougeL", "valid", "exact", "dist4", "rkl", "ece", "lm_loss", "steps", "best_step", "minutes"]
+DIGITS = {"dist4": 3, "ece": 3, "lm_loss": 3, "rkl": 2, "steps": 0, "best_step": 0}  # others: 1
+
+
+def table(results, columns=None):
+    """Markdown table: one row per checkpoint, mean ± std over the seeds (ece and lm_loss involve no sampling)."""
+    cols = [c for c in (columns or COLUMNS) if any(c in r for r in results)]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in results:
+        cells = []
+        for c in cols:
+            digits = DIGITS.get(c, 1)
+            m, s = r.get(c, (float("nan"), 0.0))
+            cells.append(f"{m:.{digits}f} ± {s:.{digits}f}" if s else f"{m:.{digits}f}")
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_reports(results, folder):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    keys = [k for k in results[0] if isinstance(results[0][k], list) and len(results[0][k]) == 2
+            and all(isinstance(x, float) for x in results[0][k])]
+    with open(os.path.join(folder, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model"] + [f"{k} {s}" for k in keys for s in ("mean", "std")])
+        for r in results:
+            w.writerow([r["label"]] + [x for k in keys for x in r.get(k, [float("nan")] * 2)])
+    buckets = [k for k in keys if k.startswith("rougeL [")]
+    families = [k for k in keys if k.startswith("valid ")]
+    with open(os.path.join(folder, "results.md"), "w") as f:
+        f.write(table(results) + "\n\nRouge-L by reference length (words):\n\n" + table(results, buckets) + "\n")
+        if families:
+            f.write("\nValidity per family:\n\n" + table(results, families) + "\n")
+    plots(results, folder)
+
+
+def plots(results, folder):
+    import matplotlib  # imported here: only the reports need it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if any("exposure" in r for r in results):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in results:
+            if "exposure" in r:
+                ax.plot(range(1, len(r["exposure"]["ExAccErr"]) + 1), r["exposure"]["ExAccErr"], label=r["label"])
+        ax.set(xlabel="generated length l (tokens)", ylabel="ExAccErr(l) (%)", title="Exposure bias")
+        ax.axhline(0, color="gray", lw=0.5)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, "exposure_bias.png"), dpi=120)
+        plt.close(fig)
+    if any("reliability" in r for r in results):
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.plot([0, 1], [0, 1], color="gray", lw=0.5)
+        for r in results:
+            if "reliability" in r:
+                conf, acc, _ = zip(*r["reliability"])
+                ax.plot(conf, acc, "o-", label=f"{r['label']} (ECE {r['ece'][0]:.3f})")
+        ax.set(xlabel="confidence", ylabel="accuracy", title="Reliability, built-in yes/no", xlim=(0.45, 1.02))
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, "reliability.png"), dpi=120)
+        plt.close(fig)
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description="Evaluate checkpoints as the MiniLLM paper does (see the docstring)")
+    ap.add_argument("checkpoints", nargs="*", help="checkpoints to evaluate (one table row each)")
+    ap.add_argument("--teacher", help="also the reverse KL to this teacher and the exposure bias")
+    ap.add_argument("--data", default="builtin", help="builtin | dolly | a .jsonl/.json file | a folder (its test split)")
+    ap.add_argument("--n_test", type=int, default=500, help="built-in task: test prompts")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30], help="one sampling pass per seed")
+    ap.add_argument("--max_new_tokens", type=int, default=256, help="longest response (the paper: 256)")
+    ap.add_argument("--exposure_prompts", type=int, default=256, help="test prompts for the exposure bias")
+    ap.add_argument("--exposure_len", type=int, default=64, help="longest l of ExAccErr(l)")
+    ap.add_argument("--out", help="folder for the table and the plots (default out/eval; --table1: out/table1, "
+                                  "with a run folder per row)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--table1", action="store_true", help="train and evaluate the built-in Table 1 (README)")
+    ap.add_argument("--pipeline_out", default="out", help="--table1: where `python minillm.py` keeps its models")
+    ap.add_argument("--patience", type=int, default=5, help="--table1: evaluations without improvement to stop")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    args.out = args.out or ("out/table1" if args.table1 else "out/eval")
+    try:
+        if args.table1:
+            return table1(args)
+        if not args.checkpoints:
+            raise minillm.InputError("give one or more checkpoints to evaluate (or --table1)")
+        device = minillm.pick_device(args.device)
+        teacher = minillm.load_checkpoint(args.teacher, device)[0].eval() if args.teacher else None
+        splits, _ = data.load_instructions(args.data, n_test=args.n_test)
+        template = "builtin" if args.data == "builtin" else "dolly"
+        results = [evaluate(p, teacher, splits["test"], template, args, device) for p in args.checkpoints]
+        write_reports(results, args.out)
+        print(table(results))
+        print(f"(mean ± std over seeds {args.seeds}; {len(splits['test'])} test prompts) -> {args.out}/")
+    except (data.DataError, minillm.InputError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
+# The built-in Table 1: each student starts from the same SFT student and trains until its validation score (the
+# validity of sampled validation responses) stops improving for --patience evaluations; best.pt is kept.
+TABLE1 = {  # row: minillm.py flags (the teacher, the initialization, the output folder and the patience are added)
+    "kd": "--method kd --lr 1e-3 --max_steps 6000 --eval_interval 250 --log_interval 250",
+    "seqkd": "--method seqkd --lr 1e-3 --max_steps 1500 --eval_interval 250 --log_interval 250",
+    "minillm": "--method minillm --lr 1e-3 --lm_coef 0 --max_steps 2000 --eval_interval 100 --log_interval 100",
+    # the paper's ablations of MiniLLM; L_PT is off in the row above, so its ablation turns it on
+    "minillm, no length norm": "--method minillm --lr 1e-3 --lm_coef 0 --max_steps 2000 --eval_interval 100 "
+                               "--log_interval 100 --no_length_norm",
+    "minillm, alpha 0": "--method minillm --lr 1e-3 --lm_coef 0 --max_steps 2000 --eval_interval 100 "
+                        "--log_interval 100 --alpha 0",
+    "minillm, no single-step": "--method minillm --lr 1e-3 --lm_coef 0 --max_steps 2000 --eval_interval 100 "
+                               "--log_interval 100 --no_single_step",
+    "minillm, with L_PT": "--method minillm --lr 1e-3 --lm_coef 1 --max_steps 2000 --eval_interval 100 "
+                          "--log_interval 100",
+}
+
+
+def run_summary(folder):
+    """(steps run, step of best.pt, seconds) from a run folder's log.txt ("done: N steps in Xs; best.pt is step B")."""
+    done = [line for line in open(os.path.join(folder, "log.txt")) if line.startswith("done:")][-1]
+    steps, seconds = done.split()[1], done.split(" in ")[1].split("s")[0]
+    best = done.split("best.pt is step ")[1].split()[0] if "best.pt is step" in done else steps
+    return int(steps), int(best), float(seconds)
+
+
+def table1(args):
+    """Trains (or reuses) every row of TABLE1 from the pipeline's SFT student, then evaluates the teacher, the SFT
+    student and every row with args.seeds; the table gets the steps and CPU time of each row."""
+    t0 = time.time()
+    base = args.pipeline_out
+    teacher, sft = (os.path.join(base, f, "best.pt") for f in ("teacher", "student-sft"))
+    if not (os.path.isfile(teacher) and os.path.isfile(sft)):
+        print(f"no teacher / SFT student in {base}/: running the built-in pipeline first (python minillm.py)")
+        minillm.main(["--out", base])
+    folders = {"teacher": os.path.dirname(teacher), "sft": os.path.dirname(sft)}
+    for name, flags in TABLE1.items():
+        folders[name] = os.path.join(args.out, name.replace(", ", "-").replace(" ", "-"))
+        log = os.path.join(folders[name], "log.txt")
+        if os.path.isfile(log) and "\ndone:" in open(log).read():  # a finished run: reuse it
+            print(f"reusing {folders[name]}/best.pt")
+            continue
+        print(f"training {name}: {flags}")
+        minillm.train(minillm.get_args(flags.split() + ["--teacher", teacher, "--init", sft, "--out", folders[name],
+                                                        "--patience", str(args.patience), "--device", args.device]))
+    device = minillm.pick_device(args.device)
+    teacher_model = minillm.load_checkpoint(teacher, device)[0].eval()
+    splits, _ = data.load_instructions("builtin", n_test=args.n_test)
+    results = []
+    for name, folder in folders.items():
+        r = evaluate(os.path.join(folder, "best.pt"), teacher_model, splits["test"], "builtin", args, device)
+        steps, best, seconds = run_summary(folder)
+        r.update(label=name, steps=[float(steps), 0.0], best_step=[float(best), 0.0], minutes=[seconds / 60, 0.0])
+        results.append(r)
+    write_reports(results, args.out)
+    print(table(results))
+    print(f"(mean ± std over seeds {args.seeds}; {len(splits['test'])} test prompts; steps and minutes of training "
+          f"on this machine) -> {args.out}/; whole run {(time.time() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
