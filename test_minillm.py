@@ -659,6 +659,10 @@ def test_returns_length_normalization_and_masks():
     half = torch.tensor([[2 + 3 / 2 + 4 / 4, 3 + 4 / 2, 4.0, 0, 0], [7.0, 0, 0, 0, 0]])
     assert torch.allclose(minillm.returns(r, mask, length_norm=False, gamma=0.5), half)
     assert torch.allclose(minillm.returns(r, mask, gamma=0.5), half / torch.tensor([[3.0, 2, 1, 1, 1], [1.0, 1, 1, 1, 1]]))
+    # --no_single_step: R_t = r_t + R_{t+1}, step t included, normalized by the T - t + 1 steps t .. T
+    assert torch.equal(minillm.returns(r, mask, length_norm=False, include_t=True),
+                       torch.tensor([[10.0, 9, 7, 4, 0], [12.0, 7, 0, 0, 0]]))
+    assert torch.equal(minillm.returns(r, mask, include_t=True), torch.tensor([[2.5, 3, 3.5, 4, 0], [6.0, 7, 0, 0, 0]]))
 
 
 def test_clipping_only_outside_the_trust_region():
