@@ -151,7 +151,17 @@ def evaluate(path, teacher, rows, template, args, device):
     """All metrics of one checkpoint on the test rows: {metric: [mean, std]} plus curves and bins."""
     model, ckpt = minillm.load_checkpoint(path, device)
     enc = data.get_encoding(ckpt["tokenizer"])
-    label = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+    label = os.path.splitext(os.path.basename(path))[0]  # out/kd/best.pt -> kd; other/student.pt -> student
+    if label in ("best", "last"):
+        label = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    longest = min(256, model.config.block_size // 2)  # the paper drops prompts over 256 tokens; leave room to answer
+    kept = [r for r in rows if len(enc.encode_ordinary(data.prompt_text(r, template))) <= longest]
+    if len(kept) < len(rows):
+        print(f"{label}: {len(rows) - len(kept)} of {len(rows)} test prompts dropped (longer than {longest} tokens)")
+    if not kept:
+        raise minillm.InputError(f"{path}: no test prompt fits in {longest} tokens (block_size "
+                                 f"{model.config.block_size})")
+    rows = kept
     builtin = all(r.get("category") in data.FAMILIES for r in rows)
     per_seed = []
     for seed in args.seeds:

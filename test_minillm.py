@@ -887,3 +887,17 @@ def test_table1_trains_each_row_from_the_sft_student_and_reuses_finished_runs(tm
     assert "'alpha': 0.0" in open(tmp_path / "t1" / "minillm-alpha-0" / "log.txt").read()
     ev.main(argv)
     assert capsys.readouterr().out.count("reusing") == 2
+
+
+def test_eval_on_a_local_jsonl_file(tmp_path, capsys):
+    import eval as ev
+    enc = data.get_encoding("builtin")
+    path = str(tmp_path / "student.pt")
+    minillm.save_checkpoint(path, tiny(vocab_size=enc.n_vocab, block_size=512), None, 0, None, "builtin", {})
+    write_jsonl(str(tmp_path / "mine.jsonl"), dolly_rows(40))
+    ev.main([path, "--data", str(tmp_path / "mine.jsonl"), "--seeds", "3", "--max_new_tokens", "8",
+             "--out", str(tmp_path / "eval")])
+    (result,) = json.load(open(tmp_path / "eval" / "results.json"))
+    assert result["n"] == 10  # the file's test split, as training splits it
+    assert "rougeL" in result and "lm_loss" in result and "valid" not in result and "ece" not in result
+    assert "| student |" in capsys.readouterr().out
