@@ -148,9 +148,14 @@ def mean_std(xs):
 
 
 def evaluate(path, teacher, rows, template, args, device):
-    """All metrics of one checkpoint on the test rows: {metric: [mean, std]} plus curves and bins."""
+    """All metrics of one checkpoint on the test rows: {metric: [mean, std]} plus curves and bins. teacher: None or
+    (model, tokenizer name)."""
     model, ckpt = minillm.load_checkpoint(path, device)
     enc = data.get_encoding(ckpt["tokenizer"])
+    if teacher is not None:
+        if teacher[1] != ckpt["tokenizer"]:
+            raise minillm.InputError(f"{path}: tokenizer {ckpt['tokenizer']} differs from the teacher's {teacher[1]}")
+        teacher = teacher[0]
     label = os.path.splitext(os.path.basename(path))[0]  # out/kd/best.pt -> kd; other/student.pt -> student
     if label in ("best", "last"):
         label = os.path.basename(os.path.dirname(os.path.abspath(path)))
@@ -196,9 +201,8 @@ def evaluate(path, teacher, rows, template, args, device):
             args.exposure_len, model.config.block_size - max(map(len, prompts))), args.seeds[0])
     yesno = [r for r in rows if r.get("category") == "yesno"]
     if builtin and yesno:
-        conf, correct = yesno_calibration(model, enc, yesno)
-        result["ece"] = [ece(conf, correct)[0], 0.0]
-        result["reliability"] = ece(conf, correct)[1]
+        error, bins = ece(*yesno_calibration(model, enc, yesno))
+        result["ece"], result["reliability"] = [error, 0.0], bins
     with open(os.path.splitext(path)[0] + "-eval.json", "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -305,7 +309,10 @@ def main(argv=None):
         if not args.checkpoints:
             raise minillm.InputError("give one or more checkpoints to evaluate (or --table1)")
         device = minillm.pick_device(args.device)
-        teacher = minillm.load_checkpoint(args.teacher, device)[0].eval() if args.teacher else None
+        teacher = None
+        if args.teacher:
+            model, ckpt = minillm.load_checkpoint(args.teacher, device)
+            teacher = (model.eval(), ckpt["tokenizer"])
         splits, _ = data.load_instructions(args.data, n_test=args.n_test)
         template = "builtin" if args.data == "builtin" else "dolly"
         results = [evaluate(p, teacher, splits["test"], template, args, device) for p in args.checkpoints]
@@ -362,7 +369,8 @@ def table1(args):
         minillm.train(minillm.get_args(flags.split() + ["--teacher", teacher, "--init", sft, "--out", folders[name],
                                                         "--patience", str(args.patience), "--device", args.device]))
     device = minillm.pick_device(args.device)
-    teacher_model = minillm.load_checkpoint(teacher, device)[0].eval()
+    model, ckpt = minillm.load_checkpoint(teacher, device)
+    teacher_model = (model.eval(), ckpt["tokenizer"])
     splits, _ = data.load_instructions("builtin", n_test=args.n_test)
     results = []
     for name, folder in folders.items():

@@ -629,7 +629,7 @@ def train(args):
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     if args.kd_ratio is None:  # kd / seqkd: the paper's 0.5; L_PT of minillm: the paper's pure LM loss
         args.kd_ratio = 0.5 if args.method in ("kd", "seqkd") else 0.0
-    if args.lm_coef is None:  # L_PT belongs to MiniLLM; the built-in pipeline also mixes it into its student's SFT
+    if args.lm_coef is None:  # L_PT belongs to MiniLLM; --lm_coef adds it to the other methods too
         args.lm_coef = 1.0 if args.method == "minillm" else 0.0
     student, teacher, tokenizer = load_models(args, device)
     os.makedirs(args.out, exist_ok=True)
