@@ -29,6 +29,7 @@ What this version simplifies or changes (relative to the paper and its official 
   paper chooses by validation Rouge-L).
 """
 import argparse
+import json
 import math
 import os
 import random
@@ -381,7 +382,10 @@ def save_checkpoint(path, model, optimizer, step, args, tokenizer, metrics):
 
 
 def load_checkpoint(path, device="cpu"):
-    """Returns (model, checkpoint dict). Refuses anything that is not a plain-tensor checkpoint of ours."""
+    """Returns (model, checkpoint dict): one of our checkpoint files, or a Hugging Face GPT-2 folder or hub name
+    (from_pretrained). Refuses anything that is not plain tensors: loading cannot run code."""
+    if os.path.isdir(path) or (not os.path.exists(path) and not path.endswith(".pt")):
+        return from_pretrained(path, device)
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such checkpoint file")
     try:
@@ -393,6 +397,81 @@ def load_checkpoint(path, device="cpu"):
     model = GPT(GPTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
+
+
+# Hugging Face GPT-2 checkpoints. Our parameter names are GPT2LMHeadModel's; its Conv1D layers store their weights as
+# (in, out), the transpose of nn.Linear's (out, in). Weights travel as safetensors, which hold tensors only.
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def from_pretrained(name_or_path, device="cpu"):
+    """A Hugging Face GPT-2-family model as (GPT, checkpoint dict with tokenizer 'gpt2'): a local folder with
+    config.json and model.safetensors (or pytorch_model.bin, read with weights_only=True), or a hub name such as
+    gpt2-xl (fetched through huggingface_hub; needs the network)."""
+    folder = name_or_path
+    if not os.path.isdir(folder):
+        try:
+            from huggingface_hub import snapshot_download
+            folder = snapshot_download(name_or_path, allow_patterns=["config.json", "*.safetensors"])
+        except Exception as e:
+            raise InputError(f"{name_or_path}: no such checkpoint file or model folder, and not a reachable hub model "
+                             f"({type(e).__name__})") from None
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{folder}: no readable config.json: not a Hugging Face model folder ({e})") from None
+    if hf.get("model_type") != "gpt2" or hf.get("activation_function", "gelu_new") not in ("gelu_new",
+                                                                                            "gelu_pytorch_tanh"):
+        raise InputError(f"{folder}: model_type {hf.get('model_type')!r} with {hf.get('activation_function')!r}: "
+                         "only GPT-2-family checkpoints load here")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
+        raise InputError(f"{folder}: n_inner {hf.get('n_inner')} / layer_norm_epsilon "
+                         f"{hf.get('layer_norm_epsilon')}: this GPT has 4 x n_embd and 1e-5")
+    config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                       n_head=hf["n_head"], n_embd=hf["n_embd"])
+    weights_path = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(weights_path):
+        from safetensors.torch import load_file
+        weights = load_file(weights_path)
+    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+        weights = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    else:
+        raise InputError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    state = {}
+    for k, v in weights.items():
+        k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k  # GPT2Model saves no prefix
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # the causal-mask buffers of older transformers versions
+        state[k] = v.t() if k.endswith(HF_TRANSPOSED) else v
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied
+    model = GPT(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(f"{folder}: weights do not match GPT-2 (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device), {"config": asdict(config), "tokenizer": "gpt2", "step": 0, "metrics": {}, "args": {}}
+
+
+def save_pretrained(model, folder, eos_id=50256):
+    """Writes config.json and model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads unchanged."""
+    from safetensors.torch import save_file
+    c = model.config
+    if not c.bias:
+        raise InputError("save_pretrained: GPT-2 has biases; this model was made with bias=False")
+    os.makedirs(folder, exist_ok=True)
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+              "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+              "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": 0.02,
+              "bos_token_id": eos_id, "eos_token_id": eos_id, "tie_word_embeddings": True}
+    state = {k: (v.t() if k.endswith(HF_TRANSPOSED) else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
+    tmp = os.path.join(folder, "model.safetensors.tmp")
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(folder, "model.safetensors"))  # atomic, as every file written here
+    with open(os.path.join(folder, "config.json.tmp"), "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
 
 # -----------------------------------------------------------------------------
 # Training: one loop for the four methods. They share the data, optimizer, schedule, logging, validation and
@@ -743,7 +822,9 @@ def train(args):
                 " | ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {float(v):.4f}" for k, v in stats.items()) +
                 f" | lr {lr:.2e} | {tokens / elapsed:6.0f} tok/s | ETA {eta:5.0f}s")
     save_checkpoint(last_path, student, optimizer, step, args, tokenizer, metrics)
-    log(f"done: {step} steps in {time.time() - t_start:.0f}s; best.pt is step {best_step} -> {best_path}")
+    seconds = time.time() - t_start
+    save_pretrained(load_checkpoint(best_path)[0], os.path.join(args.out, "hf"), args.eos_id)  # for transformers
+    log(f"done: {step} steps in {seconds:.0f}s; best.pt is step {best_step} -> {best_path} (and {args.out}/hf)")
     return best_path
 
 # -----------------------------------------------------------------------------

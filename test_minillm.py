@@ -901,3 +901,52 @@ def test_eval_on_a_local_jsonl_file(tmp_path, capsys):
     assert result["n"] == 10  # the file's test split, as training splits it
     assert "rougeL" in result and "lm_loss" in result and "valid" not in result and "ece" not in result
     assert "| student |" in capsys.readouterr().out
+
+# -----------------------------------------------------------------------------
+# Hugging Face GPT-2 checkpoints (transformers is a test-only dependency)
+
+
+def hf_tiny(tmp_path, seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    return transformers, transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_hugging_face_gpt2_loads_with_matching_logits(tmp_path):
+    transformers, hf = hf_tiny(tmp_path)
+    x = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(x).logits
+    for safe in (True, False):  # model.safetensors, and the older pytorch_model.bin (read with weights_only)
+        folder = tmp_path / f"hf-{safe}"
+        hf.save_pretrained(folder, safe_serialization=safe)
+        model, ckpt = minillm.load_checkpoint(str(folder))
+        assert ckpt["tokenizer"] == "gpt2" and model.config.n_layer == 2 and model.config.block_size == 64
+        with torch.no_grad():
+            assert_close(model.eval()(x)[0], expected, 1e-5, f"logits (safetensors {safe})")
+
+
+def test_export_loads_in_transformers_with_the_same_logits_and_greedy_tokens(tmp_path):
+    transformers, _ = hf_tiny(tmp_path)
+    ours = tiny(vocab_size=97, block_size=64, seed=3)
+    minillm.save_pretrained(ours, str(tmp_path / "export"), eos_id=96)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "export")).eval()
+    x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(hf(x).logits, ours(x)[0], 1e-5, "logits after export")
+        hf_tokens = hf.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[:, 16:]
+    assert torch.equal(minillm.generate(ours, x.tolist(), 12, None, greedy=True), hf_tokens)
+    back, _ = minillm.load_checkpoint(str(tmp_path / "export"))  # and back into ours
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ours.state_dict().values()))
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "export").iterdir())
+
+
+def test_not_a_gpt2_folder_is_one_clear_line(tmp_path):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(minillm.InputError, match="only GPT-2-family checkpoints"):
+        minillm.load_checkpoint(str(tmp_path / "llama"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(minillm.InputError, match="no readable config.json"):
+        minillm.load_checkpoint(str(tmp_path / "empty"))
