@@ -2,6 +2,7 @@
 Fused log-softmax / reverse-KL: the per-token quantities of MiniLLM's objective in one pass over the logits.
 
     python kernels.py                                  # benchmark (kernel figures need a GPU)
+    python kernels.py --memory 256                     # peak memory of the chunked path (0: whole logits)
     python -m pytest test_minillm.py -q -k kernel      # correctness, on the CPU under TRITON_INTERPRET=1
 
 For every response token MiniLLM needs (Gu et al., ICLR 2024, section 2.2):
@@ -242,6 +243,24 @@ def reverse_kl(student_logits, teacher_logits, targets=None, temperature=1.0, ig
         return kl.view(lead)
     return kl.view(lead), lq.view(lead), lp.view(lead)
 
+def reverse_kl_chunked(student_hidden, student_head, teacher_hidden, teacher_head, targets, chunk=1024,
+                       ignore_index=-100):
+    """reverse_kl from the final hidden states (..., C) and the lm_head weights (V, C) of the two models, `chunk`
+    rows at a time, so that the (N, V) logits never exist whole (the fused-linear idea): each chunk's logits are
+    made, reduced by reverse_kl to three numbers per row, and freed; the backward makes them again, chunk by chunk
+    (activation checkpointing). The teacher side carries no gradient. A teacher vocabulary padded past the student's
+    is sliced. Returns (kl, log q(y), log p(y)) shaped like targets."""
+    from torch.utils.checkpoint import checkpoint
+    V = student_head.size(0)
+    h_q, h_p, y = student_hidden.flatten(0, -2), teacher_hidden.detach().flatten(0, -2), targets.reshape(-1)
+
+    def rows(h_q_c, h_p_c, y_c):
+        return reverse_kl(h_q_c @ student_head.t(), (h_p_c @ teacher_head.detach().t())[:, :V], y_c,
+                          ignore_index=ignore_index)
+    outs = [checkpoint(rows, h_q[i:i + chunk], h_p[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+            for i in range(0, len(y), chunk)]
+    return tuple(torch.cat(o).view(targets.shape) for o in zip(*outs))
+
 # -----------------------------------------------------------------------------
 # Benchmark
 
@@ -292,5 +311,38 @@ def benchmark():
                           f"{times.get('compile', ms) / ms:9.2f}")
 
 
+def memory(chunk, N=2048, C=768, V=50257):
+    """Peak memory of the single-step term from hidden states, forward + backward: the whole (N, V) logits
+    (chunk 0) against reverse_kl_chunked. CPU: the growth of the process's peak resident memory, so each setting
+    runs in a fresh process (python kernels.py --memory CHUNK); CUDA: max_memory_allocated."""
+    import resource
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device).manual_seed(0)
+    h_q = torch.randn(N, C, device=device, generator=g).requires_grad_()
+    w_q = (torch.randn(V, C, device=device, generator=g) * 0.05).requires_grad_()
+    h_p, w_p = torch.randn(N, C, device=device, generator=g), torch.randn(V, C, device=device, generator=g) * 0.05
+    y = torch.randint(0, V, (N,), device=device, generator=g)
+    (h_q.sum() + w_q.sum()).backward()  # the gradient buffers exist before the measurement
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.max_memory_allocated()
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.time()
+    if chunk:
+        kl, lq, _ = reverse_kl_chunked(h_q, w_q, h_p, w_p, y, chunk)
+    else:
+        kl, lq, _ = reverse_kl(h_q @ w_q.t(), h_p @ w_p.t(), y)
+    (kl.sum() + lq.sum()).backward()
+    after = torch.cuda.max_memory_allocated() if device == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"N={N} C={C} V={V} fp32 {device}, {'chunks of ' + str(chunk) if chunk else 'whole logits'}: peak "
+          f"+{(after - before) / 2 ** 20:.0f} MiB over the inputs, {time.time() - t0:.2f}s")
+
+
 if __name__ == "__main__":
-    benchmark()
+    import sys
+    if len(sys.argv) > 2 and sys.argv[1] == "--memory":
+        memory(int(sys.argv[2]))
+    else:
+        benchmark()

@@ -153,11 +153,12 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # wte counted once: lm_head shares it
 
-    def forward(self, idx, targets=None, valid=None, cache=None, last_only=False):
+    def forward(self, idx, targets=None, valid=None, cache=None, last_only=False, hidden=False):
         """idx (B, T) token ids. targets (B, T) with -100 where no loss is taken.
         valid (B, T) bool, False on left padding (then positions count real tokens only and padding is never
         attended to). cache: a KV cache from new_cache(); idx is then appended after what it already holds.
-        Returns (logits (B, T, V), or (B, 1, V) with last_only; mean cross-entropy or None)."""
+        Returns (logits (B, T, V), or (B, 1, V) with last_only; mean cross-entropy or None); with hidden, the final
+        hidden states (B, T, C) instead of the logits (for the chunked loss, which applies lm_head itself)."""
         B, T = idx.shape
         start = 0 if cache is None else cache["len"]  # slots already in the cache
         if start + T > self.config.block_size:  # (a position never exceeds its slot)
@@ -181,6 +182,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
+        if hidden:
+            return x, None
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -318,11 +321,12 @@ def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=
             "log_pmix": torch.where(mask, log_pmix, zero)}
 
 
-def response_logits(model, batch):
-    """Logits (B, n, V) that predict each response token: one forward over prompt + response."""
+def response_logits(model, batch, hidden=False):
+    """Logits (B, n, V) that predict each response token (hidden: the final hidden states (B, n, C) instead): one
+    forward over prompt + response."""
     idx = torch.cat([batch["prompt_idx"], batch["tokens"]], 1)  # (B, Tp + n)
     valid = torch.cat([batch["prompt_valid"], torch.ones_like(batch["mask"])], 1)
-    logits, _ = model(idx[:, :-1], valid=valid[:, :-1])  # position i predicts token i + 1
+    logits, _ = model(idx[:, :-1], valid=valid[:, :-1], hidden=hidden)  # position i predicts token i + 1
     Tp = batch["prompt_idx"].size(1)
     return logits[:, Tp - 1:]  # (B, n, V): the last prompt position predicts the first response token
 
@@ -555,13 +559,21 @@ def rollout_batches(student, teacher, prompts, args, device):
 def minillm_loss(student, teacher, mb, args, ctx):
     """Eq. 7 on a mini-batch of rollouts: single-step + PPO-clipped long-term term, each a mean over the
     mini-batch's response tokens (the mask: nothing after EOS). Returns (loss, {name: value} for the log)."""
-    mask = mb["mask"]
-    with ctx:
-        logits_q = response_logits(student, mb)  # (b, n, V)
-        with torch.no_grad():
-            logits_p = response_logits(teacher, mb)[..., :logits_q.size(-1)]
-    # the fused kernel: KL(q_theta(.|y_<t) || p(.|y_<t)) over the vocabulary and log q_theta(y_t), in one pass
-    kl, logq, _ = kernels.reverse_kl(logits_q, logits_p, mb["tokens"].masked_fill(~mask, -100))
+    mask, targets = mb["mask"], mb["tokens"].masked_fill(~mb["mask"], -100)
+    if args.chunk:  # (b, n, V) logits never whole: lm_head and the kernel applied --chunk rows at a time
+        with ctx:
+            h_q = response_logits(student, mb, hidden=True)  # (b, n, C)
+            with torch.no_grad():
+                h_p = response_logits(teacher, mb, hidden=True)
+            kl, logq, _ = kernels.reverse_kl_chunked(h_q, student.lm_head.weight, h_p, teacher.lm_head.weight,
+                                                     targets, args.chunk)
+    else:
+        with ctx:
+            logits_q = response_logits(student, mb)  # (b, n, V)
+            with torch.no_grad():
+                logits_p = response_logits(teacher, mb)[..., :logits_q.size(-1)]
+        # the fused kernel: KL(q_theta(.|y_<t) || p(.|y_<t)) over the vocabulary and log q_theta(y_t), in one pass
+        kl, logq, _ = kernels.reverse_kl(logits_q, logits_p, targets)
     single, long_term = minillm_terms(logq, kl, mb["logq_old"], mb["A"], mb["w"], mb["w"], args.clip_eps)
     n = mask.sum().clamp(min=1)
     loss_single, loss_long = (single * mask).sum() / n, (long_term * mask).sum() / n
@@ -878,6 +890,58 @@ def bench_generation(args):
         print(f"{'KV cache' if use_cache else 'recompute':<10} {best:7.2f}s  {out.numel() / best:8.0f} tokens/s")
     print(f"speedup {times[False] / times[True]:.1f}x")
 
+def bench_minillm(args):
+    """--bench minillm: MiniLLM steps at the paper's scale on a GPU (a GPT-2-XL-shaped teacher in bf16 and a
+    GPT-2-shaped student, random weights, random 64-token prompts; on a CPU the built-in sizes, as a smoke test):
+    rollout tokens/s, then --max_steps training steps on one round of rollouts for each way of computing the
+    single-step term (the PyTorch reference, the fused kernel, the kernel with --chunk): ms per step and peak memory."""
+    device = pick_device(args.device)
+    cuda = device.type == "cuda"
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    torch.manual_seed(0)
+    V = 50257 if cuda else 1623
+    with torch.device(device):
+        teacher = GPT(MODEL_SIZES["gpt2-xl" if cuda else "teacher"](vocab_size=V)).eval()
+        student = GPT(MODEL_SIZES["gpt2" if cuda else "student"](vocab_size=V))
+    if cuda:
+        teacher.to(torch.bfloat16)  # the teacher only runs forward: bf16 weights halve its memory
+    run = argparse.Namespace(**{**vars(args), "eos_id": V - 1, "chunk": 0})
+    prompts = torch.randint(0, V - 1, (run.rollout_size, 64)).tolist()
+    print(f"teacher {teacher.num_params() / 1e9:.2f}B, student {student.num_params() / 1e6:.0f}M, V {V}, "
+          f"{run.rollout_size} rollouts of up to {run.max_new_tokens} tokens, mini-batches of {run.batch_size}, {device}")
+    batches = rollout_batches(student, teacher, prompts, run, device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t0 = time.time()
+    buffer = [next(batches)]  # the first next() makes the round of rollouts
+    sync()
+    seconds = time.time() - t0
+    buffer += [next(batches) for _ in range(run.rollout_size // run.batch_size - 1)]
+    print(f"rollout: {run.rollout_size * buffer[0]['tokens'].size(1) / seconds:.0f} tokens/s "
+          f"({seconds:.1f}s for the round)")
+    optimizer = make_optimizer(student, args)
+    print(f"{'single-step term':<22}{'ms / step':>10}{'peak GiB':>10}")
+    for name, use_triton, chunk in (("reference", False, 0), ("fused kernel", None, 0),
+                                    (f"kernel, --chunk {args.chunk or 1024}", None, args.chunk or 1024)):
+        kernels.USE_TRITON, run.chunk = use_triton, chunk
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for step in range(args.max_steps):
+            sync()
+            t0 = time.time()
+            loss, _ = minillm_loss(student, teacher, buffer[step % len(buffer)], run, ctx)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            times.append(time.time() - t0)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+        ms = 1000 * sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median after the first (warm-up)
+        print(f"{name:<22}{ms:10.1f}{peak:10.2f}")
+    kernels.USE_TRITON = None
+
 # -----------------------------------------------------------------------------
 # main
 
@@ -956,7 +1020,7 @@ def get_args(argv=None):
     ap.add_argument("--model", default="student", choices=sorted(MODEL_SIZES), help="size to train from scratch")
     ap.add_argument("--init", help="start from this checkpoint instead of a fresh --model")
     ap.add_argument("--out", default="out", help="run folder: log.txt, best.pt, last.pt")
-    ap.add_argument("--bench", choices=["generate"], help="run a benchmark instead of training")
+    ap.add_argument("--bench", choices=["generate", "minillm"], help="run a benchmark instead of training")
     # data
     ap.add_argument("--data", default="builtin", help="builtin | dolly | a .jsonl/.json file | a folder")
     ap.add_argument("--n_train", type=int, default=100000, help="built-in task: training examples")
@@ -986,6 +1050,8 @@ def get_args(argv=None):
     # the official code's variants (the paper's choice is the default; see ../shared/MINILLM.md section 5)
     ap.add_argument("--gamma", type=float, default=1.0, help="discount of the long-term return [paper 1, code 0.95]")
     ap.add_argument("--whiten", action="store_true", help="whiten the advantages over each round (official code)")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="minillm: compute the logits and the single-step term this many tokens at a time (0: all)")
     # optimization
     ap.add_argument("--max_steps", type=int, default=2000)
     ap.add_argument("--max_minutes", type=float, default=0, help="also stop after this much wall-clock time (0: off)")
@@ -1016,6 +1082,8 @@ def main(argv=None):
     try:
         if args.bench == "generate":
             bench_generation(args)
+        elif args.bench == "minillm":
+            bench_minillm(args)
         elif args.method:
             train(args)
         elif args.data != "builtin":  # python minillm.py --teacher CKPT --init CKPT --data ...: MiniLLM

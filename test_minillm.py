@@ -950,3 +950,42 @@ def test_not_a_gpt2_folder_is_one_clear_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(minillm.InputError, match="no readable config.json"):
         minillm.load_checkpoint(str(tmp_path / "empty"))
+
+
+def test_chunked_path_equals_the_whole_logits():
+    g = torch.Generator().manual_seed(0)
+    h_q, h_p = torch.randn(3, 13, 16, generator=g), torch.randn(3, 13, 24, generator=g)
+    w_q, w_p = torch.randn(41, 16, generator=g) / 4, torch.randn(48, 24, generator=g) / 4  # teacher padded: 48 > 41
+    y = torch.randint(0, 41, (3, 13), generator=g)
+    y[0, :5] = -100
+    h_q, h_p, w_q, w_p, y = (t.to(DEV) for t in (h_q, h_p, w_q, w_p, y))  # the kernel's device
+    results = []
+    for chunk in (None, 7, 64):  # None: the whole (39, 41) logits at once
+        hq, wq = h_q.clone().requires_grad_(), w_q.clone().requires_grad_()
+        if chunk is None:
+            out = kernels.reverse_kl(hq @ wq.t(), (h_p @ w_p.t())[..., :41], y)
+        else:
+            out = kernels.reverse_kl_chunked(hq, wq, h_p, w_p, y, chunk)
+        (out[0].sum() + (out[1] * torch.linspace(-1, 1, 13, device=DEV)).sum()).backward()
+        results.append((*out, hq.grad, wq.grad))
+    for other in results[1:]:
+        for name, a, b in zip(("kl", "log q", "log p", "grad h", "grad w"), other, results[0]):
+            assert a.shape == b.shape
+            assert_close(a, b, 1e-5, name)
+
+
+def test_minillm_loss_with_chunk_equals_without():
+    student, teacher = estimator_models(seed=6)
+    batch = minillm.rollout(student, teacher, [[0, 1], [2], [1, 2, 0]] * 4, 6, 3, 0.2, torch.Generator().manual_seed(2))
+    r = batch["logp"] - batch["logq_old"]
+    mb = {**batch, "r": r, "A": minillm.returns(r, batch["mask"]), "w": torch.exp(batch["logq_old"] - batch["log_pmix"])}
+    grads = []
+    for chunk in (0, 7):
+        args = minillm.get_args(["--chunk", str(chunk)])
+        student.zero_grad()
+        loss, _ = minillm.minillm_loss(student, teacher, mb, args, torch.enable_grad())
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
+    assert_close(grads[1][0], grads[0][0], 1e-6, "loss")
+    for a, b in zip(grads[1][1], grads[0][1]):
+        assert_close(a, b, 1e-6, "gradient")
