@@ -989,3 +989,18 @@ def test_minillm_loss_with_chunk_equals_without():
     assert_close(grads[1][0], grads[0][0], 1e-6, "loss")
     for a, b in zip(grads[1][1], grads[0][1]):
         assert_close(a, b, 1e-6, "gradient")
+
+
+def test_rollout_batches_advantages_plain_and_whitened():
+    student, teacher = estimator_models(seed=7)
+    for whiten in (False, True):
+        args = minillm.get_args(["--rollout_size", "12", "--batch_size", "12", "--max_new_tokens", "5"] +
+                                (["--whiten"] if whiten else []))
+        args.eos_id = 3
+        mb = next(minillm.rollout_batches(student, teacher, [[0, 1], [2], [1, 2, 0]] * 4, args, "cpu"))
+        mask, A = mb["mask"], mb["A"]
+        assert mb["tokens"].shape[0] == 12 and (A[~mask] == 0).all()
+        if whiten:  # the official code's whitening: zero mean, unit spread over the round's response tokens
+            assert abs(A[mask].mean()) < 1e-5 and abs(A[mask].std() - 1) < 1e-4
+        else:
+            assert torch.equal(A, minillm.returns(mb["r"], mask))
