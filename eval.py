@@ -285,7 +285,8 @@ def get_args(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate checkpoints as the MiniLLM paper does (see the docstring)")
     ap.add_argument("checkpoints", nargs="*", help="checkpoints to evaluate (one table row each)")
     ap.add_argument("--teacher", help="also the reverse KL to this teacher and the exposure bias")
-    ap.add_argument("--data", default="builtin", help="builtin | dolly | a .jsonl/.json file | a folder (its test split)")
+    ap.add_argument("--data", default="builtin",
+                    help="builtin | dolly | a .jsonl/.json file | a folder (its test split)")
     ap.add_argument("--n_test", type=int, default=500, help="built-in task: test prompts")
     ap.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30], help="one sampling pass per seed")
     ap.add_argument("--max_new_tokens", type=int, default=256, help="longest response (the paper: 256)")

@@ -40,8 +40,10 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import data
 import kernels
@@ -528,17 +530,19 @@ def token_loss(student, teacher, x, y, kd_ratio, ctx):
     return (1 - kd_ratio) * ce + kd_ratio * fkl, {"ce": ce.detach(), "fkl": fkl.detach()}
 
 
-def rollout_batches(student, teacher, prompts, args, device):
+def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1):
     """Endless mini-batches for MiniLLM (Algorithm 1, step 2). Each round samples args.rollout_size training
     prompts, rolls out one response each from p_mix with the student of now (q_old), computes the rewards,
     returns and importance weights once, and then yields ppo_epochs passes over the round in shuffled mini-batches
-    of args.batch_size."""
-    rng, gen = random.Random(args.seed), torch.Generator(device=device).manual_seed(args.seed)  # prompts, sampling
-    shuffle = torch.Generator().manual_seed(args.seed)  # mini-batch order
+    of args.batch_size. Under torchrun each of the `world` processes makes 1/world of the round and of each
+    mini-batch, from its own prompts and samples."""
+    seed, size, batch_size = args.seed + rank, args.rollout_size // world, max(1, args.batch_size // world)
+    rng, gen = random.Random(seed), torch.Generator(device=device).manual_seed(seed)  # prompts, sampling
+    shuffle = torch.Generator().manual_seed(seed)  # mini-batch order
     while True:
         student.eval()  # q_old without dropout noise
-        batch = rollout(student, teacher, rng.sample(prompts, args.rollout_size), args.max_new_tokens,
-                        args.eos_id, args.alpha, gen)
+        batch = rollout(student, teacher, rng.sample(prompts, size), args.max_new_tokens, args.eos_id, args.alpha,
+                        gen)
         student.train()
         mask = batch["mask"]
         # the paper; ../shared/MINILLM.md section 5 lists where the official code differs (return including step
@@ -551,9 +555,9 @@ def rollout_batches(student, teacher, prompts, args, device):
         batch["A"] = A
         batch["w"] = torch.exp(batch["logq_old"] - batch["log_pmix"])      # Eq. 5: w_t = q_old(y_t) / p_mix(y_t)
         for _ in range(args.ppo_epochs):
-            order = torch.randperm(args.rollout_size, generator=shuffle).to(device)
-            for i in range(0, args.rollout_size, args.batch_size):
-                rows = order[i:i + args.batch_size]
+            order = torch.randperm(size, generator=shuffle).to(device)
+            for i in range(0, size, batch_size):
+                rows = order[i:i + batch_size]
                 yield {k: v[rows] for k, v in batch.items()}
 
 
@@ -566,8 +570,8 @@ def minillm_loss(student, teacher, mb, args, ctx):
             h_q = response_logits(student, mb, hidden=True)  # (b, n, C)
             with torch.no_grad():
                 h_p = response_logits(teacher, mb, hidden=True)
-            kl, logq, _ = kernels.reverse_kl_chunked(h_q, student.lm_head.weight, h_p, teacher.lm_head.weight,
-                                                     targets, args.chunk)
+            head = getattr(student, "module", student).lm_head.weight  # (under DistributedDataParallel: .module)
+            kl, logq, _ = kernels.reverse_kl_chunked(h_q, head, h_p, teacher.lm_head.weight, targets, args.chunk)
     else:
         with ctx:
             logits_q = response_logits(student, mb)  # (b, n, V)
@@ -715,7 +719,9 @@ def load_models(args, device):
 
 def train(args):
     """Runs --method sft | kd | seqkd | minillm. Writes best.pt (highest selection_score) and last.pt into
-    args.out; returns the path of best.pt."""
+    args.out; returns the path of best.pt. Under torchrun, every process trains its share of each batch and
+    DistributedDataParallel averages the gradients; process 0 validates, logs and writes the checkpoints."""
+    rank, world = distributed()
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -725,7 +731,7 @@ def train(args):
         args.lm_coef = 1.0 if args.method == "minillm" else 0.0
     student, teacher, tokenizer = load_models(args, device)
     os.makedirs(args.out, exist_ok=True)
-    log = logger(args.out)
+    log = logger(args.out) if rank == 0 else (lambda line: None)
     log(f"# {' '.join(sys.argv)}\n# settings: {vars(args)}")
     enc = data.get_encoding(tokenizer)
     args.eos_id = enc.eot_token
@@ -742,8 +748,12 @@ def train(args):
     longest = min(args.max_prompt_length, block - args.max_new_tokens)  # a prompt that leaves room to answer
     if args.method == "seqkd":
         n = min(len(splits["train"]), args.max_steps * args.batch_size)  # as many as one pass of the run uses
+        if rank > 0:
+            dist.barrier()  # process 0 makes the file; the others then read it
         splits["train"] = teacher_responses(teacher, splits["train"][:n], enc, template, args,
                                             os.path.join(args.out, f"teacher_responses_{n}.jsonl"), log)
+        if rank == 0 and world > 1:
+            dist.barrier()
     train_pairs, dropped = data.tokenize(splits["train"], enc, template, max_length, args.max_prompt_length)
     val = {"enc": enc, "rows": splits["valid"]}
     val["pairs"], dropped_v = data.tokenize(splits["valid"], enc, template, max_length, args.max_prompt_length)
@@ -756,7 +766,7 @@ def train(args):
         if len(prompts) < args.rollout_size:
             raise data.DataError(f"{args.data}: {len(prompts)} usable training prompts, fewer than --rollout_size "
                                  f"{args.rollout_size}")
-        batches = rollout_batches(student, teacher, prompts, args, device)
+        batches = rollout_batches(student, teacher, prompts, args, device, rank, world)
     else:
         log(f"data {args.data}: {len(train_pairs)} train / {len(val['pairs'])} valid examples "
             f"({dropped} / {dropped_v} dropped: prompt over {args.max_prompt_length} tokens)")
@@ -773,10 +783,13 @@ def train(args):
     optimizer = make_optimizer(student, args)
     log(f"{args.method}: model {args.init or args.model}: {student.num_params() / 1e6:.3f}M parameters, "
         f"{student.config}" + (f"; teacher {args.teacher}: {teacher.num_params() / 1e6:.3f}M" if teacher else ""))
-    fwd = student
+    fwd = student  # what the training losses call: the model, compiled and / or wrapped for several processes
     if args.compile:
-        log("compiling the model with torch.compile (the teacher-forced forward)")
+        log("compiling the model with torch.compile")
         fwd = torch.compile(student)
+    if world > 1:
+        log(f"{world} processes ({dist.get_backend()}): each takes 1/{world} of every batch")
+        fwd = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
     best_path, last_path = os.path.join(args.out, "best.pt"), os.path.join(args.out, "last.pt")
     best, best_step, tokens, t_start = -math.inf, 0, 0, time.time()
@@ -784,7 +797,7 @@ def train(args):
     for step in range(args.max_steps + 1):
         elapsed = time.time() - t_start
         last = step == args.max_steps or (args.max_minutes and elapsed > args.max_minutes * 60)
-        if step % args.eval_interval == 0 or last:
+        if rank == 0 and (step % args.eval_interval == 0 or last):
             metrics = validate(student, teacher, val, args, ctx)
             if not all(map(math.isfinite, metrics.values())):
                 raise FloatingPointError(f"step {step}: validation {metrics}; stopping (lower --lr?)")
@@ -797,6 +810,10 @@ def train(args):
             if args.patience and step - best_step >= args.patience * args.eval_interval:
                 log(f"no better validation score in {args.patience} evaluations: stopping (--patience)")
                 last = True
+        if world > 1:  # process 0's clock and validation decide for all
+            flag = torch.tensor(float(last), device=device)
+            dist.broadcast(flag, 0)
+            last = bool(flag.item())
         if last:
             break
         lr = get_lr(step, args)
@@ -804,17 +821,23 @@ def train(args):
             group["lr"] = lr
         if args.method == "minillm":
             mb = next(batches)
-            loss, stats = minillm_loss(student, teacher, mb, args, ctx)
+            loss, stats = minillm_loss(fwd, teacher, mb, args, ctx)
             tokens += mb["prompt_idx"].numel() + mb["tokens"].numel()
         else:
             epoch, x, y = next(batches)
+            share = 1.0
+            if world > 1:  # this process's rows of the global batch, weighted so that DDP's average of the
+                share = world * (y[rank::world] != -100).sum() / (y != -100).sum()  # gradients is the global mean
+                x, y = x[rank::world], y[rank::world]
             x, y = x.to(device), y.to(device)
             loss, stats = token_loss(fwd, teacher, x, y, args.kd_ratio, ctx)
-            stats["epoch"] = epoch
+            loss, stats["epoch"] = loss * share, epoch
             tokens += x.numel()
         if pt_batches is not None:
             x, y = (t.to(device) for t in next(pt_batches))
-            loss_pt, _ = token_loss(fwd, teacher if args.method == "minillm" else None, x, y, args.kd_ratio, ctx)
+            lm = student if world > 1 else fwd  # (one DDP forward per backward: this one needs no gradient sync,
+            loss_pt, _ = token_loss(lm, teacher if args.method == "minillm" else None, x, y, args.kd_ratio, ctx)
+            # every process computes it on the same text; its gradient joins the synced one in the same backward)
             loss, stats["L_PT"] = loss + args.lm_coef * loss_pt, loss_pt.detach()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {step}: loss is {loss.item()} ("
@@ -824,7 +847,7 @@ def train(args):
             torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % args.log_interval == 0:
+        if step % args.log_interval == 0 and rank == 0:
             if teacher is not None:  # the quantity MiniLLM minimizes, on 16 validation prompts
                 stats = {"rkl": reverse_kl_k3(student, teacher, val["prompts"][:16], args, log_gen)[0], **stats}
             elapsed = time.time() - t_start
@@ -833,11 +856,14 @@ def train(args):
                 eta = min(eta, args.max_minutes * 60 - elapsed)
             log(f"step {step:5d} | loss {loss.item():.4f} | " +
                 " | ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {float(v):.4f}" for k, v in stats.items()) +
-                f" | lr {lr:.2e} | {tokens / elapsed:6.0f} tok/s | ETA {eta:5.0f}s")
-    save_checkpoint(last_path, student, optimizer, step, args, tokenizer, metrics)
-    seconds = time.time() - t_start
-    save_pretrained(load_checkpoint(best_path)[0], os.path.join(args.out, "hf"), args.eos_id)  # for transformers
-    log(f"done: {step} steps in {seconds:.0f}s; best.pt is step {best_step} -> {best_path} (and {args.out}/hf)")
+                f" | lr {lr:.2e} | {tokens * world / elapsed:6.0f} tok/s | ETA {eta:5.0f}s")
+    if rank == 0:
+        save_checkpoint(last_path, student, optimizer, step, args, tokenizer, metrics)
+        seconds = time.time() - t_start
+        save_pretrained(load_checkpoint(best_path)[0], os.path.join(args.out, "hf"), args.eos_id)  # transformers
+        log(f"done: {step} steps in {seconds:.0f}s; best.pt is step {best_step} -> {best_path} (and {args.out}/hf)")
+    if world > 1:
+        dist.barrier()  # the checkpoints exist before any process returns
     return best_path
 
 # -----------------------------------------------------------------------------
@@ -909,7 +935,8 @@ def bench_minillm(args):
     run = argparse.Namespace(**{**vars(args), "eos_id": V - 1, "chunk": 0})
     prompts = torch.randint(0, V - 1, (run.rollout_size, 64)).tolist()
     print(f"teacher {teacher.num_params() / 1e9:.2f}B, student {student.num_params() / 1e6:.0f}M, V {V}, "
-          f"{run.rollout_size} rollouts of up to {run.max_new_tokens} tokens, mini-batches of {run.batch_size}, {device}")
+          f"{run.rollout_size} rollouts of up to {run.max_new_tokens} tokens, mini-batches of {run.batch_size}, "
+          f"{device}")
     batches = rollout_batches(student, teacher, prompts, run, device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
@@ -952,7 +979,20 @@ def pick_device(name):
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for, but no CUDA GPU is available")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
     return torch.device(name)
+
+
+def distributed():
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) after joining the process group (NCCL on GPUs, gloo on
+    CPUs); (0, 1) in a plain run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
 
 
 def builtin_default(args):

@@ -978,7 +978,8 @@ def test_minillm_loss_with_chunk_equals_without():
     student, teacher = estimator_models(seed=6)
     batch = minillm.rollout(student, teacher, [[0, 1], [2], [1, 2, 0]] * 4, 6, 3, 0.2, torch.Generator().manual_seed(2))
     r = batch["logp"] - batch["logq_old"]
-    mb = {**batch, "r": r, "A": minillm.returns(r, batch["mask"]), "w": torch.exp(batch["logq_old"] - batch["log_pmix"])}
+    w = torch.exp(batch["logq_old"] - batch["log_pmix"])
+    mb = {**batch, "r": r, "A": minillm.returns(r, batch["mask"]), "w": w}
     grads = []
     for chunk in (0, 7):
         args = minillm.get_args(["--chunk", str(chunk)])
@@ -1004,3 +1005,32 @@ def test_rollout_batches_advantages_plain_and_whitened():
             assert abs(A[mask].mean()) < 1e-5 and abs(A[mask].std() - 1) < 1e-4
         else:
             assert torch.equal(A, minillm.returns(mb["r"], mask))
+
+
+def test_two_processes_with_gloo_take_the_single_process_step(tmp_path):
+    common = [os.path.join(HERE, "minillm.py"), "--model", "student", "--max_steps", "1", "--eval_interval", "1",
+              "--n_train", "350", "--n_valid", "35", "--n_test", "35", "--batch_size", "8", "--lr", "1e-2",
+              "--warmup_steps", "1", "--device", "cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, launcher in (("single", [sys.executable]), ("ddp", torchrun)):
+        r = subprocess.run(launcher + common + ["--method", "sft", "--out", str(tmp_path / name)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=240, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+    single, _ = minillm.load_checkpoint(str(tmp_path / "single" / "last.pt"))
+    ddp, _ = minillm.load_checkpoint(str(tmp_path / "ddp" / "last.pt"))
+    for (name, a), b in zip(single.state_dict().items(), ddp.state_dict().values()):
+        assert_close(b, a, 1e-6, f"{name} after one step, 2 processes vs 1")
+    assert "2 processes (gloo)" in open(tmp_path / "ddp" / "log.txt").read()
+    # MiniLLM under torchrun: each process rolls out half of each round; process 0 writes the checkpoints
+    for name, seed in (("teacher", 1), ("student", 0)):
+        minillm.save_checkpoint(str(tmp_path / f"{name}.pt"), tiny(vocab_size=1623, block_size=64, seed=seed), None,
+                                0, None, "builtin", {})
+    r = subprocess.run(torchrun + [os.path.join(HERE, "minillm.py"), "--method", "minillm", "--teacher",
+                                   str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--out",
+                                   str(tmp_path / "mllm"), "--max_steps", "2", "--rollout_size", "8", "--batch_size",
+                                   "4", "--max_new_tokens", "6", "--n_train", "350", "--n_valid", "35", "--n_test",
+                                   "35", "--device", "cpu"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert minillm.load_checkpoint(str(tmp_path / "mllm" / "last.pt"))[1]["step"] == 2
