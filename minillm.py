@@ -711,6 +711,8 @@ def load_models(args, device):
     if student.config.vocab_size < n_vocab:
         raise InputError(f"{args.init}: vocabulary of {student.config.vocab_size} tokens is smaller than the "
                          f"{tokenizer} tokenizer's {n_vocab}")
+    if teacher is not None and device.type == "cuda":
+        teacher.to(torch.bfloat16)  # it only runs forward: bf16 weights halve its memory (the official code: fp16)
     if teacher is not None and teacher.config.vocab_size < student.config.vocab_size:
         raise InputError(f"{args.teacher}: vocabulary {teacher.config.vocab_size} is smaller than the student's "
                          f"{student.config.vocab_size}")
@@ -721,8 +723,8 @@ def train(args):
     """Runs --method sft | kd | seqkd | minillm. Writes best.pt (highest selection_score) and last.pt into
     args.out; returns the path of best.pt. Under torchrun, every process trains its share of each batch and
     DistributedDataParallel averages the gradients; process 0 validates, logs and writes the checkpoints."""
-    rank, world = distributed()
     device = pick_device(args.device)
+    rank, world = distributed(device)
     torch.manual_seed(args.seed)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     if args.kd_ratio is None:  # kd / seqkd: the paper's 0.5; L_PT of minillm: the paper's pure LM loss
@@ -931,7 +933,7 @@ def bench_minillm(args):
         teacher = GPT(MODEL_SIZES["gpt2-xl" if cuda else "teacher"](vocab_size=V)).eval()
         student = GPT(MODEL_SIZES["gpt2" if cuda else "student"](vocab_size=V))
     if cuda:
-        teacher.to(torch.bfloat16)  # the teacher only runs forward: bf16 weights halve its memory
+        teacher.to(torch.bfloat16)  # as load_models does on a GPU
     run = argparse.Namespace(**{**vars(args), "eos_id": V - 1, "chunk": 0})
     prompts = torch.randint(0, V - 1, (run.rollout_size, 64)).tolist()
     print(f"teacher {teacher.num_params() / 1e9:.2f}B, student {student.num_params() / 1e6:.0f}M, V {V}, "
@@ -984,14 +986,14 @@ def pick_device(name):
     return torch.device(name)
 
 
-def distributed():
+def distributed(device):
     """(rank, world size): under torchrun (WORLD_SIZE > 1) after joining the process group (NCCL on GPUs, gloo on
     CPUs); (0, 1) in a plain run."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world
 
 
