@@ -10,6 +10,7 @@ MiniLLM: knowledge distillation of a small GPT student from a larger GPT teacher
     python minillm.py --method seqkd --teacher out/teacher/best.pt --init out/student-sft/best.pt --out out/seqkd
     python minillm.py --bench generate                             # KV-cache vs recomputation benchmark
     python minillm.py --bench minillm                              # MiniLLM steps at GPT-2 scale (a GPU)
+    torchrun --nproc_per_node=N minillm.py --method ...            # any method on N processes (DDP)
 
 Follows Gu, Dong, Wei, Huang, "MiniLLM: Knowledge Distillation of Large Language Models" (ICLR 2024).
 This file holds, top to bottom: the run settings, the GPT model (GPT-2 layout and parameter names), generation
