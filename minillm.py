@@ -795,7 +795,7 @@ def train(args):
         fwd = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
     best_path, last_path = os.path.join(args.out, "best.pt"), os.path.join(args.out, "last.pt")
-    best, best_step, tokens, t_start = -math.inf, 0, 0, time.time()
+    best, best_step, tokens, t_start, bad_steps = -math.inf, 0, 0, time.time(), 0
     log_gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # the logged rkl's samples
     for step in range(args.max_steps + 1):
         elapsed = time.time() - t_start
@@ -842,12 +842,19 @@ def train(args):
             loss_pt, _ = token_loss(lm, teacher if args.method == "minillm" else None, x, y, args.kd_ratio, ctx)
             # every process computes it on the same text; its gradient joins the synced one in the same backward)
             loss, stats["L_PT"] = loss + args.lm_coef * loss_pt, loss_pt.detach()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss.item()} ("
-                                     + ", ".join(f"{k} {float(v):.4g}" for k, v in stats.items()) + "); stopping")
         loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
+        if not torch.isfinite(norm):  # a NaN or inf in a loss or a gradient (the same on every process): skip
+            bad_steps += 1
+            terms = [k for k, v in {"loss": loss.detach(), **stats}.items() if not math.isfinite(float(v))]
+            terms = terms or ["gradient"]  # a finite loss whose gradient overflowed
+            log(f"step {step}: non-finite {', '.join(terms)}; optimizer step skipped ({bad_steps} in a row)")
+            optimizer.zero_grad(set_to_none=True)
+            if bad_steps >= args.max_bad_steps:
+                raise FloatingPointError(f"step {step}: {bad_steps} steps in a row with a non-finite "
+                                         f"{', '.join(terms)}; stopping (lower --lr?)")
+            continue
+        bad_steps = 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.log_interval == 0 and rank == 0:
@@ -1108,6 +1115,8 @@ def get_args(argv=None):
     ap.add_argument("--weight_decay", type=float, default=0.01)
     ap.add_argument("--dropout", type=float, default=0.0, help="dropout of a model trained from scratch")
     ap.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    ap.add_argument("--max_bad_steps", type=int, default=10,
+                    help="stop after this many optimizer steps in a row skipped for a non-finite loss or gradient")
     # the built-in default pipeline
     ap.add_argument("--teacher_steps", type=int, default=7000, help="built-in default: teacher SFT steps")
     ap.add_argument("--student_steps", type=int, default=15000, help="built-in default: student SFT steps")

@@ -1034,3 +1034,29 @@ def test_two_processes_with_gloo_take_the_single_process_step(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert minillm.load_checkpoint(str(tmp_path / "mllm" / "last.pt"))[1]["step"] == 2
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real = minillm.token_loss
+
+    def poison(bad):  # the loss of the steps in `bad` (counted from 0) is NaN
+        calls = []
+
+        def token_loss(*a, **k):
+            loss, stats = real(*a, **k)
+            calls.append(1)
+            return (loss * float("nan") if bad(len(calls) - 1) else loss), stats
+        return token_loss
+    argv = ["--method", "sft", "--model", "student", "--out", str(tmp_path / "run"), "--max_steps", "6",
+            "--eval_interval", "100", "--n_train", "350", "--n_valid", "35", "--n_test", "35", "--max_bad_steps", "3"]
+    monkeypatch.setattr(minillm, "token_loss", poison(lambda n: n in (2, 3)))
+    minillm.train(minillm.get_args(argv))
+    log = open(tmp_path / "run" / "log.txt").read()
+    assert "step 2: non-finite loss; optimizer step skipped (1 in a row)" in log
+    assert "step 3: non-finite loss; optimizer step skipped (2 in a row)" in log and "step 4: non-finite" not in log
+    model, ckpt = minillm.load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert ckpt["step"] == 6 and all(torch.isfinite(p).all() for p in model.parameters())  # no NaN in the weights
+    monkeypatch.setattr(minillm, "token_loss", poison(lambda n: n >= 1))
+    with pytest.raises(FloatingPointError, match="step 3: 3 steps in a row with a non-finite loss"):
+        minillm.train(minillm.get_args(argv[:5] + [str(tmp_path / "run2")] + argv[6:] + ["--max_steps", "20"]))
