@@ -1060,3 +1060,25 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(minillm, "token_loss", poison(lambda n: n >= 1))
     with pytest.raises(FloatingPointError, match="step 3: 3 steps in a row with a non-finite loss"):
         minillm.train(minillm.get_args(argv[:5] + [str(tmp_path / "run2")] + argv[6:] + ["--max_steps", "20"]))
+
+
+def test_more_bad_inputs_are_one_clear_line(tmp_path):
+    enc = data.get_encoding("builtin")
+    for name, tok, vocab, block in (("teacher", "builtin", enc.n_vocab, 64), ("student", "builtin", enc.n_vocab, 64),
+                                    ("bytes", "builtin-bytes", 300, 64), ("small", "builtin", 1000, 64)):
+        minillm.save_checkpoint(str(tmp_path / f"{name}.pt"), tiny(vocab_size=vocab, block_size=block), None, 0, None,
+                                tok, {})
+    base = ["--method", "minillm", "--out", str(tmp_path / "o"), "--n_train", "70", "--n_valid", "14", "--n_test", "14"]
+    cases = [(["--teacher", str(tmp_path / "bytes.pt"), "--init", str(tmp_path / "student.pt")],
+              "student.pt: tokenizer builtin differs from the teacher's builtin-bytes"),
+             (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "small.pt")],
+              "small.pt: vocabulary of 1000 tokens is smaller than the builtin tokenizer's 1623"),
+             (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"),
+               "--max_new_tokens", "64"], "--max_new_tokens 64 leaves no room for a prompt in block_size 64")]
+    if not torch.cuda.is_available():
+        cases.append((["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"),
+                       "--device", "cuda"], "--device cuda was asked for, but no CUDA GPU is available"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            minillm.main(base + argv)
+        assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value), e.value
