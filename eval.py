@@ -160,7 +160,9 @@ def evaluate(path, teacher, rows, template, args, device):
     if label in ("best", "last"):
         label = os.path.basename(os.path.dirname(os.path.abspath(path)))
     longest = min(256, model.config.block_size // 2)  # the paper drops prompts over 256 tokens; leave room to answer
-    kept = [r for r in rows if len(enc.encode_ordinary(data.prompt_text(r, template))) <= longest]
+    encoded = [enc.encode_ordinary(data.prompt_text(r, template)) for r in rows]
+    kept = [r for r, p in zip(rows, encoded) if len(p) <= longest]
+    prompts = [p for p in encoded if len(p) <= longest]
     if len(kept) < len(rows):
         print(f"{label}: {len(rows) - len(kept)} of {len(rows)} test prompts dropped (longer than {longest} tokens)")
     if not kept:
@@ -186,7 +188,6 @@ def evaluate(path, teacher, rows, template, args, device):
                 fam = [o for o, r in zip(ok, rows) if r["category"] == f]
                 m[f"valid {f}"] = 100 * sum(fam) / len(fam) if fam else float("nan")
         if teacher is not None:
-            prompts = [enc.encode_ordinary(data.prompt_text(r, template)) for r in rows]
             run = argparse.Namespace(max_new_tokens=min(args.max_new_tokens, model.config.block_size -
                                                         max(map(len, prompts))), eos_id=enc.eot_token)
             m["rkl"], _ = minillm.reverse_kl_k3(model, teacher, prompts, run, torch.Generator(device).manual_seed(seed))
@@ -196,9 +197,9 @@ def evaluate(path, teacher, rows, template, args, device):
     pairs, _ = data.tokenize(rows, enc, template, min(512, model.config.block_size), 256)
     result["lm_loss"] = [minillm.validation_loss(model, pairs, 64, device, nullcontext()), 0.0]
     if teacher is not None:
-        prompts = [enc.encode_ordinary(data.prompt_text(r, template)) for r in rows[:args.exposure_prompts]]
-        result["exposure"] = exposure_bias(model, teacher, prompts, enc.eot_token, min(
-            args.exposure_len, model.config.block_size - max(map(len, prompts))), args.seeds[0])
+        first = prompts[:args.exposure_prompts]
+        result["exposure"] = exposure_bias(model, teacher, first, enc.eot_token, min(
+            args.exposure_len, model.config.block_size - max(map(len, first))), args.seeds[0])
     yesno = [r for r in rows if r.get("category") == "yesno"]
     if builtin and yesno:
         error, bins = ece(*yesno_calibration(model, enc, yesno))
