@@ -528,10 +528,11 @@ def collate(pairs, pad_id):
     return x, y
 
 
-def batches(pairs, batch_size, seed, bucket=64):
+def batches(pairs, batch_size, seed, bucket=64, skip=0):
     """Endless shuffled epochs of collated batches: yields (epoch, x, y). Within each window of `bucket` batches
     the examples are sorted by length before they are cut into batches, so that a batch pads little (on the
-    built-in task this halves the tokens a step computes); the batches are then shuffled."""
+    built-in task this halves the tokens a step computes); the batches are then shuffled. skip: start after that
+    many batches (a resumed run), exactly where a run that used them would be."""
     rng, epoch = random.Random(seed), 0
     while True:
         order = list(range(len(pairs)))
@@ -543,6 +544,9 @@ def batches(pairs, batch_size, seed, bucket=64):
             chunks += [window[k:k + batch_size] for k in range(0, len(window), batch_size)]
         rng.shuffle(chunks)
         for chunk in chunks:
+            if skip:
+                skip -= 1
+                continue
             yield (epoch, *collate([pairs[j] for j in chunk], pad_id=0))
         epoch += 1
 
@@ -577,14 +581,17 @@ def pretrain_texts(spec, seed):
             raise DataError(f"{spec}: no documents")
 
 
-def pretrain_batches(spec, enc, batch_size, block, seed):
-    """Endless (x, y) batches of packed pretraining text, (B, block) each."""
-    buf, docs = [], pretrain_texts(spec, seed)
+def pretrain_batches(spec, enc, batch_size, block, seed, skip=0):
+    """Endless (x, y) batches of packed pretraining text, (B, block) each; skip: start after that many."""
+    buf, docs, n = [], pretrain_texts(spec, seed), batch_size * (block + 1)
     while True:
-        while len(buf) < batch_size * (block + 1):
+        while len(buf) < n:
             buf += enc.encode_ordinary(next(docs)) + [enc.eot_token]
-        chunk = torch.tensor(buf[:batch_size * (block + 1)]).view(batch_size, block + 1)
-        buf = buf[batch_size * (block + 1):]
+        chunk, buf = buf[:n], buf[n:]
+        if skip:
+            skip -= 1
+            continue
+        chunk = torch.tensor(chunk).view(batch_size, block + 1)
         yield chunk[:, :-1], chunk[:, 1:]
 
 # -----------------------------------------------------------------------------

@@ -363,13 +363,11 @@ def table1(args):
     folders = {"teacher": os.path.dirname(teacher), "sft": os.path.dirname(sft)}
     for name, flags in TABLE1.items():
         folders[name] = os.path.join(args.out, name.replace(", ", "-").replace(" ", "-"))
-        log = os.path.join(folders[name], "log.txt")
-        if os.path.isfile(log) and "\ndone:" in open(log).read():  # a finished run: reuse it
-            print(f"reusing {folders[name]}/best.pt")
-            continue
-        print(f"training {name}: {flags}")
+        if not os.path.isfile(os.path.join(folders[name], "last.pt")):
+            print(f"training {name}: {flags}")
         minillm.train(minillm.get_args(flags.split() + ["--teacher", teacher, "--init", sft, "--out", folders[name],
-                                                        "--patience", str(args.patience), "--device", args.device]))
+                                                        "--patience", str(args.patience), "--device", args.device,
+                                                        "--resume"]))  # a finished run is reused, a stopped one resumed
     device = minillm.pick_device(args.device)
     model, ckpt = minillm.load_checkpoint(teacher, device)
     teacher_model = (model.eval(), ckpt["tokenizer"])

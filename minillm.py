@@ -31,15 +31,19 @@ What this version simplifies or changes (relative to the paper and its official 
   paper chooses by validation Rouge-L).
 """
 import argparse
+import itertools
 import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -376,11 +380,12 @@ def minillm_terms(logq, kl, logq_old, advantage, w_single, w_long, clip_eps=0.2)
 # Checkpoints: one file, written atomically, loaded without executing pickled code (weights_only=True)
 
 
-def save_checkpoint(path, model, optimizer, step, args, tokenizer, metrics):
-    """metrics: the validation numbers of this checkpoint ({name: float})."""
+def save_checkpoint(path, model, optimizer, step, args, tokenizer, metrics, state=None):
+    """metrics: the validation numbers of this checkpoint ({name: float}); state: what a resumed run needs beyond
+    the weights and the optimizer (run_state)."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
             "config": asdict(model.config), "step": step, "args": vars(args) if args else {},
-            "tokenizer": tokenizer, "metrics": metrics}
+            "tokenizer": tokenizer, "metrics": metrics, "state": state}
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(ckpt, f)
@@ -389,19 +394,31 @@ def save_checkpoint(path, model, optimizer, step, args, tokenizer, metrics):
     os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint whole
 
 
-def load_checkpoint(path, device="cpu"):
-    """Returns (model, checkpoint dict): one of our checkpoint files, or a Hugging Face GPT-2 folder or hub name
-    (from_pretrained). Refuses anything that is not plain tensors: loading cannot run code."""
-    if os.path.isdir(path) or (not os.path.exists(path) and not path.endswith(".pt")):
-        return from_pretrained(path, device)
+def read_checkpoint(path, device="cpu"):
+    """The dict in one of our checkpoint files. torch.load(weights_only=True) unpickles tensors, numbers, strings
+    and containers only: a file that carries any other object (code to run) is refused, like a damaged one."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, or pickled objects weights_only refuses
-        raise InputError(f"{path}: not a loadable checkpoint ({str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # pickled objects weights_only refuses; a truncated or damaged file; not a torch file
+        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if found:
+            raise InputError(f"{path}: refused: it holds pickled objects that are not tensors ({found[0]}); "
+                             "nothing in it was run") from None
+        first = (str(e).split(". ")[0].splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{path}: not a loadable checkpoint, truncated or damaged ({first[:150]})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "tokenizer"} <= set(ckpt):
         raise InputError(f"{path}: not a minillm checkpoint (expected keys model, config, tokenizer)")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """Returns (model, checkpoint dict): one of our checkpoint files, or a Hugging Face GPT-2 folder or hub name
+    (from_pretrained). Loading cannot run code."""
+    if os.path.isdir(path) or (not os.path.exists(path) and not path.endswith(".pt")):
+        return from_pretrained(path, device)
+    ckpt = read_checkpoint(path, device)
     model = GPT(GPTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
@@ -531,35 +548,42 @@ def token_loss(student, teacher, x, y, kd_ratio, ctx):
     return (1 - kd_ratio) * ce + kd_ratio * fkl, {"ce": ce.detach(), "fkl": fkl.detach()}
 
 
-def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1):
+def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, state=None):
     """Endless mini-batches for MiniLLM (Algorithm 1, step 2). Each round samples args.rollout_size training
     prompts, rolls out one response each from p_mix with the student of now (q_old), computes the rewards,
     returns and importance weights once, and then yields ppo_epochs passes over the round in shuffled mini-batches
     of args.batch_size. Under torchrun each of the `world` processes makes 1/world of the round and of each
-    mini-batch, from its own prompts and samples."""
+    mini-batch, from its own prompts and samples. `state` (a dict, kept up to date) holds the round in progress,
+    its mini-batches still to come and the random generators: saved in a checkpoint, it lets a resumed run go on
+    exactly here."""
     seed, size, batch_size = args.seed + rank, args.rollout_size // world, max(1, args.batch_size // world)
     rng, gen = random.Random(seed), torch.Generator(device=device).manual_seed(seed)  # prompts, sampling
     shuffle = torch.Generator().manual_seed(seed)  # mini-batch order
+    state = {} if state is None else state
+    if state:  # a resumed run
+        rng.setstate(state["rng"]), gen.set_state(state["gen"]), shuffle.set_state(state["shuffle"])
+        state["round"] = {k: v.to(device) for k, v in state["round"].items()}
     while True:
-        student.eval()  # q_old without dropout noise
-        batch = rollout(student, teacher, rng.sample(prompts, size), args.max_new_tokens, args.eos_id, args.alpha,
-                        gen)
-        student.train()
-        mask = batch["mask"]
-        # the paper; ../shared/MINILLM.md section 5 lists where the official code differs (return including step
-        # t, no w_t on the single-step term, ...); --gamma and --whiten give its discount and advantage whitening
-        batch["r"] = batch["logp"] - batch["logq_old"]                      # r_t = log p(y_t) - log q_old(y_t)
-        A = returns(batch["r"], mask, args.length_norm, args.gamma,         # Eq. 6: A_t = R^Norm_{t+1}
-                    include_t=not args.single_step)                         # (ablation: R_t, no single-step term)
-        if args.whiten and mask.sum() > 1:                                   # official code: whitened over the round
-            A = torch.where(mask, (A - A[mask].mean()) / (A[mask].std() + 1e-8), 0.0)
-        batch["A"] = A
-        batch["w"] = torch.exp(batch["logq_old"] - batch["log_pmix"])      # Eq. 5: w_t = q_old(y_t) / p_mix(y_t)
-        for _ in range(args.ppo_epochs):
-            order = torch.randperm(size, generator=shuffle).to(device)
-            for i in range(0, size, batch_size):
-                rows = order[i:i + batch_size]
-                yield {k: v[rows] for k, v in batch.items()}
+        if not state.get("todo"):  # a new round
+            student.eval()  # q_old without dropout noise
+            batch = rollout(student, teacher, rng.sample(prompts, size), args.max_new_tokens, args.eos_id,
+                            args.alpha, gen)
+            student.train()
+            mask = batch["mask"]
+            # the paper; ../shared/MINILLM.md section 5 lists where the official code differs (return including
+            # step t, no w_t on the single-step term, ...); --gamma and --whiten give its discount and whitening
+            batch["r"] = batch["logp"] - batch["logq_old"]                    # r_t = log p(y_t) - log q_old(y_t)
+            A = returns(batch["r"], mask, args.length_norm, args.gamma,       # Eq. 6: A_t = R^Norm_{t+1}
+                        include_t=not args.single_step)                       # (ablation: R_t, no single-step term)
+            if args.whiten and mask.sum() > 1:                                 # official code: whitened per round
+                A = torch.where(mask, (A - A[mask].mean()) / (A[mask].std() + 1e-8), 0.0)
+            batch["A"] = A
+            batch["w"] = torch.exp(batch["logq_old"] - batch["log_pmix"])    # Eq. 5: w_t = q_old(y_t) / p_mix(y_t)
+            orders = [torch.randperm(size, generator=shuffle) for _ in range(args.ppo_epochs)]
+            state.update(round=batch, todo=[o[i:i + batch_size] for o in orders for i in range(0, size, batch_size)],
+                         rng=rng.getstate(), gen=gen.get_state(), shuffle=shuffle.get_state())
+        rows = state["todo"].pop(0).to(device)
+        yield {k: v[rows] for k, v in state["round"].items()}
 
 
 def minillm_loss(student, teacher, mb, args, ctx):
@@ -677,6 +701,82 @@ def selection_score(metrics, method):
     return -metrics["rkl"] if method == "minillm" else -metrics["loss"]
 
 
+# -----------------------------------------------------------------------------
+# Run folders. A run writes into --out:
+#   step-000500.pt ...  every --save_interval steps, the last --keep of them kept: the weights, the optimizer, the
+#                       step and run_state, all that a resumed run needs to go on exactly as if never stopped
+#   last.pt             the same at the end; it marks the run finished
+#   best.pt             the weights with the best validation score; hf/ the same for transformers
+#   log.txt, teacher_responses_N.jsonl (seqkd)
+# Two runs never share a folder: one that holds a run is refused unless --resume (go on with it, if it was made
+# with the same settings) or --overwrite (replace it).
+RUN_FILES = re.compile(r"step-\d+\.pt|last\.pt|best\.pt|log\.txt|hf|teacher_responses_\d+\.jsonl")
+NOT_SETTINGS = {"out", "resume", "overwrite", "device", "compile", "max_minutes", "log_interval", "save_interval",
+                "keep", "eos_id", "bench", "teacher_steps", "student_steps", "minillm_steps"}  # a resume may change
+
+
+def open_run(args):
+    """Decides what becomes of the run in args.out, reading only (nothing is written before the inputs are checked).
+    Returns (path, checkpoint) to resume from, or (None, None) for a new run, and the warnings to log."""
+    files = sorted(f for f in os.listdir(args.out) if RUN_FILES.fullmatch(f)) if os.path.isdir(args.out) else []
+    if not files or args.overwrite:
+        return None, None, []
+    if not args.resume:
+        raise InputError(f"{args.out}: holds a run already ({', '.join(files[:4])}): --resume continues it, "
+                         "--overwrite replaces it")
+    steps = sorted((f for f in files if f.startswith("step-")), reverse=True)  # newest first
+    candidates, warnings = ["last.pt"] * ("last.pt" in files) + steps + ["best.pt"] * ("best.pt" in files), []
+    for name in candidates:
+        path = os.path.join(args.out, name)
+        try:
+            ckpt = read_checkpoint(path)
+        except InputError as e:  # truncated by a crash, or damaged since: the one before it
+            warnings.append(f"warning: {e}; falling back to the checkpoint before it")
+            continue
+        for k in sorted((set(ckpt["args"]) | set(vars(args))) - NOT_SETTINGS):
+            if ckpt["args"].get(k) != vars(args).get(k):
+                raise InputError(f"{args.out}: holds a run made with --{k} {ckpt['args'].get(k)}, not "
+                                 f"{vars(args).get(k)}: --overwrite replaces it")
+        if name == "best.pt":  # stopped before its first step-N.pt
+            break
+        return path, ckpt, warnings
+    else:
+        if candidates:
+            raise InputError(f"{args.out}: no loadable checkpoint to resume from ({', '.join(candidates)})")
+    return None, None, warnings + [f"{args.out}: nothing to resume from yet: the run starts again"]
+
+
+def clear_run(folder, keep_cache):
+    """Removes the files of the run in `folder` (for --overwrite, or a --resume that starts again)."""
+    for f in os.listdir(folder) if os.path.isdir(folder) else []:
+        if RUN_FILES.fullmatch(f) and not (keep_cache and f.startswith("teacher_responses_")):
+            shutil.rmtree(os.path.join(folder, f)) if f == "hf" else os.remove(os.path.join(folder, f))
+
+
+def run_state(device, log_gen, rollouts, world):
+    """Every process's random state (torch on the CPU and the GPU, Python, numpy, the logged rkl's sampler) and
+    MiniLLM rollout round (rollout_batches' state), on the CPU; gathered on process 0, which saves them."""
+    np_state = np.random.get_state()
+    mine = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "python": random.getstate(), "log_gen": log_gen.get_state(),
+            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+            "rollouts": {**rollouts, "round": {k: v.cpu() for k, v in rollouts["round"].items()}} if rollouts else {}}
+    if world == 1:
+        return [mine]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def restore_rng(mine, device, log_gen):
+    torch.set_rng_state(mine["torch"])
+    if device.type == "cuda" and mine["cuda"] is not None:
+        torch.cuda.set_rng_state(mine["cuda"], device)
+    random.setstate(mine["python"])
+    np.random.set_state((mine["numpy"][0], mine["numpy"][1].numpy().astype(np.uint32), *mine["numpy"][2:]))
+    log_gen.set_state(mine["log_gen"])
+
+
 def logger(folder):
     """Returns log(line): prints the line and appends it to folder/log.txt."""
     def log(line):
@@ -721,9 +821,9 @@ def load_models(args, device):
 
 
 def train(args):
-    """Runs --method sft | kd | seqkd | minillm. Writes best.pt (highest selection_score) and last.pt into
-    args.out; returns the path of best.pt. Under torchrun, every process trains its share of each batch and
-    DistributedDataParallel averages the gradients; process 0 validates, logs and writes the checkpoints."""
+    """Runs --method sft | kd | seqkd | minillm in args.out (see Run folders); returns the path of best.pt. Under
+    torchrun, every process trains its share of each batch and DistributedDataParallel averages the gradients;
+    process 0 validates, logs and writes the checkpoints."""
     device = pick_device(args.device)
     rank, world = distributed(device)
     torch.manual_seed(args.seed)
@@ -732,56 +832,79 @@ def train(args):
         args.kd_ratio = 0.5 if args.method in ("kd", "seqkd") else 0.0
     if args.lm_coef is None:  # L_PT belongs to MiniLLM; --lm_coef adds it to the other methods too
         args.lm_coef = 1.0 if args.method == "minillm" else 0.0
+    best_path, last_path = os.path.join(args.out, "best.pt"), os.path.join(args.out, "last.pt")
+    resume_path, ckpt, warnings = open_run(args)
+    if world > 1:
+        dist.barrier()  # every process has read the folder before process 0 changes it
+    if resume_path == last_path:
+        if rank == 0:
+            print(f"{args.out} has finished ({ckpt['step']} steps): reusing {best_path}")
+        return best_path
+
+    # everything that can be wrong with the input is found before anything is written
     student, teacher, tokenizer = load_models(args, device)
-    os.makedirs(args.out, exist_ok=True)
-    log = logger(args.out) if rank == 0 else (lambda line: None)
-    log(f"# {' '.join(sys.argv)}\n# settings: {vars(args)}")
     enc = data.get_encoding(tokenizer)
     args.eos_id = enc.eot_token
-
     # data: prompt + response + EOS, prompt masked; prompts too long for the context dropped and counted
     template = "builtin" if args.data == "builtin" else "dolly"
     splits, skipped = data.load_instructions(args.data, args.n_train, args.n_valid, args.n_test, skip_bad=args.skip_bad)
-    if skipped:
-        log(f"skipped {len(skipped)} bad rows (--skip_bad), first: {skipped[0]}")
     block = min(student.config.block_size, teacher.config.block_size if teacher else student.config.block_size)
     max_length = min(args.max_length, block)
     if teacher is not None and block - args.max_new_tokens < 1:
         raise InputError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in block_size {block}")
     longest = min(args.max_prompt_length, block - args.max_new_tokens)  # a prompt that leaves room to answer
-    if args.method == "seqkd":
-        n = min(len(splits["train"]), args.max_steps * args.batch_size)  # as many as one pass of the run uses
-        if rank > 0:
-            dist.barrier()  # process 0 makes the file; the others then read it
-        splits["train"] = teacher_responses(teacher, splits["train"][:n], enc, template, args,
-                                            os.path.join(args.out, f"teacher_responses_{n}.jsonl"), log)
-        if rank == 0 and world > 1:
-            dist.barrier()
     train_pairs, dropped = data.tokenize(splits["train"], enc, template, max_length, args.max_prompt_length)
+    prompts = [p for p, _ in train_pairs if len(p) <= longest]
+    if args.method == "minillm" and len(prompts) < args.rollout_size:
+        raise data.DataError(f"{args.data}: {len(prompts)} usable training prompts, fewer than --rollout_size "
+                             f"{args.rollout_size}")
+    if args.method != "minillm" and len(train_pairs) < args.batch_size:
+        raise data.DataError(f"{args.data}: {len(train_pairs)} usable training examples, fewer than one batch "
+                             f"of {args.batch_size}")
     val = {"enc": enc, "rows": splits["valid"]}
     val["pairs"], dropped_v = data.tokenize(splits["valid"], enc, template, max_length, args.max_prompt_length)
     val["prompts"] = [p for p in (enc.encode_ordinary(data.prompt_text(r, template)) for r in splits["valid"])
                       if len(p) <= longest]
+    if not val["pairs"] or (teacher is not None and not val["prompts"]):
+        raise data.DataError(f"{args.data}: no usable validation examples")
+    start = ckpt["step"] if ckpt else 0
+    pt_batches = None
+    if args.lm_coef:  # L_PT: the language-modelling loss on the pretraining stream (Algorithm 1)
+        pt_batches = data.pretrain_batches(args.pt_data, enc, args.pt_batch_size, min(args.pt_length, block),
+                                           args.seed, skip=start)
+        pt_batches = itertools.chain([next(pt_batches)], pt_batches)  # (a bad --pt_data stops here)
+
+    if rank == 0:
+        if resume_path is None:
+            clear_run(args.out, keep_cache=not args.overwrite)  # --overwrite, or a --resume that starts again
+        os.makedirs(args.out, exist_ok=True)
+    log = logger(args.out) if rank == 0 else (lambda line: None)
+    log(f"# {' '.join(sys.argv)}\n# settings: {vars(args)}")
+    for line in warnings + ([f"resuming from {resume_path} (step {start})"] if ckpt else []):
+        log(line)
+    if skipped:
+        log(f"skipped {len(skipped)} bad rows (--skip_bad), first: {skipped[0]}")
+    if args.method == "seqkd":  # the training responses are the teacher's
+        n = min(len(splits["train"]), args.max_steps * args.batch_size)  # as many as one pass of the run uses
+        if rank > 0:
+            dist.barrier()  # process 0 makes the file; the others then read it
+        rows = teacher_responses(teacher, splits["train"][:n], enc, template, args,
+                                 os.path.join(args.out, f"teacher_responses_{n}.jsonl"), log)
+        if rank == 0 and world > 1:
+            dist.barrier()
+        train_pairs, dropped = data.tokenize(rows, enc, template, max_length, args.max_prompt_length)
+        if len(train_pairs) < args.batch_size:
+            raise data.DataError(f"seqkd: the teacher ended {len(train_pairs)} responses with EOS, fewer than one "
+                                 f"batch of {args.batch_size} (raise --max_new_tokens?)")
+    rollout_state = ckpt["state"]["ranks"][rank]["rollouts"] if ckpt else {}  # (minillm; kept up to date)
     if args.method == "minillm":
-        prompts = [p for p, _ in train_pairs if len(p) <= longest]
         log(f"data {args.data}: {len(prompts)} train prompts (longer than {longest} tokens dropped) / "
             f"{len(val['pairs'])} valid examples")
-        if len(prompts) < args.rollout_size:
-            raise data.DataError(f"{args.data}: {len(prompts)} usable training prompts, fewer than --rollout_size "
-                                 f"{args.rollout_size}")
-        batches = rollout_batches(student, teacher, prompts, args, device, rank, world)
+        batches = rollout_batches(student, teacher, prompts, args, device, rank, world, rollout_state)
     else:
         log(f"data {args.data}: {len(train_pairs)} train / {len(val['pairs'])} valid examples "
             f"({dropped} / {dropped_v} dropped: prompt over {args.max_prompt_length} tokens)")
-        if len(train_pairs) < args.batch_size:
-            raise data.DataError(f"{args.data}: {len(train_pairs)} usable training examples, fewer than one batch "
-                                 f"of {args.batch_size}")
-        batches = data.batches(train_pairs, args.batch_size, args.seed)  # (epoch, x, y), length-bucketed
-    if not val["pairs"] or (teacher is not None and not val["prompts"]):
-        raise data.DataError(f"{args.data}: no usable validation examples")
-    pt_batches = None
-    if args.lm_coef:  # L_PT: the language-modelling loss on the pretraining stream (Algorithm 1)
-        pt_batches = data.pretrain_batches(args.pt_data, enc, args.pt_batch_size, min(args.pt_length, block), args.seed)
+        batches = data.batches(train_pairs, args.batch_size, args.seed, skip=start)  # (epoch, x, y), length-bucketed
 
     optimizer = make_optimizer(student, args)
     log(f"{args.method}: model {args.init or args.model}: {student.num_params() / 1e6:.3f}M parameters, "
@@ -794,20 +917,28 @@ def train(args):
         log(f"{world} processes ({dist.get_backend()}): each takes 1/{world} of every batch")
         fwd = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
-    best_path, last_path = os.path.join(args.out, "best.pt"), os.path.join(args.out, "last.pt")
-    best, best_step, tokens, t_start, bad_steps = -math.inf, 0, 0, time.time(), 0
+    best, best_step, tokens, t_start, bad_steps, metrics = -math.inf, 0, 0, time.time(), 0, {}
     log_gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # the logged rkl's samples
-    for step in range(args.max_steps + 1):
+    if ckpt:  # --resume: the run as it was when the checkpoint was written
+        if len(ckpt["state"]["ranks"]) != world:
+            raise InputError(f"{resume_path}: written by {len(ckpt['state']['ranks'])} processes, not {world}")
+        student.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        s, metrics = ckpt["state"], ckpt["metrics"]
+        best, best_step, tokens, bad_steps = s["best"], s["best_step"], s["tokens"], s["bad_steps"]
+        t_start -= s["elapsed"]
+        restore_rng(s["ranks"][rank], device, log_gen)
+    for step in range(start, args.max_steps + 1):
         elapsed = time.time() - t_start
         last = step == args.max_steps or (args.max_minutes and elapsed > args.max_minutes * 60)
-        if rank == 0 and (step % args.eval_interval == 0 or last):
-            metrics = validate(student, teacher, val, args, ctx)
+        if rank == 0 and (step % args.eval_interval == 0 or last) and not (ckpt and step == start):
+            metrics = validate(student, teacher, val, args, ctx)  # (a resumed run validated this step before)
             if not all(map(math.isfinite, metrics.values())):
                 raise FloatingPointError(f"step {step}: validation {metrics}; stopping (lower --lr?)")
             score = selection_score(metrics, args.method)
             if score > best:
                 best, best_step = score, step
-                save_checkpoint(best_path, student, optimizer, step, args, tokenizer, metrics)
+                save_checkpoint(best_path, student, None, step, args, tokenizer, metrics)
             log(f"step {step:5d} | " + " | ".join(f"val {k} {v:.4f}" for k, v in metrics.items()) +
                 f" | best: step {best_step} | {elapsed:6.1f}s")
             if args.patience and step - best_step >= args.patience * args.eval_interval:
@@ -817,6 +948,15 @@ def train(args):
             flag = torch.tensor(float(last), device=device)
             dist.broadcast(flag, 0)
             last = bool(flag.item())
+        periodic = step % (args.save_interval or args.eval_interval) == 0 and step > start
+        if last or periodic:  # (under torchrun every process gives its random state)
+            state = {"best": best, "best_step": best_step, "tokens": tokens, "bad_steps": bad_steps,
+                     "elapsed": time.time() - t_start, "ranks": run_state(device, log_gen, rollout_state, world)}
+        if rank == 0 and periodic and not last:
+            save_checkpoint(os.path.join(args.out, f"step-{step:06d}.pt"), student, optimizer, step, args, tokenizer,
+                            metrics, state)
+            for old in sorted(f for f in os.listdir(args.out) if re.fullmatch(r"step-\d+\.pt", f))[:-args.keep]:
+                os.remove(os.path.join(args.out, old))  # the last --keep are kept
         if last:
             break
         lr = get_lr(step, args)
@@ -868,10 +1008,10 @@ def train(args):
                 " | ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {float(v):.4f}" for k, v in stats.items()) +
                 f" | lr {lr:.2e} | {tokens * world / elapsed:6.0f} tok/s | ETA {eta:5.0f}s")
     if rank == 0:
-        save_checkpoint(last_path, student, optimizer, step, args, tokenizer, metrics)
         seconds = time.time() - t_start
         save_pretrained(load_checkpoint(best_path)[0], os.path.join(args.out, "hf"), args.eos_id)  # transformers
         log(f"done: {step} steps in {seconds:.0f}s; best.pt is step {best_step} -> {best_path} (and {args.out}/hf)")
+        save_checkpoint(last_path, student, optimizer, step, args, tokenizer, metrics, state)  # the run is finished
     if world > 1:
         dist.barrier()  # the checkpoints exist before any process returns
     return best_path
@@ -1028,13 +1168,12 @@ def builtin_default(args):
         folder = os.path.join(args.out, name)
         if (name, True) in (("teacher", bool(args.teacher)), ("student-sft", bool(args.init))):
             continue  # given on the command line
-        if name != "minillm" and os.path.isfile(os.path.join(folder, "best.pt")):
-            print(f"reusing {folder}/best.pt")
-            continue
-        t0 = time.time()
-        train(argparse.Namespace(**{**vars(args), **settings, "out": folder}))
-        times[name] = time.time() - t0
-        print(f"{name}: trained in {times[name]:.0f}s")
+        finished, t0 = os.path.isfile(os.path.join(folder, "last.pt")), time.time()
+        # --resume: a finished stage is reused, an interrupted one goes on from its last checkpoint
+        train(argparse.Namespace(**{**vars(args), **settings, "out": folder, "resume": True}))
+        if not finished:
+            times[name] = time.time() - t0
+            print(f"{name}: trained in {times[name]:.0f}s")
 
     device = pick_device(args.device)
     enc = data.get_encoding("builtin")
@@ -1070,7 +1209,10 @@ def get_args(argv=None):
     ap.add_argument("--teacher", help="kd, seqkd, minillm: the teacher checkpoint")
     ap.add_argument("--model", default="student", choices=sorted(MODEL_SIZES), help="size to train from scratch")
     ap.add_argument("--init", help="start from this checkpoint instead of a fresh --model")
-    ap.add_argument("--out", default="out", help="run folder: log.txt, best.pt, last.pt")
+    ap.add_argument("--out", default="out", help="run folder: log.txt, best.pt, last.pt, step-N.pt")
+    ap.add_argument("--resume", action="store_true",
+                    help="go on with the run in --out from its newest checkpoint (a new run if it has none)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     ap.add_argument("--bench", choices=["generate", "minillm"], help="run a benchmark instead of training")
     # data
     ap.add_argument("--data", default="builtin", help="builtin | dolly | a .jsonl/.json file | a folder")
@@ -1124,10 +1266,15 @@ def get_args(argv=None):
     # bookkeeping
     ap.add_argument("--eval_interval", type=int, default=500, help="steps between validation losses")
     ap.add_argument("--log_interval", type=int, default=250)
+    ap.add_argument("--save_interval", type=int, help="steps between checkpoints for --resume (default: --eval_interval)")
+    ap.add_argument("--keep", type=int, default=2, help="how many of those checkpoints to keep")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.keep < 1:
+        ap.error("--keep must be at least 1")
+    return args
 
 
 def main(argv=None):

@@ -388,7 +388,7 @@ def test_refuses_pickled_code(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
     torch.save({"model": Evil(), "config": {}, "tokenizer": "builtin"}, path)
-    with pytest.raises(minillm.InputError, match="evil.pt"):
+    with pytest.raises(minillm.InputError, match="evil.pt: refused: it holds pickled objects that are not tensors"):
         minillm.load_checkpoint(path)
     assert not (tmp_path / "pwned").exists()
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -442,9 +442,9 @@ def test_builtin_default_trains_then_reuses(tmp_path, monkeypatch, capsys):
     assert "teacher: trained" in first and "student-sft: trained" in first and "minillm: trained" in first
     minillm.main(argv)
     second = capsys.readouterr().out
-    assert second.count("reusing") == 2 and "minillm: trained" in second and "teacher: trained" not in second
+    assert second.count(" has finished ") == 3 and "trained" not in second  # finished stages are reused
     table = lambda out: out[out.index("validation loss and reverse KL"):out.index("built-in pipeline:")]
-    assert table(first) == table(second)  # same checkpoints, same seeds: the same distillation and table
+    assert table(first) == table(second)
     rows = table(first).splitlines()[2:]
     assert [r.split()[:2] for r in rows] == [[m, d] for m in ("teacher", "sft", "minillm")
                                             for d in ("greedy", "sampled")]
@@ -799,8 +799,10 @@ def test_every_method_runs_in_the_same_loop(tmp_path, monkeypatch, method):
         assert 0 < len(rows) < 24  # some had no EOS within 8 tokens and were dropped
         originals = {r["instruction"]: r["response"] for r in data.load_instructions("builtin", 70, 14, 14)[0]["train"]}
         assert all(r["instruction"] in originals and r["response"] != originals[r["instruction"]] for r in rows)
-        minillm.train(minillm.get_args(argv))
-        assert "reusing the teacher's responses" in open(tmp_path / "run" / "log.txt").read()
+        os.remove(tmp_path / "run" / "last.pt")  # as if stopped after step 3: --resume goes on from step-000003.pt
+        minillm.train(minillm.get_args(argv + ["--resume"]))
+        log = open(tmp_path / "run" / "log.txt").read()
+        assert "step-000003.pt (step 3)" in log and "reusing the teacher's responses" in log
 
 # -----------------------------------------------------------------------------
 # eval.py
@@ -1028,12 +1030,17 @@ def test_two_processes_with_gloo_take_the_single_process_step(tmp_path):
                                 0, None, "builtin", {})
     r = subprocess.run(torchrun + [os.path.join(HERE, "minillm.py"), "--method", "minillm", "--teacher",
                                    str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--out",
-                                   str(tmp_path / "mllm"), "--max_steps", "2", "--rollout_size", "8", "--batch_size",
+                                   str(tmp_path / "mllm"), "--max_steps", "4", "--rollout_size", "8", "--batch_size",
                                    "4", "--max_new_tokens", "6", "--n_train", "350", "--n_valid", "35", "--n_test",
-                                   "35", "--device", "cpu"],
+                                   "35", "--device", "cpu", "--save_interval", "3", "--resume"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert minillm.load_checkpoint(str(tmp_path / "mllm" / "last.pt"))[1]["step"] == 2
+    assert minillm.load_checkpoint(str(tmp_path / "mllm" / "last.pt"))[1]["step"] == 4
+    # resumed under torchrun: each process takes back its own random state and rollout round (gathered on process 0)
+    os.replace(tmp_path / "mllm" / "last.pt", tmp_path / "whole.pt")
+    r = subprocess.run(r.args, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0 and "step-000003.pt (step 3)" in r.stdout, r.stderr[-2000:]
+    assert same_weights(tmp_path / "whole.pt", tmp_path / "mllm" / "last.pt")
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
@@ -1082,3 +1089,125 @@ def test_more_bad_inputs_are_one_clear_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             minillm.main(base + argv)
         assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value), e.value
+
+# -----------------------------------------------------------------------------
+# Resume after a crash, and run folders that never mix two runs
+
+
+def training_lines(folder, first_step=0, after=None):
+    """The step lines of a run's log from the training step first_step on (a checkpoint of step N is written after
+    its validation, before its training step), without the clock (seconds, tok/s, ETA); with `after`, only the
+    lines that follow the last line containing it."""
+    lines = open(os.path.join(folder, "log.txt")).read().splitlines()
+    if after:
+        lines = lines[max(i for i, line in enumerate(lines) if after in line) + 1:]
+    step = lambda line: int(line.split()[1].rstrip(":"))
+    lines = [line for line in lines if line.startswith("step ") and
+             (step(line) > first_step or step(line) == first_step and "| val " not in line)]
+    return [line.split(" tok/s")[0].rsplit(" | ", 1)[0] if "tok/s" in line else line.rsplit(" | ", 1)[0]
+            for line in lines]
+
+
+def same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(minillm.read_checkpoint(a)["model"].values(),
+                                                 minillm.read_checkpoint(b)["model"].values()))
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path):
+    import signal
+    import time
+    enc = data.get_encoding("builtin")
+    student = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.1))
+    for name, model in (("teacher", eos_teacher(enc)), ("student", student)):  # dropout: the torch RNG matters
+        minillm.save_checkpoint(str(tmp_path / f"{name}.pt"), model, None, 0, None, "builtin", {})
+    argv = [sys.executable, os.path.join(HERE, "minillm.py"), "--method", "minillm", "--teacher",
+            str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--max_steps", "30",
+            "--eval_interval", "10", "--save_interval", "5", "--log_interval", "1", "--rollout_size", "8",
+            "--batch_size", "4", "--ppo_epochs", "3", "--max_new_tokens", "8", "--n_train", "70", "--n_valid", "14",
+            "--n_test", "14", "--lm_coef", "1", "--pt_length", "16", "--warmup_steps", "1", "--lr", "1e-2",
+            "--device", "cpu"]  # MiniLLM with L_PT: the rollout round, the text stream and four RNGs to resume
+    run = lambda out, *extra: subprocess.run(argv + ["--out", str(tmp_path / out), *extra], cwd=tmp_path,
+                                             capture_output=True, text=True, timeout=240)
+    r = run("whole")
+    assert r.returncode == 0, r.stderr[-2000:]
+    proc = subprocess.Popen(argv + ["--out", str(tmp_path / "killed")], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 200
+    while not (tmp_path / "killed" / "step-000010.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "last.pt").exists(), "the run ended before it was killed"
+    r = run("killed", "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    step = int(r.stdout.split("(step ")[1].split(")")[0])  # "resuming from .../step-0000N.pt (step N)"
+    assert step >= 10 and "resuming from" in r.stdout
+    resumed = training_lines(tmp_path / "killed", after="resuming from")
+    assert len(resumed) >= 30 - step and resumed == training_lines(tmp_path / "whole", first_step=step)
+    assert same_weights(tmp_path / "whole" / "last.pt", tmp_path / "killed" / "last.pt")
+    assert same_weights(tmp_path / "whole" / "best.pt", tmp_path / "killed" / "best.pt")
+
+
+def test_crash_then_resume_falls_back_past_a_damaged_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--method", "sft", "--model", "student", "--dropout", "0.1", "--max_steps", "12", "--eval_interval", "4",
+            "--log_interval", "1", "--n_train", "350", "--n_valid", "35", "--n_test", "35", "--batch_size", "8",
+            "--lm_coef", "1", "--pt_length", "16", "--warmup_steps", "1"]  # (the batches and the L_PT stream)
+    minillm.train(minillm.get_args(argv + ["--out", str(tmp_path / "whole"), "--keep", "1"]))
+    assert sorted(p.name for p in (tmp_path / "whole").glob("*.pt")) == ["best.pt", "last.pt", "step-000008.pt"]
+    real = minillm.get_lr
+
+    def crash(step, args):
+        if step == 10:
+            raise RuntimeError("the machine went away")
+        return real(step, args)
+    monkeypatch.setattr(minillm, "get_lr", crash)
+    with pytest.raises(RuntimeError):
+        minillm.train(minillm.get_args(argv + ["--out", str(tmp_path / "crashed")]))
+    monkeypatch.setattr(minillm, "get_lr", real)
+    newest = tmp_path / "crashed" / "step-000008.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    with pytest.raises(minillm.InputError, match="step-000008.pt: not a loadable checkpoint"):
+        minillm.read_checkpoint(str(newest))
+    minillm.train(minillm.get_args(argv + ["--out", str(tmp_path / "crashed"), "--resume"]))
+    log = open(tmp_path / "crashed" / "log.txt").read()
+    assert f"warning: {newest}: not a loadable checkpoint" in log and "step-000004.pt (step 4)" in log
+    assert training_lines(tmp_path / "crashed", after="resuming from") == training_lines(tmp_path / "whole", 4)
+    assert same_weights(tmp_path / "whole" / "last.pt", tmp_path / "crashed" / "last.pt")
+    newest.write_bytes(b"")  # every checkpoint damaged: one line, no fresh start over the run
+    (tmp_path / "crashed" / "step-000004.pt").write_bytes(b"junk")
+    (tmp_path / "crashed" / "last.pt").unlink()
+    (tmp_path / "crashed" / "best.pt").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="no loadable checkpoint to resume from"):
+        minillm.main(argv + ["--out", str(tmp_path / "crashed"), "--resume"])
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    argv = ["--method", "sft", "--model", "student", "--max_steps", "4", "--eval_interval", "2", "--n_train", "350",
+            "--n_valid", "35", "--n_test", "35", "--batch_size", "8", "--out", str(out)]
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(str(bad), dolly_rows(5) + ["{oops"])
+    with pytest.raises(SystemExit, match="bad.jsonl:6: not valid JSON"):
+        minillm.main(argv + ["--data", str(bad), "--tokenizer", "builtin"])
+    assert not out.exists()  # bad input: nothing written
+    minillm.main(argv)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for extra, message in (([], f"{out}: holds a run already (best.pt, hf, last.pt, log.txt): --resume continues it, "
+                                "--overwrite replaces it"),
+                           (["--resume", "--lr", "2e-3"], f"{out}: holds a run made with --lr 0.001, not 0.002: "
+                                                          "--overwrite replaces it"),
+                           (["--overwrite", "--data", str(bad), "--tokenizer", "builtin"], "bad.jsonl:6: not valid")):
+        with pytest.raises(SystemExit) as e:
+            minillm.main(argv + extra)
+        assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # the run is untouched
+    capsys.readouterr()
+    minillm.main(argv + ["--resume", "--device", "cpu"])  # finished: reused, nothing trained or written
+    assert capsys.readouterr().out.strip() == f"{out} has finished (4 steps): reusing {out / 'best.pt'}"
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    (out / "step-000099.pt").write_bytes(b"an old checkpoint")
+    minillm.main(argv + ["--overwrite", "--max_steps", "2"])  # replaced: a new run in the same folder
+    log = open(out / "log.txt").read()
+    assert log.count("# settings") == 1 and "done: 2 steps" in log and not (out / "step-000099.pt").exists()
