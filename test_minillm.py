@@ -1081,7 +1081,11 @@ def test_more_bad_inputs_are_one_clear_line(tmp_path):
              (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "small.pt")],
               "small.pt: vocabulary of 1000 tokens is smaller than the builtin tokenizer's 1623"),
              (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"),
-               "--max_new_tokens", "64"], "--max_new_tokens 64 leaves no room for a prompt in block_size 64")]
+               "--max_new_tokens", "64"], "--max_new_tokens 64 leaves no room for a prompt in block_size 64"),
+             (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"),
+               "--max_new_tokens", "8", "--max_prompt_length", "3"], "builtin: 0 usable training prompts, fewer than --rollout_size 64"),
+             (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--max_new_tokens",
+               "8", "--pt_data", str(tmp_path / "missing.txt")], "missing.txt: no such file")]
     if not torch.cuda.is_available():
         cases.append((["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"),
                        "--device", "cuda"], "--device cuda was asked for, but no CUDA GPU is available"))
@@ -1089,6 +1093,7 @@ def test_more_bad_inputs_are_one_clear_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             minillm.main(base + argv)
         assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value), e.value
+        assert not (tmp_path / "o").exists()  # nothing written
 
 # -----------------------------------------------------------------------------
 # Resume after a crash, and run folders that never mix two runs
@@ -1211,3 +1216,35 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path, 
     minillm.main(argv + ["--overwrite", "--max_steps", "2"])  # replaced: a new run in the same folder
     log = open(out / "log.txt").read()
     assert log.count("# settings") == 1 and "done: 2 steps" in log and not (out / "step-000099.pt").exists()
+
+
+def test_no_nan_from_empty_responses_masked_batches_and_extreme_logits():
+    from contextlib import nullcontext
+    enc = data.get_encoding("builtin")
+    teacher, student = eos_teacher(enc, p_eos=1 - 1e-7), eos_teacher(enc, p_eos=1 - 1e-7)  # EOS first: empty answers
+    student.train()
+    args = minillm.get_args(["--rollout_size", "4", "--batch_size", "4", "--max_new_tokens", "6", "--lm_coef", "0"])
+    args.eos_id = enc.eot_token
+    prompts = [enc.encode_ordinary(data.prompt_text(r, "builtin")) for r in data.make_builtin(8, 1, 1)["train"][:8]]
+    for whiten in (False, True):
+        args.whiten = whiten
+        mb = next(minillm.rollout_batches(student, teacher, prompts, args, torch.device("cpu")))
+        assert (mb["mask"].sum(1) == 1).all() and (mb["tokens"][:, 0] == enc.eot_token).all()  # EOS, nothing else
+        for name, batch in (("empty responses", mb), ("every token masked", {**mb, "mask": torch.zeros_like(mb["mask"])})):
+            student.zero_grad()
+            loss, stats = minillm.minillm_loss(student, teacher, batch, args, nullcontext())
+            loss.backward()
+            assert torch.isfinite(loss) and all(math.isfinite(float(v)) for v in stats.values()), name
+            assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None), name
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 97, generator=g) * 1e4, torch.randn(6, 97, generator=g) * 1e4  # extreme logits
+    y = torch.tensor([3, -100, 5, 7, 0, 96])
+    for use in (True, False):
+        kernels.USE_TRITON = use
+        try:
+            s_k = s.clone().requires_grad_()
+            kl, lq, lp = kernels.reverse_kl(s_k, t, y)
+            (kl + lq).sum().backward()
+            assert all(torch.isfinite(v).all() for v in (kl, lq, lp, s_k.grad)), f"triton {use}"
+        finally:
+            kernels.USE_TRITON = None
