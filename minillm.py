@@ -658,8 +658,10 @@ def reverse_kl_k3(student, teacher, prompts, args, generator):
 
 
 @torch.no_grad()
-def validation_loss(model, pairs, batch_size, device, ctx):
-    """Token-weighted mean cross-entropy over the response tokens of every validation example."""
+def validation_loss(model, pairs, batch_size, device, ctx, chunk=8192):
+    """Token-weighted mean cross-entropy over the response tokens of every validation example. lm_head is applied
+    to the response tokens only, `chunk` at a time: with a 50,257-token vocabulary the (batch, length, V) logits
+    of a whole batch would take gigabytes."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -667,10 +669,12 @@ def validation_loss(model, pairs, batch_size, device, ctx):
         x, y = data.collate(pairs[i:i + batch_size], pad_id=0)
         x, y = x.to(device), y.to(device)
         with ctx:
-            logits, _ = model(x)
-        n = (y != -100).sum().item()
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
-        count += n
+            h, _ = model(x, hidden=True)
+            h, y = h[y != -100], y[y != -100]  # (n, C), (n,): the response tokens
+            for j in range(0, len(y), chunk):
+                logits = model.lm_head(h[j:j + chunk]).float()
+                total += F.cross_entropy(logits, y[j:j + chunk], reduction="sum").item()
+        count += len(y)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -1197,7 +1201,7 @@ def builtin_default(args):
             print(f"{label:<9}{'greedy' if greedy else 'sampled':>8}{model.num_params() / 1e6:8.3f}M{loss:9.3f}"
                   f"{rkl:8.2f}" + "".join(f"{v[f]:8.1%}" for f in data.FAMILIES + ["all"]))
     print(f"built-in pipeline: {time.time() - t_all:.0f}s (" +
-          ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + ")")
+          (", ".join(f"{k} {v:.0f}s" for k, v in times.items()) or "every stage reused") + ")")
 
 
 def get_args(argv=None):

@@ -1248,3 +1248,15 @@ def test_no_nan_from_empty_responses_masked_batches_and_extreme_logits():
             assert all(torch.isfinite(v).all() for v in (kl, lq, lp, s_k.grad)), f"triton {use}"
         finally:
             kernels.USE_TRITON = None
+
+
+def test_validation_loss_on_response_tokens_in_chunks_equals_the_whole_logits():
+    from contextlib import nullcontext
+    enc = data.get_encoding("builtin")
+    pairs, _ = data.tokenize(data.make_builtin(20, 1, 1)["train"], enc, "builtin", 64, 64)
+    model = tiny(vocab_size=enc.n_vocab, block_size=64)
+    x, y = data.collate(pairs, pad_id=0)
+    whole = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), ignore_index=-100).item()
+    for chunk in (7, 8192):  # chunks that split the batch's response tokens, and one chunk for all
+        got = minillm.validation_loss(model, pairs, 6, "cpu", nullcontext(), chunk=chunk)
+        assert abs(got - whole) < 1e-5, (chunk, got, whole)
