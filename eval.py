@@ -24,6 +24,7 @@ import csv
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -323,6 +324,9 @@ def main(argv=None):
         print(f"(mean ± std over seeds {args.seeds}; {len(splits['test'])} test prompts) -> {args.out}/")
     except (data.DataError, minillm.InputError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except minillm.Stopped as e:  # --table1 after a SIGTERM: run it again to go on
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
 
 
 # The built-in Table 1: each student starts from the same SFT student and trains until its validation score (the
@@ -385,4 +389,5 @@ def table1(args):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: minillm.SIGTERMS.append(time.time()))  # --table1: a graceful stop
     main()

@@ -11,13 +11,14 @@ MiniLLM: knowledge distillation of a small GPT student from a larger GPT teacher
     python minillm.py --bench generate                             # KV-cache vs recomputation benchmark
     python minillm.py --bench minillm                              # MiniLLM steps at GPT-2 scale (a GPU)
     torchrun --nproc_per_node=N minillm.py --method ...            # any method on N processes (DDP)
+    python minillm.py ... --resume                                 # go on after a crash or SIGTERM, exactly
 
 Follows Gu, Dong, Wei, Huang, "MiniLLM: Knowledge Distillation of Large Language Models" (ICLR 2024).
 This file holds, top to bottom: the run settings, the GPT model (GPT-2 layout and parameter names), generation
-with a KV cache, teacher-mixed rollouts, the MiniLLM objective (Eq. 2-7), checkpoints, one training loop for
-supervised fine-tuning (Algorithm 1, step 1), the KD and SeqKD baselines and MiniLLM (Algorithm 1, step 2), the
-validity evaluation of the built-in task, and main. Data and tokenizers live in data.py, the fused reverse-KL
-kernel in kernels.py.
+with a KV cache, teacher-mixed rollouts, the MiniLLM objective (Eq. 2-7), checkpoints, run folders (resume), one
+training loop for supervised fine-tuning (Algorithm 1, step 1), the KD and SeqKD baselines and MiniLLM (Algorithm
+1, step 2), the validity evaluation of the built-in task, and main. Data and tokenizers live in data.py, the
+fused reverse-KL kernel in kernels.py.
 
 What this version simplifies or changes (relative to the paper and its official code):
 - The built-in task is a small procedurally generated instruction world (data.py) so that the whole method runs
@@ -38,6 +39,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -56,6 +58,13 @@ import kernels
 
 class InputError(Exception):
     """A checkpoint, device or length that cannot be used. The message is one line naming the problem."""
+
+
+class Stopped(Exception):
+    """SIGTERM (what a scheduler sends before it preempts a job) stopped the run after a checkpoint."""
+
+
+SIGTERMS = []  # main() appends to it on SIGTERM; train() then writes a checkpoint and stops at its next step
 
 # -----------------------------------------------------------------------------
 # Model configuration
@@ -392,6 +401,9 @@ def save_checkpoint(path, model, optimizer, step, args, tokenizer, metrics, stat
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint whole
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    os.fsync(folder)  # and the rename itself reaches the disk
+    os.close(folder)
 
 
 def read_checkpoint(path, device="cpu"):
@@ -561,7 +573,9 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
     shuffle = torch.Generator().manual_seed(seed)  # mini-batch order
     state = {} if state is None else state
     if state:  # a resumed run
-        rng.setstate(state["rng"]), gen.set_state(state["gen"]), shuffle.set_state(state["shuffle"])
+        rng.setstate(state["rng"])
+        gen.set_state(state["gen"])
+        shuffle.set_state(state["shuffle"])
         state["round"] = {k: v.to(device) for k, v in state["round"].items()}
     while True:
         if not state.get("todo"):  # a new round
@@ -948,11 +962,12 @@ def train(args):
             if args.patience and step - best_step >= args.patience * args.eval_interval:
                 log(f"no better validation score in {args.patience} evaluations: stopping (--patience)")
                 last = True
-        if world > 1:  # process 0's clock and validation decide for all
-            flag = torch.tensor(float(last), device=device)
-            dist.broadcast(flag, 0)
-            last = bool(flag.item())
-        periodic = step % (args.save_interval or args.eval_interval) == 0 and step > start
+        term = bool(SIGTERMS)
+        if world > 1:  # process 0's clock and validation decide for all; a SIGTERM to any process stops all
+            flag = torch.tensor([float(last and rank == 0), float(term)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            last, term = bool(flag[0]), bool(flag[1])
+        periodic = step % (args.save_interval or args.eval_interval) == 0 and step > start or term
         if last or periodic:  # (under torchrun every process gives its random state)
             state = {"best": best, "best_step": best_step, "tokens": tokens, "bad_steps": bad_steps,
                      "elapsed": time.time() - t_start, "ranks": run_state(device, log_gen, rollout_state, world)}
@@ -961,6 +976,9 @@ def train(args):
                             metrics, state)
             for old in sorted(f for f in os.listdir(args.out) if re.fullmatch(r"step-\d+\.pt", f))[:-args.keep]:
                 os.remove(os.path.join(args.out, old))  # the last --keep are kept
+        if term and not last:
+            log(f"step {step}: SIGTERM: stopped after writing step-{step:06d}.pt; --resume goes on from it")
+            raise Stopped(f"SIGTERM at step {step}: {args.out}/step-{step:06d}.pt written; --resume goes on from it")
         if last:
             break
         lr = get_lr(step, args)
@@ -1270,7 +1288,8 @@ def get_args(argv=None):
     # bookkeeping
     ap.add_argument("--eval_interval", type=int, default=500, help="steps between validation losses")
     ap.add_argument("--log_interval", type=int, default=250)
-    ap.add_argument("--save_interval", type=int, help="steps between checkpoints for --resume (default: --eval_interval)")
+    ap.add_argument("--save_interval", type=int,
+                    help="steps between the checkpoints that --resume goes on from (default: --eval_interval)")
     ap.add_argument("--keep", type=int, default=2, help="how many of those checkpoints to keep")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
@@ -1296,7 +1315,11 @@ def main(argv=None):
             builtin_default(args)
     except (data.DataError, InputError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: SIGTERMS.append(time.time()))  # a graceful stop: see train()
     main()

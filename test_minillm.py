@@ -1083,7 +1083,8 @@ def test_more_bad_inputs_are_one_clear_line(tmp_path):
              (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"),
                "--max_new_tokens", "64"], "--max_new_tokens 64 leaves no room for a prompt in block_size 64"),
              (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"),
-               "--max_new_tokens", "8", "--max_prompt_length", "3"], "builtin: 0 usable training prompts, fewer than --rollout_size 64"),
+               "--max_new_tokens", "8", "--max_prompt_length", "3"],
+              "builtin: 0 usable training prompts, fewer than --rollout_size 64"),
              (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--max_new_tokens",
                "8", "--pt_data", str(tmp_path / "missing.txt")], "missing.txt: no such file")]
     if not torch.cuda.is_available():
@@ -1099,18 +1100,18 @@ def test_more_bad_inputs_are_one_clear_line(tmp_path):
 # Resume after a crash, and run folders that never mix two runs
 
 
-def training_lines(folder, first_step=0, after=None):
-    """The step lines of a run's log from the training step first_step on (a checkpoint of step N is written after
-    its validation, before its training step), without the clock (seconds, tok/s, ETA); with `after`, only the
-    lines that follow the last line containing it."""
-    lines = open(os.path.join(folder, "log.txt")).read().splitlines()
-    if after:
-        lines = lines[max(i for i, line in enumerate(lines) if after in line) + 1:]
+def training_lines(text, first_step=0):
+    """The step lines of a log's text from the training step first_step on (a checkpoint of step N is written after
+    its validation, before its training step), without the clock (seconds, tok/s, ETA)."""
     step = lambda line: int(line.split()[1].rstrip(":"))
-    lines = [line for line in lines if line.startswith("step ") and
+    lines = [line for line in text.splitlines() if line.startswith("step ") and " | " in line and
              (step(line) > first_step or step(line) == first_step and "| val " not in line)]
     return [line.split(" tok/s")[0].rsplit(" | ", 1)[0] if "tok/s" in line else line.rsplit(" | ", 1)[0]
             for line in lines]
+
+
+def log_of(folder):
+    return open(os.path.join(folder, "log.txt")).read()
 
 
 def same_weights(a, b):
@@ -1118,7 +1119,7 @@ def same_weights(a, b):
                                                  minillm.read_checkpoint(b)["model"].values()))
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path):
+def test_sigterm_and_sigkill_then_resume_give_the_uninterrupted_run(tmp_path):
     import signal
     import time
     enc = data.get_encoding("builtin")
@@ -1126,31 +1127,48 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path):
     for name, model in (("teacher", eos_teacher(enc)), ("student", student)):  # dropout: the torch RNG matters
         minillm.save_checkpoint(str(tmp_path / f"{name}.pt"), model, None, 0, None, "builtin", {})
     argv = [sys.executable, os.path.join(HERE, "minillm.py"), "--method", "minillm", "--teacher",
-            str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--max_steps", "30",
+            str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--max_steps", "40",
             "--eval_interval", "10", "--save_interval", "5", "--log_interval", "1", "--rollout_size", "8",
             "--batch_size", "4", "--ppo_epochs", "3", "--max_new_tokens", "8", "--n_train", "70", "--n_valid", "14",
             "--n_test", "14", "--lm_coef", "1", "--pt_length", "16", "--warmup_steps", "1", "--lr", "1e-2",
             "--device", "cpu"]  # MiniLLM with L_PT: the rollout round, the text stream and four RNGs to resume
-    run = lambda out, *extra: subprocess.run(argv + ["--out", str(tmp_path / out), *extra], cwd=tmp_path,
-                                             capture_output=True, text=True, timeout=240)
-    r = run("whole")
+    r = subprocess.run(argv + ["--out", str(tmp_path / "whole")], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
-    proc = subprocess.Popen(argv + ["--out", str(tmp_path / "killed")], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 200
-    while not (tmp_path / "killed" / "step-000010.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "last.pt").exists(), "the run ended before it was killed"
-    r = run("killed", "--resume")
+    out = tmp_path / "stopped"
+
+    def stop_when(checkpoint, sig, *extra):
+        """Starts the run (with extra flags) and sends it sig once `checkpoint` exists; returns its stderr."""
+        proc = subprocess.Popen(argv + ["--out", str(out), *extra], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 200
+        while not (out / checkpoint).exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=200)
+        assert proc.returncode in (128 + signal.SIGTERM, -signal.SIGKILL), (proc.returncode, err[-2000:])
+        assert not (out / "last.pt").exists(), "the run ended before the signal"
+        return err
+    # SIGTERM (a scheduler's notice): a checkpoint at the next step, then exit 143 with one line
+    err = stop_when("step-000010.pt", signal.SIGTERM)
+    stopped_at = int(err.split("SIGTERM at step ")[1].split(":")[0])
+    assert err.strip().splitlines()[-1].startswith("stopped: SIGTERM at step") and stopped_at >= 10
+    assert (out / f"step-{stopped_at:06d}.pt").exists()
+    stop_when("step-000025.pt", signal.SIGKILL, "--resume")  # then SIGKILL in the middle of the resumed run
+    r = subprocess.run(argv + ["--out", str(out), "--resume"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     step = int(r.stdout.split("(step ")[1].split(")")[0])  # "resuming from .../step-0000N.pt (step N)"
-    assert step >= 10 and "resuming from" in r.stdout
-    resumed = training_lines(tmp_path / "killed", after="resuming from")
-    assert len(resumed) >= 30 - step and resumed == training_lines(tmp_path / "whole", first_step=step)
-    assert same_weights(tmp_path / "whole" / "last.pt", tmp_path / "killed" / "last.pt")
-    assert same_weights(tmp_path / "whole" / "best.pt", tmp_path / "killed" / "best.pt")
+    assert step >= 25
+    # each resumed part of the log: the lines of the uninterrupted run from its step on (the killed part stops
+    # somewhere after step 25: a prefix)
+    runs = log_of(out).split("resuming from")
+    assert len(runs) == 3 and f"step-{stopped_at:06d}.pt (step {stopped_at})" in runs[1]
+    for text, at, complete in ((runs[0], 0, False), (runs[1], stopped_at, False), (runs[2], step, True)):
+        lines, whole = training_lines(text, at), training_lines(log_of(tmp_path / "whole"), at)
+        assert lines == whole if complete else (len(lines) >= 10 and lines == whole[:len(lines)])
+    assert same_weights(tmp_path / "whole" / "last.pt", out / "last.pt")
+    assert same_weights(tmp_path / "whole" / "best.pt", out / "best.pt")
 
 
 def test_crash_then_resume_falls_back_past_a_damaged_checkpoint(tmp_path, monkeypatch):
@@ -1177,7 +1195,8 @@ def test_crash_then_resume_falls_back_past_a_damaged_checkpoint(tmp_path, monkey
     minillm.train(minillm.get_args(argv + ["--out", str(tmp_path / "crashed"), "--resume"]))
     log = open(tmp_path / "crashed" / "log.txt").read()
     assert f"warning: {newest}: not a loadable checkpoint" in log and "step-000004.pt (step 4)" in log
-    assert training_lines(tmp_path / "crashed", after="resuming from") == training_lines(tmp_path / "whole", 4)
+    resumed = log_of(tmp_path / "crashed").split("resuming from")[1]
+    assert training_lines(resumed, 4) == training_lines(log_of(tmp_path / "whole"), 4)
     assert same_weights(tmp_path / "whole" / "last.pt", tmp_path / "crashed" / "last.pt")
     newest.write_bytes(b"")  # every checkpoint damaged: one line, no fresh start over the run
     (tmp_path / "crashed" / "step-000004.pt").write_bytes(b"junk")
@@ -1230,7 +1249,8 @@ def test_no_nan_from_empty_responses_masked_batches_and_extreme_logits():
         args.whiten = whiten
         mb = next(minillm.rollout_batches(student, teacher, prompts, args, torch.device("cpu")))
         assert (mb["mask"].sum(1) == 1).all() and (mb["tokens"][:, 0] == enc.eot_token).all()  # EOS, nothing else
-        for name, batch in (("empty responses", mb), ("every token masked", {**mb, "mask": torch.zeros_like(mb["mask"])})):
+        masked = {**mb, "mask": torch.zeros_like(mb["mask"])}
+        for name, batch in (("empty responses", mb), ("every token masked", masked)):
             student.zero_grad()
             loss, stats = minillm.minillm_loss(student, teacher, batch, args, nullcontext())
             loss.backward()
