@@ -413,6 +413,8 @@ def read_checkpoint(path, device="cpu"):
         raise InputError(f"{path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
+    except OSError as e:  # unreadable: permissions, a disk error
+        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
     except Exception as e:  # pickled objects weights_only refuses; a truncated or damaged file; not a torch file
         found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
         if found:
@@ -1162,6 +1164,8 @@ def distributed(device):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # this process's GPU, for NCCL's collectives (all_gather_object too)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world

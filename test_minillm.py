@@ -396,6 +396,16 @@ def test_refuses_pickled_code(tmp_path):
         minillm.load_checkpoint(str(tmp_path / "junk.pt"))
     with pytest.raises(minillm.InputError, match="no such checkpoint"):
         minillm.load_checkpoint(str(tmp_path / "missing.pt"))
+    (tmp_path / "locked.pt").write_bytes(b"")  # unreadable (root reads anything: the error is simulated)
+
+    def no_permission(path, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+    real, torch.load = torch.load, no_permission
+    try:
+        with pytest.raises(minillm.InputError, match="locked.pt: cannot read it \\(Permission denied\\)"):
+            minillm.load_checkpoint(str(tmp_path / "locked.pt"))
+    finally:
+        torch.load = real
 
 
 def test_cli_bad_data_is_one_clear_line(tmp_path):
@@ -432,6 +442,11 @@ def test_unloadable_dataset_is_one_line(tmp_path):
 
 
 def test_builtin_default_trains_then_reuses(tmp_path, monkeypatch, capsys):
+    import socket
+
+    def no_network(*args):
+        raise AssertionError(f"the default path tried to reach the network: {args}")
+    monkeypatch.setattr(socket.socket, "connect", no_network)  # nothing downloaded, nothing sent
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(kernels, "USE_TRITON", False)  # the reference: the interpreter is slow (the kernel has tests)
     argv = ["--out", str(tmp_path / "out"), "--teacher_steps", "10", "--student_steps", "10", "--minillm_steps", "4",
