@@ -1190,7 +1190,8 @@ def test_crash_then_resume_falls_back_past_a_damaged_checkpoint(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     argv = ["--method", "sft", "--model", "student", "--dropout", "0.1", "--max_steps", "12", "--eval_interval", "4",
             "--log_interval", "1", "--n_train", "350", "--n_valid", "35", "--n_test", "35", "--batch_size", "8",
-            "--lm_coef", "1", "--pt_length", "16", "--warmup_steps", "1"]  # (the batches and the L_PT stream)
+            "--lm_coef", "1", "--pt_length", "16", "--warmup_steps", "1",
+            "--device", "cpu"]  # (the batches and the L_PT stream; bit-exact on the CPU)
     minillm.train(minillm.get_args(argv + ["--out", str(tmp_path / "whole"), "--keep", "1"]))
     assert sorted(p.name for p in (tmp_path / "whole").glob("*.pt")) == ["best.pt", "last.pt", "step-000008.pt"]
     real = minillm.get_lr
