@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import data
@@ -319,15 +320,21 @@ def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = []
     for t in range(max_new_tokens):
-        log_q = F.log_softmax(s_logits, -1)             # (B, V)
-        log_p = F.log_softmax(t_logits[:, :V], -1)      # (B, V); a teacher padded past V is sliced
-        p_mix = alpha * log_p.exp() + (1 - alpha) * log_q.exp()  # Eq. 4
-        token = torch.multinomial(p_mix, 1, generator=generator)  # (B, 1)
-        live = ~done
-        steps.append((torch.where(live, token[:, 0], eos_id), live, log_q.gather(1, token)[:, 0],
-                      log_p.gather(1, token)[:, 0], p_mix.gather(1, token)[:, 0].log()))
-        done |= token[:, 0] == eos_id
-        if done.all() or t == max_new_tokens - 1:
+        if done.all():  # (a sharded teacher only: the other processes' rows are not done, and it steps with them)
+            token = torch.full((B, 1), eos_id, device=device)
+        else:
+            log_q = F.log_softmax(s_logits, -1)             # (B, V)
+            log_p = F.log_softmax(t_logits[:, :V], -1)      # (B, V); a teacher padded past V is sliced
+            p_mix = alpha * log_p.exp() + (1 - alpha) * log_q.exp()  # Eq. 4
+            token = torch.multinomial(p_mix, 1, generator=generator)  # (B, 1)
+            live = ~done
+            steps.append((torch.where(live, token[:, 0], eos_id), live, log_q.gather(1, token)[:, 0],
+                          log_p.gather(1, token)[:, 0], p_mix.gather(1, token)[:, 0].log()))
+            done |= token[:, 0] == eos_id
+        finished = done.all().float()
+        if isinstance(teacher, FSDPModule):  # every process runs each forward of a sharded teacher together
+            dist.all_reduce(finished, op=dist.ReduceOp.MIN)
+        if finished or t == max_new_tokens - 1:
             break
         s_logits, t_logits = decode(student, s_cache, token[:, 0]), decode(teacher, t_cache, token[:, 0])
     tokens, mask, logq_old, logp, log_pmix = (torch.stack(x, 1) for x in zip(*steps))  # (B, n) each
@@ -837,6 +844,14 @@ def load_models(args, device):
     if teacher is not None and teacher.config.vocab_size < student.config.vocab_size:
         raise InputError(f"{args.teacher}: vocabulary {teacher.config.vocab_size} is smaller than the student's "
                          f"{student.config.vocab_size}")
+    if args.shard_teacher:  # FSDP: each process keeps 1/world of every teacher weight and gathers a block's
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2 or teacher is None:  # weights just for its forward
+            raise InputError("--shard_teacher needs a teacher and torchrun with 2 or more processes")
+        if args.method == "seqkd" or args.chunk:
+            raise InputError("--shard_teacher works with kd and minillm, without --chunk")
+        for block in teacher.transformer.h:
+            fully_shard(block)
+        fully_shard(teacher)
     return student, teacher, tokenizer
 
 
@@ -936,6 +951,9 @@ def train(args):
     if world > 1:
         log(f"{world} processes ({dist.get_backend()}): each takes 1/{world} of every batch")
         fwd = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.shard_teacher:
+        here = sum(p.to_local().numel() for p in teacher.parameters())
+        log(f"teacher sharded (FSDP): {here / 1e6:.3f}M of its {teacher.num_params() / 1e6:.3f}M parameters here")
 
     best, best_step, tokens, t_start, bad_steps, metrics = -math.inf, 0, 0, time.time(), 0, {}
     log_gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # the logged rkl's samples
@@ -951,14 +969,16 @@ def train(args):
     for step in range(start, args.max_steps + 1):
         elapsed = time.time() - t_start
         last = step == args.max_steps or (args.max_minutes and elapsed > args.max_minutes * 60)
-        if rank == 0 and (step % args.eval_interval == 0 or last) and not (ckpt and step == start):
+        validates = rank == 0 or args.shard_teacher  # (a sharded teacher runs on every process or on none)
+        if validates and (step % args.eval_interval == 0 or last) and not (ckpt and step == start):
             metrics = validate(student, teacher, val, args, ctx)  # (a resumed run validated this step before)
             if not all(map(math.isfinite, metrics.values())):
                 raise FloatingPointError(f"step {step}: validation {metrics}; stopping (lower --lr?)")
             score = selection_score(metrics, args.method)
             if score > best:
                 best, best_step = score, step
-                save_checkpoint(best_path, student, None, step, args, tokenizer, metrics)
+                if rank == 0:
+                    save_checkpoint(best_path, student, None, step, args, tokenizer, metrics)
             log(f"step {step:5d} | " + " | ".join(f"val {k} {v:.4f}" for k, v in metrics.items()) +
                 f" | best: step {best_step} | {elapsed:6.1f}s")
             if args.patience and step - best_step >= args.patience * args.eval_interval:
@@ -1021,7 +1041,7 @@ def train(args):
         bad_steps = 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % args.log_interval == 0 and rank == 0:
+        if step % args.log_interval == 0 and validates:
             if teacher is not None:  # the quantity MiniLLM minimizes, on 16 validation prompts
                 stats = {"rkl": reverse_kl_k3(student, teacher, val["prompts"][:16], args, log_gen)[0], **stats}
             elapsed = time.time() - t_start
@@ -1038,6 +1058,7 @@ def train(args):
         save_checkpoint(last_path, student, optimizer, step, args, tokenizer, metrics, state)  # the run is finished
     if world > 1:
         dist.barrier()  # the checkpoints exist before any process returns
+        dist.destroy_process_group()
     return best_path
 
 # -----------------------------------------------------------------------------
@@ -1269,6 +1290,8 @@ def get_args(argv=None):
     # the official code's variants (the paper's choice is the default; see ../shared/MINILLM.md section 5)
     ap.add_argument("--gamma", type=float, default=1.0, help="discount of the long-term return [paper 1, code 0.95]")
     ap.add_argument("--whiten", action="store_true", help="whiten the advantages over each round (official code)")
+    ap.add_argument("--shard_teacher", action="store_true",
+                    help="torchrun: each process keeps 1/N of the teacher's weights (FSDP) instead of all of them")
     ap.add_argument("--chunk", type=int, default=0,
                     help="minillm: compute the logits and the single-step term this many tokens at a time (0: all)")
     # optimization

@@ -1040,9 +1040,9 @@ def test_two_processes_with_gloo_take_the_single_process_step(tmp_path):
         assert_close(b, a, 1e-6, f"{name} after one step, 2 processes vs 1")
     assert "2 processes (gloo)" in open(tmp_path / "ddp" / "log.txt").read()
     # MiniLLM under torchrun: each process rolls out half of each round; process 0 writes the checkpoints
-    for name, seed in (("teacher", 1), ("student", 0)):
-        minillm.save_checkpoint(str(tmp_path / f"{name}.pt"), tiny(vocab_size=1623, block_size=64, seed=seed), None,
-                                0, None, "builtin", {})
+    enc = data.get_encoding("builtin")  # models that say EOS often: the processes' rollouts end at different steps
+    for name, p_eos in (("teacher", 0.6), ("student", 0.4)):
+        minillm.save_checkpoint(str(tmp_path / f"{name}.pt"), eos_teacher(enc, p_eos), None, 0, None, "builtin", {})
     r = subprocess.run(torchrun + [os.path.join(HERE, "minillm.py"), "--method", "minillm", "--teacher",
                                    str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--out",
                                    str(tmp_path / "mllm"), "--max_steps", "4", "--rollout_size", "8", "--batch_size",
@@ -1056,6 +1056,26 @@ def test_two_processes_with_gloo_take_the_single_process_step(tmp_path):
     r = subprocess.run(r.args, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0 and "step-000003.pt (step 3)" in r.stdout, r.stderr[-2000:]
     assert same_weights(tmp_path / "whole.pt", tmp_path / "mllm" / "last.pt")
+    # the teacher sharded (FSDP): each process holds half of it; the run is the same run
+    args = r.args[:r.args.index("--out") + 1] + [str(tmp_path / "sharded")] + r.args[r.args.index("--out") + 2:]
+    r = subprocess.run(args + ["--shard_teacher"], cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n = eos_teacher(enc).num_params()
+    assert f"teacher sharded (FSDP): {n / 2e6:.3f}M of its {n / 1e6:.3f}M parameters here" in r.stdout, r.stdout
+    whole, sharded = (minillm.read_checkpoint(str(p))["model"] for p in (tmp_path / "whole.pt",
+                                                                          tmp_path / "sharded" / "last.pt"))
+    for name in whole:
+        assert_close(sharded[name], whole[name], 1e-6, f"{name}: sharded teacher vs whole")
+    kd = [os.path.join(HERE, "minillm.py"), "--method", "kd", "--teacher", str(tmp_path / "teacher.pt"), "--init",
+          str(tmp_path / "student.pt"), "--max_steps", "2", "--batch_size", "8", "--max_new_tokens", "6", "--n_train",
+          "350", "--n_valid", "35", "--n_test", "35", "--device", "cpu"]
+    for name, extra in (("kd", []), ("kd-sharded", ["--shard_teacher"])):
+        r = subprocess.run(torchrun + kd + ["--out", str(tmp_path / name)] + extra, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=240, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+    whole, sharded = (minillm.read_checkpoint(str(tmp_path / name / "last.pt"))["model"] for name in ("kd", "kd-sharded"))
+    for name in whole:
+        assert_close(sharded[name], whole[name], 1e-6, f"{name}: kd, sharded teacher vs whole")
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
@@ -1101,7 +1121,9 @@ def test_more_bad_inputs_are_one_clear_line(tmp_path):
                "--max_new_tokens", "8", "--max_prompt_length", "3"],
               "builtin: 0 usable training prompts, fewer than --rollout_size 64"),
              (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--max_new_tokens",
-               "8", "--pt_data", str(tmp_path / "missing.txt")], "missing.txt: no such file")]
+               "8", "--pt_data", str(tmp_path / "missing.txt")], "missing.txt: no such file"),
+             (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--max_new_tokens",
+               "8", "--shard_teacher"], "--shard_teacher needs a teacher and torchrun with 2 or more processes")]
     if not torch.cuda.is_available():
         cases.append((["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"),
                        "--device", "cuda"], "--device cuda was asked for, but no CUDA GPU is available"))
