@@ -14,6 +14,6 @@ timeout 200 python3 -m pytest test_minillm.py -q -rs -k "not dolly and not pretr
 timeout 60 python3 minillm.py --bench generate 2>&1 | tee "$OUT/bench_generate.txt"
 for method in kd seqkd minillm; do
     timeout 90 python3 minillm.py --method $method --teacher out/teacher/best.pt --init out/student-sft/best.pt \
-        --out /tmp/gpu-$method --max_steps 60 --log_interval 20 --eval_interval 30 --lm_coef 0 2>&1 | grep -v settings
+        --out /tmp/gpu-$method --overwrite --max_steps 60 --log_interval 20 --eval_interval 30 --lm_coef 0 2>&1 | grep -v settings
 done | tee "$OUT/methods.txt"
 [ "${BENCH:-1}" = 0 ] || timeout 240 python3 kernels.py 2>&1 | tee "$OUT/kernels.txt"
