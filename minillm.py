@@ -737,7 +737,8 @@ def selection_score(metrics, method):
 #   log.txt, teacher_responses_N.jsonl (seqkd)
 # Two runs never share a folder: one that holds a run is refused unless --resume (go on with it, if it was made
 # with the same settings) or --overwrite (replace it).
-RUN_FILES = re.compile(r"step-\d+\.pt|last\.pt|best\.pt|log\.txt|hf|teacher_responses_\d+\.jsonl")
+STEP_FILE = re.compile(r"step-\d+\.pt")
+RUN_FILES = re.compile(STEP_FILE.pattern + r"|last\.pt|best\.pt|log\.txt|hf|teacher_responses_\d+\.jsonl")
 NOT_SETTINGS = {"out", "resume", "overwrite", "device", "compile", "max_minutes", "log_interval", "save_interval",
                 "keep", "eos_id", "bench", "teacher_steps", "student_steps", "minillm_steps"}  # a resume may change
 
@@ -751,7 +752,7 @@ def open_run(args):
     if not args.resume:
         raise InputError(f"{args.out}: holds a run already ({', '.join(files[:4])}): --resume continues it, "
                          "--overwrite replaces it")
-    steps = sorted((f for f in files if f.startswith("step-")), reverse=True)  # newest first
+    steps = sorted((f for f in files if STEP_FILE.fullmatch(f)), reverse=True)  # newest first
     candidates, warnings = ["last.pt"] * ("last.pt" in files) + steps + ["best.pt"] * ("best.pt" in files), []
     for name in candidates:
         path = os.path.join(args.out, name)
@@ -996,7 +997,7 @@ def train(args):
         if rank == 0 and periodic and not last:
             save_checkpoint(os.path.join(args.out, f"step-{step:06d}.pt"), student, optimizer, step, args, tokenizer,
                             metrics, state)
-            for old in sorted(f for f in os.listdir(args.out) if re.fullmatch(r"step-\d+\.pt", f))[:-args.keep]:
+            for old in sorted(f for f in os.listdir(args.out) if STEP_FILE.fullmatch(f))[:-args.keep]:
                 os.remove(os.path.join(args.out, old))  # the last --keep are kept
         if term and not last:
             log(f"step {step}: SIGTERM: stopped after writing step-{step:06d}.pt; --resume goes on from it")
