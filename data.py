@@ -251,6 +251,19 @@ def is_valid(example, response):
 # Splits: disjoint by prompt where the family's prompt space allows it (a stable hash of the instruction picks the
 # split: 10% test, 10% valid, 80% train); families in REPEATING draw prompts freely, as real data repeats facts.
 
+_scorer = None
+
+
+def rouge_l(prediction, references):
+    """Rouge-L F-measure x 100 of one response, the maximum over its references: the paper's metric, from the
+    rouge-score package (RougeScorer(['rougeL'], use_stemmer=True))."""
+    global _scorer
+    if _scorer is None:
+        from rouge_score import rouge_scorer  # imported here: only evaluation needs it
+        _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return 100 * max(_scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
 def prompt_split(instruction):
     bucket = zlib.crc32(instruction.encode()) % 10
     return "test" if bucket == 0 else "valid" if bucket == 1 else "train"
@@ -349,10 +362,16 @@ def get_encoding(name):
         return builtin_encoding()
     if name == "builtin-bytes":
         return builtin_encoding(word_level=False)
+    tiktoken = _tiktoken()
+    if name not in tiktoken.list_encoding_names():
+        raise DataError(f"tokenizer {name}: unknown (builtin, or a tiktoken encoding: "
+                        f"{', '.join(tiktoken.list_encoding_names())})")
     try:
-        return _tiktoken().get_encoding(name)
-    except Exception as e:  # unknown name, or offline before tiktoken has cached the file
-        raise DataError(f"tokenizer {name}: could not load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # offline before tiktoken has cached the file
+        raise DataError(f"tokenizer {name}: tiktoken fetches its file once from the internet and could not "
+                        f"({type(e).__name__}): run once with the network (it is then cached), or use "
+                        "--tokenizer builtin for small experiments offline") from None
 
 # -----------------------------------------------------------------------------
 # Loading instruction data: builtin, dolly (Hugging Face hub or a local copy), or the user's own files

@@ -41,18 +41,6 @@ BUCKETS = ((0, 5), (6, 10), (11, math.inf))  # reference length in words, as the
 # Metrics
 
 
-_scorer = None
-
-
-def rouge_l(prediction, references):
-    """Rouge-L F-measure x 100 of one response, the maximum over its references (the paper's metric)."""
-    global _scorer
-    if _scorer is None:
-        from rouge_score import rouge_scorer  # imported here: only evaluation needs it
-        _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return 100 * max(_scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
-
-
 def dist_n(texts, n=4):
     """Distinct n-grams over all n-grams of the responses (words); 0 when there is no n-gram at all."""
     grams = [tuple(ws[i:i + n]) for ws in (t.split() for t in texts) for i in range(len(ws) - n + 1)]
@@ -125,20 +113,13 @@ def yesno_calibration(model, enc, rows):
 # Evaluating one checkpoint
 
 
-@torch.no_grad()
-def sample_responses(model, enc, rows, template, seed, max_new_tokens, batch_size=128, label=""):
-    """One response per row, sampled at T = 1 (top-p 1), cut at EOS; batched generation with the KV cache."""
-    model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out, t0 = [], time.time()
-    for i in range(0, len(rows), batch_size):
-        prompts = [enc.encode_ordinary(data.prompt_text(r, template)) for r in rows[i:i + batch_size]]
-        room = min(max_new_tokens, model.config.block_size - max(map(len, prompts)))
-        for toks in minillm.generate(model, prompts, room, enc.eot_token, generator=gen).tolist():
-            out.append(enc.decode(toks[:toks.index(enc.eot_token)] if enc.eot_token in toks else toks))
-        print(f"\r  {label} seed {seed}: {len(out)}/{len(rows)} responses ({time.time() - t0:.0f}s)", end="",
-              file=sys.stderr, flush=True)
+def sample_responses(model, enc, rows, template, seed, max_new_tokens, label=""):
+    """One response per row, sampled at T = 1 (top-p 1), cut at EOS; a progress line on stderr."""
+    t0 = time.time()
+    prompts = [enc.encode_ordinary(data.prompt_text(r, template)) for r in rows]
+    out = minillm.respond(model, enc, prompts, seed=seed, max_new_tokens=max_new_tokens, progress=lambda n: print(
+        f"\r  {label} seed {seed}: {n}/{len(rows)} responses ({time.time() - t0:.0f}s)", end="", file=sys.stderr,
+        flush=True))
     print(file=sys.stderr)
     return out
 
@@ -174,12 +155,13 @@ def evaluate(path, teacher, rows, template, args, device):
     per_seed = []
     for seed in args.seeds:
         responses = sample_responses(model, enc, rows, template, seed, args.max_new_tokens, label=label)
-        rouge = [rouge_l(resp, [r["response"]]) for r, resp in zip(rows, responses)]
+        rouge = [data.rouge_l(resp, [r["response"]]) for r, resp in zip(rows, responses)]
         m = {"rougeL": sum(rouge) / len(rouge), "dist4": dist_n(responses)}
         for lo, hi in BUCKETS:
             name = f"[{lo},{hi}]" if hi != math.inf else f"[{lo},inf)"
             sel = [x for x, r in zip(rouge, rows) if bucket_of(r["response"]) == name]
-            m[f"rougeL {name}"] = sum(sel) / len(sel) if sel else float("nan")
+            if sel:  # (a band without references is left out: "-" in the table)
+                m[f"rougeL {name}"] = sum(sel) / len(sel)
         if builtin:
             ok = [data.is_valid(r, resp) for r, resp in zip(rows, responses)]
             m["valid"] = 100 * sum(ok) / len(ok)
@@ -187,7 +169,8 @@ def evaluate(path, teacher, rows, template, args, device):
             m["exact"] = 100 * sum(resp.strip() == r["response"] for r, resp in single) / max(len(single), 1)
             for f in data.FAMILIES:
                 fam = [o for o, r in zip(ok, rows) if r["category"] == f]
-                m[f"valid {f}"] = 100 * sum(fam) / len(fam) if fam else float("nan")
+                if fam:
+                    m[f"valid {f}"] = 100 * sum(fam) / len(fam)
         if teacher is not None:
             run = argparse.Namespace(max_new_tokens=min(args.max_new_tokens, model.config.block_size -
                                                         max(map(len, prompts))), eos_id=enc.eot_token)
@@ -225,8 +208,9 @@ def table(results, columns=None):
         cells = []
         for c in cols:
             digits = DIGITS.get(c, 1)
-            m, s = r.get(c, (float("nan"), 0.0))
-            cells.append(f"{m:.{digits}f} ± {s:.{digits}f}" if s else f"{m:.{digits}f}")
+            m, s = r.get(c, (math.nan, 0.0))
+            cells.append("-" if not math.isfinite(m) else f"{m:.{digits}f} ± {s:.{digits}f}" if s else
+                         f"{m:.{digits}f}")
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -235,13 +219,13 @@ def write_reports(results, folder):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    keys = [k for k in results[0] if isinstance(results[0][k], list) and len(results[0][k]) == 2
-            and all(isinstance(x, float) for x in results[0][k])]
+    keys = list(dict.fromkeys(k for r in results for k in r if isinstance(r[k], list) and len(r[k]) == 2
+                              and all(isinstance(x, float) for x in r[k])))
     with open(os.path.join(folder, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model"] + [f"{k} {s}" for k in keys for s in ("mean", "std")])
         for r in results:
-            w.writerow([r["label"]] + [x for k in keys for x in r.get(k, [float("nan")] * 2)])
+            w.writerow([r["label"]] + [x for k in keys for x in r.get(k, ["", ""])])
     buckets = [k for k in keys if k.startswith("rougeL [")]
     families = [k for k in keys if k.startswith("valid ")]
     with open(os.path.join(folder, "results.md"), "w") as f:
@@ -347,14 +331,6 @@ TABLE1 = {  # row: minillm.py flags (the teacher, the initialization, the output
 }
 
 
-def run_summary(folder):
-    """(steps run, step of best.pt, seconds) from a run folder's log.txt ("done: N steps in Xs; best.pt is step B")."""
-    done = [line for line in open(os.path.join(folder, "log.txt")) if line.startswith("done:")][-1]
-    steps, seconds = done.split()[1], done.split(" in ")[1].split("s")[0]
-    best = done.split("best.pt is step ")[1].split()[0] if "best.pt is step" in done else steps
-    return int(steps), int(best), float(seconds)
-
-
 def table1(args):
     """Trains (or reuses) every row of TABLE1 from the pipeline's SFT student, then evaluates the teacher, the SFT
     student and every row with args.seeds; the table gets the steps and CPU time of each row."""
@@ -379,7 +355,7 @@ def table1(args):
     results = []
     for name, folder in folders.items():
         r = evaluate(os.path.join(folder, "best.pt"), teacher_model, splits["test"], "builtin", args, device)
-        steps, best, seconds = run_summary(folder)
+        steps, best, seconds = minillm.run_summary(folder)
         r.update(label=name, steps=[float(steps), 0.0], best_step=[float(best), 0.0], minutes=[seconds / 60, 0.0])
         results.append(r)
     write_reports(results, args.out)

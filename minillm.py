@@ -1,7 +1,7 @@
 """
 MiniLLM: knowledge distillation of a small GPT student from a larger GPT teacher, in one readable file.
 
-    python minillm.py                                              # the built-in pipeline, end to end (see README)
+    python minillm.py                                  # the built-in pipeline: Algorithm 1 and the paper's comparison
     python minillm.py --teacher CKPT [--init STUDENT_CKPT]         # the same with your teacher (and SFT student)
     python minillm.py --method sft --model teacher --out out/teacher          # supervised fine-tuning (stage 1)
     python minillm.py --method sft --model student --out out/student-sft
@@ -66,6 +66,13 @@ class Stopped(Exception):
 
 
 SIGTERMS = []  # main() appends to it on SIGTERM; train() then writes a checkpoint and stops at its next step
+
+
+def check_sigterm(on, model, was_training):
+    """In a long validation loop: after a SIGTERM (when `on`), put the model back in its mode and raise Stopped."""
+    if on and SIGTERMS:
+        model.train(was_training)
+        raise Stopped("SIGTERM during a validation")
 
 # -----------------------------------------------------------------------------
 # Model configuration
@@ -175,8 +182,9 @@ class GPT(nn.Module):
         """idx (B, T) token ids. targets (B, T) with -100 where no loss is taken.
         valid (B, T) bool, False on left padding (then positions count real tokens only and padding is never
         attended to). cache: a KV cache from new_cache(); idx is then appended after what it already holds.
-        Returns (logits (B, T, V), or (B, 1, V) with last_only; mean cross-entropy or None); with hidden, the final
-        hidden states (B, T, C) instead of the logits (for the chunked loss, which applies lm_head itself)."""
+        Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only, or with targets (N, V) at the N
+        targets only and their mean cross-entropy as the loss (else None); with hidden, the final hidden states
+        (B, T, C) instead of the logits (for the chunked loss, which applies lm_head itself)."""
         B, T = idx.shape
         start = 0 if cache is None else cache["len"]  # slots already in the cache
         if start + T > self.config.block_size:  # (a position never exceeds its slot)
@@ -202,11 +210,10 @@ class GPT(nn.Module):
             x = x[:, -1:]  # (B, 1, C)
         if hidden:
             return x, None
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        if targets is not None:  # the loss needs logits only where there is a target (the response tokens)
+            logits = self.lm_head(x[targets != -100])  # (N, V), N targets
+            return logits, F.cross_entropy(logits.float(), targets[targets != -100])
+        return self.lm_head(x), None  # (B, T, V)
 
 # -----------------------------------------------------------------------------
 # Generation with a KV cache. prefill() and decode() are separate so that two models (student q and teacher p)
@@ -261,6 +268,14 @@ def next_token_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
     return probs
 
 
+def sample(probs, generator=None):
+    """One token per row of probs (B, V) -> (B, 1): the first whose cumulative probability passes a uniform draw
+    (the distribution of torch.multinomial, 30x faster on a CPU). Never a token of probability 0."""
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=cdf.dtype)  # (B, 1) in [0, 1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # u * total < total: an index below V
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=0, top_p=1.0, greedy=False,
              generator=None, use_cache=True, pad_id=None):
@@ -285,7 +300,7 @@ def generate(model, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=0, t
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         probs = next_token_probs(logits, temperature, top_k, top_p)  # (B, V)
-        token = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        token = probs.argmax(-1) if greedy else sample(probs, generator)[:, 0]  # (B,)
         out[:, t] = torch.where(done, pad_id, token)
         if eos_id is not None:
             done |= token == eos_id
@@ -297,6 +312,29 @@ def generate(model, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=0, t
             idx, valid = torch.cat([idx, token[:, None]], 1), torch.cat([valid, valid.new_ones(B, 1)], 1)
             logits = model(idx, valid=valid, last_only=True)[0][:, -1].float()
     return out[:, :t + 1]
+
+
+@torch.no_grad()
+def respond(model, enc, prompts, greedy=False, seed=0, max_new_tokens=96, batch_size=128, sigterm=False,
+            progress=None):
+    """One text response per prompt (token lists), cut at EOS: sampled at T = 1 (top-p 1) as the paper evaluates,
+    from a generator seeded with `seed`, or greedy. Batches of batch_size; after each, progress(responses so far)
+    if given, and with sigterm a SIGTERM stops it (raises Stopped)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        check_sigterm(sigterm, model, was_training)
+        batch = prompts[i:i + batch_size]
+        room = min(max_new_tokens, model.config.block_size - max(map(len, batch)))
+        for toks in generate(model, batch, room, enc.eot_token, greedy=greedy, generator=gen).tolist():
+            out.append(enc.decode(toks[:toks.index(enc.eot_token)] if enc.eot_token in toks else toks))
+        if progress:
+            progress(len(out))
+    model.train(was_training)
+    return out
 
 # -----------------------------------------------------------------------------
 # Rollouts (Algorithm 1, step 2): responses sampled from the teacher-mixed distribution (Eq. 4-5)
@@ -326,7 +364,7 @@ def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=
             log_q = F.log_softmax(s_logits, -1)             # (B, V)
             log_p = F.log_softmax(t_logits[:, :V], -1)      # (B, V); a teacher padded past V is sliced
             p_mix = alpha * log_p.exp() + (1 - alpha) * log_q.exp()  # Eq. 4
-            token = torch.multinomial(p_mix, 1, generator=generator)  # (B, 1)
+            token = sample(p_mix, generator)  # (B, 1)
             live = ~done
             steps.append((torch.where(live, token[:, 0], eos_id), live, log_q.gather(1, token)[:, 0],
                           log_p.gather(1, token)[:, 0], p_mix.gather(1, token)[:, 0].log()))
@@ -537,21 +575,25 @@ def make_optimizer(model, args):
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
 
 
-def get_lr(step, args):
-    """Linear warm-up to args.lr, then cosine decay to args.min_lr at args.max_steps."""
+def get_lr(step, args, elapsed=0.0):
+    """Linear warm-up to args.lr, then cosine decay to args.min_lr at the end of the run: args.max_steps, or
+    args.max_minutes of training (elapsed seconds) if that comes first, so the schedule ends when the run ends."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
     progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    if args.max_minutes:
+        progress = max(progress, min(1.0, elapsed / (60 * args.max_minutes)))
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def forward_kl(logits_q, logits_p, keep):
+def forward_kl(logits_q, logits_p, keep=None):
     """Token-level forward KL[p || q] = sum_v p_v (log p_v - log q_v), averaged over the positions where keep is
-    True. Its gradient is that of the soft cross-entropy -sum_v p_v log q_v that the official code uses; its value
-    is a divergence (0 when q = p)."""
+    True (default: all). Its gradient is that of the soft cross-entropy -sum_v p_v log q_v that the official code
+    uses; its value is a divergence (0 when q = p)."""
     log_q = F.log_softmax(logits_q.float(), -1)
     log_p = F.log_softmax(logits_p.float(), -1)
     kl = torch.where(log_p > -math.inf, log_p.exp() * (log_p - log_q), 0.0).sum(-1)  # p_v = 0 adds nothing
+    keep = torch.ones_like(kl, dtype=torch.bool) if keep is None else keep
     return (kl * keep).sum() / keep.sum().clamp(min=1)
 
 
@@ -560,12 +602,12 @@ def token_loss(student, teacher, x, y, kd_ratio, ctx):
     (sft, and L_PT). With one: (1 - kd_ratio) CE + kd_ratio KL[p || q] (kd, seqkd, and L_PT with --kd_ratio).
     Returns (loss, {name: detached value} for the log)."""
     with ctx:
-        logits, ce = student(x, y)
+        logits, ce = student(x, y)  # (N, V): the logits at the N targets, and their mean cross-entropy
     if teacher is None or kd_ratio == 0:
         return ce, {"ce": ce.detach()}
     with torch.no_grad(), ctx:
-        logits_p = teacher(x)[0][..., :logits.size(-1)]  # a teacher vocabulary padded past V is sliced
-    fkl = forward_kl(logits, logits_p, y != -100)
+        logits_p = teacher(x, y)[0][:, :logits.size(-1)]  # (N, V); a teacher vocabulary padded past V is sliced
+    fkl = forward_kl(logits, logits_p)
     return (1 - kd_ratio) * ce + kd_ratio * fkl, {"ce": ce.detach(), "fkl": fkl.detach()}
 
 
@@ -681,14 +723,15 @@ def reverse_kl_k3(student, teacher, prompts, args, generator):
 
 
 @torch.no_grad()
-def validation_loss(model, pairs, batch_size, device, ctx, chunk=8192):
+def validation_loss(model, pairs, batch_size, device, ctx, chunk=8192, sigterm=False):
     """Token-weighted mean cross-entropy over the response tokens of every validation example. lm_head is applied
     to the response tokens only, `chunk` at a time: with a 50,257-token vocabulary the (batch, length, V) logits
-    of a whole batch would take gigabytes."""
+    of a whole batch would take gigabytes. sigterm: a SIGTERM stops it between batches (raises Stopped)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(pairs), batch_size):
+        check_sigterm(sigterm, model, was_training)
         x, y = data.collate(pairs[i:i + batch_size], pad_id=0)
         x, y = x.to(device), y.to(device)
         with ctx:
@@ -705,27 +748,35 @@ def validation_loss(model, pairs, batch_size, device, ctx, chunk=8192):
 def validate(student, teacher, val, args, ctx):
     """The validation numbers: loss (CE on the ground-truth responses), and with a teacher rkl (KL[q || p], k3 on
     pure student samples of 64 validation prompts, fixed seed) and, on the built-in task, valid (the fraction of
-    valid responses sampled at T = 1 for the validation prompts, fixed seed)."""
+    valid responses sampled at T = 1 for the validation prompts, fixed seed), elsewhere rougeL (Rouge-L of
+    responses sampled at T = 1, fixed seed, for the first 256 validation prompts). None if a SIGTERM cut it short (not
+    with a sharded teacher, whose forwards every process must run to the end together)."""
     device = next(student.parameters()).device
-    metrics = {"loss": validation_loss(student, val["pairs"], 64, device, ctx)}
-    if teacher is not None:
-        metrics["rkl"], _ = reverse_kl_k3(student, teacher, val["prompts"][:64], args,
-                                          torch.Generator(device).manual_seed(0))
-        if args.data == "builtin":
-            metrics["valid"] = validity(student, val["enc"], val["rows"], greedy=False, seed=0,
-                                        max_new_tokens=args.max_new_tokens)["all"]
+    sigterm = not args.shard_teacher
+    try:
+        metrics = {"loss": validation_loss(student, val["pairs"], 64, device, ctx, sigterm=sigterm)}
+        if teacher is not None:
+            metrics["rkl"], _ = reverse_kl_k3(student, teacher, val["prompts"][:64], args,
+                                              torch.Generator(device).manual_seed(0))
+            if args.data == "builtin":
+                metrics["valid"] = validity(student, val["enc"], val["rows"], greedy=False, seed=0,
+                                            max_new_tokens=args.max_new_tokens, sigterm=sigterm)["all"]
+            else:  # the paper's selection: Rouge-L of responses sampled at T = 1 to validation prompts
+                prompts, references = zip(*val["rouge"])
+                responses = respond(student, val["enc"], prompts, seed=0, max_new_tokens=args.max_new_tokens,
+                                    sigterm=sigterm)
+                metrics["rougeL"] = sum(map(data.rouge_l, responses, ([r] for r in references))) / len(responses)
+    except Stopped:
+        return None
     return metrics
 
 
 def selection_score(metrics, method):
     """best.pt is the checkpoint with the highest score. sft: -validation loss (Algorithm 1, step 1). The
-    distillation methods, as the paper selects them by validation Rouge-L: the validity rate on the built-in task;
-    elsewhere (until eval.py's Rouge-L) -rkl for minillm and -validation loss for kd and seqkd."""
+    distillation methods as the paper selects them, by validation Rouge-L (on the built-in task: validity)."""
     if method == "sft":
         return -metrics["loss"]
-    if "valid" in metrics:
-        return metrics["valid"]
-    return -metrics["rkl"] if method == "minillm" else -metrics["loss"]
+    return metrics["valid"] if "valid" in metrics else metrics["rougeL"]
 
 
 # -----------------------------------------------------------------------------
@@ -740,7 +791,7 @@ def selection_score(metrics, method):
 STEP_FILE = re.compile(r"step-\d+\.pt")
 RUN_FILES = re.compile(STEP_FILE.pattern + r"|last\.pt|best\.pt|log\.txt|hf|teacher_responses_\d+\.jsonl")
 NOT_SETTINGS = {"out", "resume", "overwrite", "device", "compile", "max_minutes", "log_interval", "save_interval",
-                "keep", "eos_id", "bench", "teacher_steps", "student_steps", "minillm_steps"}  # a resume may change
+                "keep", "eos_id", "bench", "teacher_steps", "student_steps", "typed"}  # a resume may change
 
 
 def open_run(args):
@@ -779,6 +830,17 @@ def clear_run(folder, keep_cache):
     for f in os.listdir(folder) if os.path.isdir(folder) else []:
         if RUN_FILES.fullmatch(f) and not (keep_cache and f.startswith("teacher_responses_")):
             shutil.rmtree(os.path.join(folder, f)) if f == "hf" else os.remove(os.path.join(folder, f))
+
+
+def run_summary(folder):
+    """(steps run, step of best.pt, seconds) of a finished run, from its log.txt ("done: N steps in Xs; best.pt is
+    step B"); None for a folder without one (a checkpoint that was given, not trained here)."""
+    path = os.path.join(folder, "log.txt")
+    done = [line for line in open(path) if line.startswith("done:")] if os.path.isfile(path) else []
+    if not done:
+        return None
+    m = re.match(r"done: (\d+) steps in (\d+)s; best.pt is step (\d+)", done[-1])
+    return int(m[1]), int(m[3]), float(m[2])
 
 
 def run_state(device, log_gen, rollouts, world):
@@ -827,8 +889,8 @@ def load_models(args, device):
         if path:
             model, ckpt = load_checkpoint(path, device)
             if args.tokenizer != "auto" and ckpt["tokenizer"] != args.tokenizer:
-                raise InputError(f"{path}: trained with tokenizer {ckpt['tokenizer']}, not --tokenizer "
-                                 f"{args.tokenizer}")
+                raise InputError(f"{path}: trained with tokenizer {ckpt['tokenizer']}; this run tokenizes with "
+                                 f"{args.tokenizer} (--tokenizer)")
             if role == "student" and teacher is not None and ckpt["tokenizer"] != tokenizer:
                 raise InputError(f"{path}: tokenizer {ckpt['tokenizer']} differs from the teacher's {tokenizer} "
                                  f"({args.teacher})")
@@ -868,6 +930,8 @@ def train(args):
         args.kd_ratio = 0.5 if args.method in ("kd", "seqkd") else 0.0
     if args.lm_coef is None:  # L_PT belongs to MiniLLM; --lm_coef adds it to the other methods too
         args.lm_coef = 1.0 if args.method == "minillm" else 0.0
+    if args.pt_data is None and args.data == "builtin":
+        args.pt_data = "builtin"
     best_path, last_path = os.path.join(args.out, "best.pt"), os.path.join(args.out, "last.pt")
     resume_path, ckpt, warnings = open_run(args)
     if world > 1:
@@ -879,6 +943,10 @@ def train(args):
 
     # everything that can be wrong with the input is found before anything is written
     student, teacher, tokenizer = load_models(args, device)
+    if args.pt_data is None and args.lm_coef:  # the built-in text only fits the built-in task
+        raise InputError(f"--data {args.data}: L_PT (--lm_coef {args.lm_coef:g}) needs its text: --pt_data "
+                         "openwebtext | a .txt/.jsonl file (the built-in text only fits --data builtin), or "
+                         "--lm_coef 0 to train without it")
     enc = data.get_encoding(tokenizer)
     args.eos_id = enc.eot_token
     # data: prompt + response + EOS, prompt masked; prompts too long for the context dropped and counted
@@ -899,8 +967,9 @@ def train(args):
                              f"of {args.batch_size}")
     val = {"enc": enc, "rows": splits["valid"]}
     val["pairs"], dropped_v = data.tokenize(splits["valid"], enc, template, max_length, args.max_prompt_length)
-    val["prompts"] = [p for p in (enc.encode_ordinary(data.prompt_text(r, template)) for r in splits["valid"])
-                      if len(p) <= longest]
+    encoded = [(enc.encode_ordinary(data.prompt_text(r, template)), r["response"]) for r in splits["valid"]]
+    val["prompts"] = [p for p, _ in encoded if len(p) <= longest]
+    val["rouge"] = [(p, ref) for p, ref in encoded if len(p) <= longest][:256]  # (prompt, reference): Rouge-L
     if not val["pairs"] or (teacher is not None and not val["prompts"]):
         raise data.DataError(f"{args.data}: no usable validation examples")
     start = ckpt["step"] if ckpt else 0
@@ -971,8 +1040,13 @@ def train(args):
         elapsed = time.time() - t_start
         last = step == args.max_steps or (args.max_minutes and elapsed > args.max_minutes * 60)
         validates = rank == 0 or args.shard_teacher  # (a sharded teacher runs on every process or on none)
-        if validates and (step % args.eval_interval == 0 or last) and not (ckpt and step == start):
-            metrics = validate(student, teacher, val, args, ctx)  # (a resumed run validated this step before)
+        due = validates and (step % args.eval_interval == 0 or last) and not (  # (a resumed run validated this
+            ckpt and step == start and ckpt["state"].get("validated", True))    # step before, unless cut short)
+        new = validate(student, teacher, val, args, ctx) if due else None  # None: cut short by a SIGTERM
+        validated = not due or new is not None
+        last = last and validated  # (a SIGTERM during the last validation: a checkpoint, and --resume ends the run)
+        if new is not None:
+            metrics = new
             if not all(map(math.isfinite, metrics.values())):
                 raise FloatingPointError(f"step {step}: validation {metrics}; stopping (lower --lr?)")
             score = selection_score(metrics, args.method)
@@ -993,6 +1067,7 @@ def train(args):
         periodic = step % (args.save_interval or args.eval_interval) == 0 and step > start or term
         if last or periodic:  # (under torchrun every process gives its random state)
             state = {"best": best, "best_step": best_step, "tokens": tokens, "bad_steps": bad_steps,
+                     "validated": validated,
                      "elapsed": time.time() - t_start, "ranks": run_state(device, log_gen, rollout_state, world)}
         if rank == 0 and periodic and not last:
             save_checkpoint(os.path.join(args.out, f"step-{step:06d}.pt"), student, optimizer, step, args, tokenizer,
@@ -1004,7 +1079,7 @@ def train(args):
             raise Stopped(f"SIGTERM at step {step}: {args.out}/step-{step:06d}.pt written; --resume goes on from it")
         if last:
             break
-        lr = get_lr(step, args)
+        lr = get_lr(step, args, time.time() - t_start)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if args.method == "minillm":
@@ -1067,25 +1142,15 @@ def train(args):
 
 
 @torch.no_grad()
-def validity(model, enc, rows, greedy=True, seed=0, batch_size=128, max_new_tokens=96):
+def validity(model, enc, rows, greedy=True, seed=0, batch_size=128, max_new_tokens=96, sigterm=False):
     """Fraction of valid responses per family (and 'all'); generation as the paper evaluates (T = 1, top-p 1)
-    unless greedy."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    max_new_tokens = min(max_new_tokens, model.config.block_size - 32)
+    unless greedy. sigterm: a SIGTERM stops it between batches (raises Stopped)."""
+    prompts = [enc.encode_ordinary(data.prompt_text(r, "builtin")) for r in rows]
     hits = {}
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        prompts = [enc.encode_ordinary(data.prompt_text(r, "builtin")) for r in chunk]
-        out = generate(model, prompts, max_new_tokens, enc.eot_token, greedy=greedy, generator=gen)
-        for r, toks in zip(chunk, out.tolist()):
-            text = enc.decode([t for t in toks if t != enc.eot_token])
-            hits.setdefault(r["category"], []).append(data.is_valid(r, text))
+    for r, text in zip(rows, respond(model, enc, prompts, greedy, seed, max_new_tokens, batch_size, sigterm)):
+        hits.setdefault(r["category"], []).append(data.is_valid(r, text))
     scores = {f: sum(h) / len(h) for f, h in hits.items()}
     scores["all"] = sum(sum(h) for h in hits.values()) / len(rows)
-    model.train(was_training)
     return scores
 
 # -----------------------------------------------------------------------------
@@ -1193,69 +1258,143 @@ def distributed(device):
     return dist.get_rank(), world
 
 
+# The built-in pipeline: Algorithm 1 end to end, and the paper's comparison. Each stage's settings where they differ
+# between stages; any other flag applies to every stage, and a typed flag wins where it applies (PIPELINE_FLAGS).
+# Peak learning rates: for the student, 1e-2 beat 3e-3 and 3e-2 (validation loss after 15,000 steps). The
+# distillation stages run L_PT off (the paper's "without L_PT" ablation, which left its instruction scores flat):
+# the built-in student has never seen the plain-text stream, so its L_PT starts at 17 nats and swamps the objective,
+# and learning that stream in SFT (--lm_coef 1 there) cost the 0.033M student half its validity (README).
+DISTILL = dict(max_steps=600, lr=1e-3, min_lr=1e-4, lm_coef=0.0, eval_interval=100, log_interval=50)
+PIPELINE_FLAGS = {  # typed flag -> the stages it applies to (other flags apply to every stage)
+    "teacher_steps": ("teacher",), "student_steps": ("student-sft",), "model": ("student-sft",),
+    **{k: ("kd", "minillm") for k in DISTILL}}
+
+
+def pipeline_stages(args):
+    """[(stage, settings)] of `python minillm.py`: the stages to train (a given --teacher / --init skips its stage),
+    each with the pipeline's settings, a typed flag replacing the pipeline's value where it applies."""
+    teacher = args.teacher or os.path.join(args.out, "teacher", "best.pt")
+    student = args.init or os.path.join(args.out, "student-sft", "best.pt")
+    typed = {k: getattr(args, k) for k in args.typed}
+    distill = {**DISTILL, **{k: v for k, v in typed.items() if k in DISTILL}, "teacher": teacher, "init": student}
+    stages = [("teacher", dict(method="sft", model="teacher", init=None, max_steps=args.teacher_steps, lr=2e-3,
+                               min_lr=2e-4, lm_coef=0.0, eval_interval=500, log_interval=250)),
+              ("student-sft", dict(method="sft", model=args.model, init=None, max_steps=args.student_steps, lr=1e-2,
+                                   min_lr=1e-3, lm_coef=0.0, eval_interval=500, log_interval=250)),
+              ("kd", dict(method="kd", **distill)),
+              ("minillm", dict(method="minillm", **distill))]
+    return [(name, s) for name, s in stages if not (name == "teacher" and args.teacher or
+                                                     name == "student-sft" and args.init)]
+
+
+def check_pipeline(args):
+    """Every input of the pipeline, checked before any stage trains (nothing is written): a typed flag that no stage
+    would use, and the given --teacher / --init: they open (safely), share the pipeline's tokenizer and fit the
+    vocabulary and the lengths. Raises InputError with one line."""
+    unused = [k for k, stages in PIPELINE_FLAGS.items() if k in args.typed and not any(
+        name in stages for name, _ in pipeline_stages(args))]
+    if unused:
+        raise InputError(f"--{unused[0]} sizes a stage that --{'teacher' if unused[0] == 'teacher_steps' else 'init'}"
+                         " replaces: the pipeline does not train it")
+    tokenizer = args.tokenizer if args.tokenizer != "auto" else "builtin"
+    block = MODEL_SIZES["teacher"]().block_size
+    if args.teacher or args.init:
+        check = argparse.Namespace(**{**vars(args), "method": "kd" if args.teacher else "sft", "tokenizer": tokenizer,
+                                      "model": args.model, "shard_teacher": False})
+        student, teacher, _ = load_models(check, torch.device("cpu"))  # opens, compares tokenizers and vocabularies
+        block = min(m.config.block_size for m in (student, teacher, None if args.teacher else MODEL_SIZES["teacher"]())
+                    if m is not None)
+    if block - args.max_new_tokens < 1:  # and the distillation stages' prompts: as train() counts them
+        raise InputError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in block_size {block}")
+    enc = data.get_encoding(tokenizer)
+    rows = data.load_instructions("builtin", args.n_train, args.n_valid, args.n_test)[0]["train"]
+    longest = min(args.max_prompt_length, block - args.max_new_tokens)
+    usable = sum(len(enc.encode_ordinary(data.prompt_text(r, "builtin"))) <= longest for r in rows)
+    if usable < args.rollout_size:
+        raise InputError(f"{usable} built-in training prompts fit in {longest} tokens (block_size {block} - "
+                         f"--max_new_tokens {args.max_new_tokens}), fewer than --rollout_size {args.rollout_size}")
+    return tokenizer
+
+
 def builtin_default(args):
-    """`python minillm.py [--teacher CKPT] [--init CKPT]`: Algorithm 1 end to end on the built-in task. Trains the
-    teacher and the SFT student unless given (or reuses them from an earlier run in args.out), distills the student
-    with MiniLLM, and prints a table of the three: validation loss and reverse KL to the teacher, and validity on
-    the test split."""
+    """`python minillm.py [--teacher CKPT] [--init CKPT]`: Algorithm 1 end to end on the built-in task, and the
+    paper's comparison. Trains the teacher and the SFT student unless given (or reuses them from an earlier run in
+    args.out), distills the student with KD and with MiniLLM on the same budget, and prints a table of the four."""
     t_all, times = time.time(), {}
-    teacher_ckpt = args.teacher or os.path.join(args.out, "teacher", "best.pt")
-    student_ckpt = args.init or os.path.join(args.out, "student-sft", "best.pt")
-    stages = (  # peak learning rates: for the student, 1e-2 beat 3e-3 and 3e-2 (validation loss after 15,000 steps)
-        ("teacher", dict(method="sft", model="teacher", init=None, max_steps=args.teacher_steps, lr=2e-3,
-                         min_lr=2e-4, lm_coef=0.0)),
-        ("student-sft", dict(method="sft", model="student", init=None, max_steps=args.student_steps, lr=1e-2,
-                             min_lr=1e-3, lm_coef=0.0)),
-        # L_PT off (the paper's "without L_PT" ablation, which left its instruction scores flat): the built-in
-        # student has never seen the plain-text stream, so its L_PT starts at 17 nats and swamps the objective;
-        # and learning that stream in SFT (--lm_coef 1 there) cost the 0.033M student half its validity (README)
-        ("minillm", dict(method="minillm", teacher=teacher_ckpt, init=student_ckpt, max_steps=args.minillm_steps,
-                         lr=1e-3, min_lr=1e-4, lm_coef=0.0, eval_interval=100, log_interval=50)),
-    )
+    tokenizer = check_pipeline(args)
+    stages = pipeline_stages(args)
     for name, settings in stages:
         folder = os.path.join(args.out, name)
-        if (name, True) in (("teacher", bool(args.teacher)), ("student-sft", bool(args.init))):
-            continue  # given on the command line
         finished, t0 = os.path.isfile(os.path.join(folder, "last.pt")), time.time()
+        print(f"{name}: " + " ".join(f"--{k} {v}" for k, v in settings.items() if v is not None) + f" --out {folder}")
         # --resume: a finished stage is reused, an interrupted one goes on from its last checkpoint
         train(argparse.Namespace(**{**vars(args), **settings, "out": folder, "resume": True}))
         if not finished:
             times[name] = time.time() - t0
             print(f"{name}: trained in {times[name]:.0f}s")
+    t_table = time.time()
+    print_comparison(args, tokenizer, dict(stages)["minillm"])
+    times["table"] = time.time() - t_table
+    print(f"built-in pipeline: {time.time() - t_all:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) +
+          ("" if len(times) > 1 else "; every stage reused") + ")")
 
+
+def print_comparison(args, tokenizer, distill, seeds=(0, 1, 2)):
+    """The pipeline's table: teacher, SFT, KD and MiniLLM, each with its training steps and minutes, validation loss,
+    reverse KL to the teacher (k3 per response on its own samples of the validation prompts), and validity on the
+    test prompts, greedy and sampled at T = 1 as the paper evaluates (mean over `seeds`, and ± their std)."""
     device = pick_device(args.device)
-    enc = data.get_encoding("builtin")
+    enc = data.get_encoding(tokenizer)
     args.eos_id = enc.eot_token
     splits = data.load_instructions("builtin", args.n_train, args.n_valid, args.n_test)[0]
     val_pairs, _ = data.tokenize(splits["valid"], enc, "builtin", 256, 256)
     val_prompts = [enc.encode_ordinary(data.prompt_text(r, "builtin")) for r in splits["valid"]]
-    teacher, _ = load_checkpoint(teacher_ckpt, device)
-    print(f"\nvalidation loss and reverse KL to the teacher (k3 per response, student samples) on the "
-          f"{len(val_pairs)} validation examples; validity on the {len(splits['test'])} test prompts, greedy and "
-          f"sampled at T = 1 as the paper evaluates")
-    print(f"{'model':<9}{'decoding':>8}{'params':>9}{'val loss':>9}{'val rkl':>8}" +
-          "".join(f"{f:>8}" for f in data.FAMILIES + ["all"]))
-    for label, path in (("teacher", teacher_ckpt), ("sft", student_ckpt),
+    teacher, _ = load_checkpoint(distill["teacher"], device)
+    print(f"\nKD and MiniLLM: {distill['max_steps']} steps each from the SFT student, lr {distill['lr']}, batches "
+          f"of {args.batch_size} (MiniLLM: {args.rollout_size} rollouts a round, {args.ppo_epochs} epochs); best.pt by "
+          f"validation validity.\nval loss, val rkl: {len(val_pairs)} validation examples; validity on the "
+          f"{len(splits['test'])} test prompts, greedy and sampled at T = 1 (mean of seeds {', '.join(map(str, seeds))}"
+          f"; all: ± their std)")
+    print(f"{'model':<9}{'decoding':>8}{'steps':>6}{'min':>5}{'val loss':>9}{'val rkl':>8}" +
+          "".join(f"{f:>8}" for f in data.FAMILIES) + f"{'all':>13}")
+    for label, path in (("teacher", distill["teacher"]), ("sft", distill["init"]),
+                        ("kd", os.path.join(args.out, "kd", "best.pt")),
                         ("minillm", os.path.join(args.out, "minillm", "best.pt"))):
-        model, _ = load_checkpoint(path, device)
+        model, ckpt = load_checkpoint(path, device)
+        summary = run_summary(os.path.dirname(path))
+        steps, minutes = (f"{summary[0]}", f"{summary[2] / 60:.1f}") if summary else ("-", "-")
         loss = validation_loss(model, val_pairs, 64, device, nullcontext())
-        rkl, _ = reverse_kl_k3(model, teacher, val_prompts, args, torch.Generator(device).manual_seed(0))
-        for greedy in (True, False):
-            v = validity(model, enc, splits["test"], greedy=greedy, max_new_tokens=args.max_new_tokens)
-            print(f"{label:<9}{'greedy' if greedy else 'sampled':>8}{model.num_params() / 1e6:8.3f}M{loss:9.3f}"
-                  f"{rkl:8.2f}" + "".join(f"{v[f]:8.1%}" for f in data.FAMILIES + ["all"]))
-    print(f"built-in pipeline: {time.time() - t_all:.0f}s (" +
-          (", ".join(f"{k} {v:.0f}s" for k, v in times.items()) or "every stage reused") + ")")
+        rkl = 0.0 if label == "teacher" else reverse_kl_k3(model, teacher, val_prompts, args,
+                                                           torch.Generator(device).manual_seed(0))[0]
+        greedy = validity(model, enc, splits["test"], greedy=True, max_new_tokens=args.max_new_tokens)
+        sampled = [validity(model, enc, splits["test"], greedy=False, seed=s, max_new_tokens=args.max_new_tokens)
+                   for s in seeds]
+        mean = {f: sum(x[f] for x in sampled) / len(seeds) for f in greedy}
+        spread = 100 * std([x["all"] for x in sampled])
+        for decoding, v, total in (("greedy", greedy, f"{100 * greedy['all']:.1f}%"),
+                                   ("sampled", mean, f"{100 * mean['all']:.1f}% ± {spread:.1f}")):
+            print(f"{label:<9}{decoding:>8}{steps:>6}{minutes:>5}{loss:9.3f}{rkl:8.2f}" +
+                  "".join(f"{100 * v[f]:7.1f}%" for f in data.FAMILIES) + f"{total:>13}")
+
+
+def std(xs):
+    """Sample standard deviation (0 for one value)."""
+    m = sum(xs) / len(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="MiniLLM distillation (see the docstring of minillm.py)")
+    ap = argparse.ArgumentParser(description="MiniLLM distillation (see the docstring of minillm.py)", epilog=(
+        "Without --method: the built-in pipeline (teacher, SFT student, then KD and MiniLLM on the same budget, and "
+        "their table). A flag applies to every stage it means something for; those marked 'pipeline:' set the "
+        "stage they name, and a typed flag always wins over the pipeline's own setting."))
     # what to run
     ap.add_argument("--method", choices=["sft", "kd", "seqkd", "minillm"],
                     help="sft: fine-tuning on ground truth; kd, seqkd: the baselines; minillm: reverse-KL distillation "
                          "(none: minillm, and on the built-in task the whole pipeline, training what is not given)")
     ap.add_argument("--teacher", help="kd, seqkd, minillm: the teacher checkpoint")
-    ap.add_argument("--model", default="student", choices=sorted(MODEL_SIZES), help="size to train from scratch")
+    ap.add_argument("--model", default="student", choices=sorted(MODEL_SIZES),
+                    help="size to train from scratch (pipeline: the SFT student's)")
     ap.add_argument("--init", help="start from this checkpoint instead of a fresh --model")
     ap.add_argument("--out", default="out", help="run folder: log.txt, best.pt, last.pt, step-N.pt")
     ap.add_argument("--resume", action="store_true",
@@ -1271,7 +1410,8 @@ def get_args(argv=None):
     ap.add_argument("--max_prompt_length", type=int, default=256, help="longer prompts are dropped (paper: 256)")
     ap.add_argument("--tokenizer", default="auto", help="auto (builtin for --data builtin, else gpt2) | builtin | gpt2")
     ap.add_argument("--skip_bad", action="store_true", help="skip and count malformed data rows instead of stopping")
-    ap.add_argument("--pt_data", default="builtin", help="L_PT text: builtin | openwebtext | a .txt/.jsonl")
+    ap.add_argument("--pt_data", help="L_PT text: builtin | openwebtext | a .txt/.jsonl (default: builtin with "
+                                      "--data builtin; other data must name it, or turn L_PT off with --lm_coef 0)")
     ap.add_argument("--pt_batch_size", type=int, default=4, help="rows of pretraining text per L_PT batch")
     ap.add_argument("--pt_length", type=int, default=64, help="tokens per L_PT row [512]")
     # MiniLLM (the paper's GPT-2 values in brackets)
@@ -1284,7 +1424,8 @@ def get_args(argv=None):
                     help="ablation: the plain sum R_{t+1} instead of the mean (Eq. 6) [on]")
     ap.add_argument("--no_single_step", dest="single_step", action="store_false",
                     help="ablation: no single-step term; the long-term term uses R_t, step t included (Eq. 2)")
-    ap.add_argument("--lm_coef", type=float, help="weight of L_PT (default 1 for minillm [1], else 0)")
+    ap.add_argument("--lm_coef", type=float, help="weight of L_PT (default 1 for minillm [1], else 0; pipeline: "
+                                                  "KD and MiniLLM's, default 0)")
     ap.add_argument("--kd_ratio", type=float,
                     help="kd, seqkd: forward-KL share of the loss (default 0.5 [0.5]); minillm: soft cross-entropy "
                          "share of L_PT (default 0 as in the paper; the official code 0.5)")
@@ -1296,13 +1437,16 @@ def get_args(argv=None):
     ap.add_argument("--chunk", type=int, default=0,
                     help="minillm: compute the logits and the single-step term this many tokens at a time (0: all)")
     # optimization
-    ap.add_argument("--max_steps", type=int, default=2000)
+    ap.add_argument("--max_steps", type=int, default=2000,
+                    help=f"training steps (pipeline: KD and MiniLLM, default {DISTILL['max_steps']} each)")
     ap.add_argument("--max_minutes", type=float, default=0, help="also stop after this much wall-clock time (0: off)")
     ap.add_argument("--patience", type=int, default=0,
                     help="also stop after this many evaluations without a better validation score (0: off)")
     ap.add_argument("--batch_size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the built-in pipeline sets its own)")
-    ap.add_argument("--min_lr", type=float, default=1e-4, help="learning rate at the end of the cosine decay")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (pipeline: KD and MiniLLM's; the "
+                                                           "SFT stages use their own)")
+    ap.add_argument("--min_lr", type=float, default=1e-4,
+                    help="learning rate at the end of the cosine decay (pipeline: as --lr)")
     ap.add_argument("--warmup_steps", type=int, default=100)
     ap.add_argument("--weight_decay", type=float, default=0.01)
     ap.add_argument("--dropout", type=float, default=0.0, help="dropout of a model trained from scratch")
@@ -1310,12 +1454,15 @@ def get_args(argv=None):
     ap.add_argument("--max_bad_steps", type=int, default=10,
                     help="stop after this many optimizer steps in a row skipped for a non-finite loss or gradient")
     # the built-in default pipeline
-    ap.add_argument("--teacher_steps", type=int, default=7000, help="built-in default: teacher SFT steps")
-    ap.add_argument("--student_steps", type=int, default=15000, help="built-in default: student SFT steps")
-    ap.add_argument("--minillm_steps", type=int, default=600, help="built-in default: MiniLLM steps")
+    # the built-in pipeline (no --method): its stages' own settings are DISTILL and pipeline_stages(); any flag
+    # applies to every stage it means something for, and --max_steps, --lr, --min_lr, --lm_coef, --eval_interval and
+    # --log_interval, when typed, set the KD and MiniLLM stages (the SFT stages keep the pipeline's)
+    ap.add_argument("--teacher_steps", type=int, default=6000, help="pipeline: the teacher's SFT steps")
+    ap.add_argument("--student_steps", type=int, default=10000, help="pipeline: the student's SFT steps")
     # bookkeeping
-    ap.add_argument("--eval_interval", type=int, default=500, help="steps between validation losses")
-    ap.add_argument("--log_interval", type=int, default=250)
+    ap.add_argument("--eval_interval", type=int, default=500,
+                    help="steps between validations (pipeline: KD and MiniLLM's, default 100)")
+    ap.add_argument("--log_interval", type=int, default=250, help="steps between log lines (pipeline: as above, 50)")
     ap.add_argument("--save_interval", type=int,
                     help="steps between the checkpoints that --resume goes on from (default: --eval_interval)")
     ap.add_argument("--keep", type=int, default=2, help="how many of those checkpoints to keep")
@@ -1325,6 +1472,9 @@ def get_args(argv=None):
     args = ap.parse_args(argv)
     if args.keep < 1:
         ap.error("--keep must be at least 1")
+    for action in ap._actions:  # parsed again without defaults: the flags that were typed, which the pipeline
+        action.default = argparse.SUPPRESS  # never replaces with its own settings
+    args.typed = sorted(vars(ap.parse_args(argv)))
     return args
 
 

@@ -5,12 +5,14 @@ Tests for minillm: the model, KV-cache generation, the built-in task, the data l
 
 Everything runs on the CPU in well under 3 minutes with tiny models; nothing is downloaded.
 """
+import argparse
 import json
 import math
 import os
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -48,8 +50,10 @@ def test_forward_shapes_and_loss():
     y = x.clone()
     y[:, :4] = -100
     logits, loss = model(x, y)
-    assert logits.shape == (3, 10, 97)
-    expected = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 97), y[:, 4:].reshape(-1))
+    assert logits.shape == (3 * 6, 97)  # only where there is a target
+    whole = model(x)[0]
+    assert whole.shape == (3, 10, 97) and torch.allclose(logits, whole[:, 4:].reshape(-1, 97), atol=1e-6)
+    expected = torch.nn.functional.cross_entropy(whole[:, 4:].reshape(-1, 97), y[:, 4:].reshape(-1))
     assert torch.allclose(loss, expected)
     assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5  # fresh init: close to uniform
     assert model(x, last_only=True)[0].shape == (3, 1, 97)
@@ -449,27 +453,75 @@ def test_builtin_default_trains_then_reuses(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(socket.socket, "connect", no_network)  # nothing downloaded, nothing sent
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(kernels, "USE_TRITON", False)  # the reference: the interpreter is slow (the kernel has tests)
-    argv = ["--out", str(tmp_path / "out"), "--teacher_steps", "10", "--student_steps", "10", "--minillm_steps", "4",
-            "--eval_interval", "5", "--n_train", "350", "--n_valid", "35", "--n_test", "35", "--rollout_size", "16",
+    argv = ["--out", str(tmp_path / "out"), "--teacher_steps", "10", "--student_steps", "10", "--max_steps", "4",
+            "--eval_interval", "2", "--n_train", "350", "--n_valid", "35", "--n_test", "35", "--rollout_size", "16",
             "--max_new_tokens", "24"]
     minillm.main(argv)
     first = capsys.readouterr().out
-    assert "teacher: trained" in first and "student-sft: trained" in first and "minillm: trained" in first
+    assert all(f"{stage}: trained" in first for stage in ("teacher", "student-sft", "kd", "minillm"))
     minillm.main(argv)
     second = capsys.readouterr().out
-    assert second.count(" has finished ") == 3 and "trained" not in second  # finished stages are reused
-    table = lambda out: out[out.index("validation loss and reverse KL"):out.index("built-in pipeline:")]
+    assert second.count(" has finished ") == 4 and "trained" not in second  # finished stages are reused
+    table = lambda out: out[out.index("KD and MiniLLM: "):out.index("built-in pipeline:")]
     assert table(first) == table(second)
-    rows = table(first).splitlines()[2:]
-    assert [r.split()[:2] for r in rows] == [[m, d] for m in ("teacher", "sft", "minillm")
+    rows = table(first).splitlines()[3:]
+    assert [r.split()[:2] for r in rows] == [[m, d] for m in ("teacher", "sft", "kd", "minillm")
                                             for d in ("greedy", "sampled")]
-    assert float(rows[0].split()[4]) == 0.0  # the teacher's reverse KL to itself
+    assert [r.split()[2] for r in rows] == ["10", "10", "10", "10", "4", "4", "4", "4"]  # steps of each stage
+    assert float(rows[0].split()[5]) == 0.0  # the teacher's reverse KL to itself
+    assert all(r.split()[-2:-1] != [] for r in rows) and all(" ± " in r for r in rows[1::2])  # sampled: ± std
+    # the typed --max_steps and --eval_interval reached KD and MiniLLM; the SFT stages kept the pipeline's
+    for stage, steps, interval in (("teacher", 10, 500), ("student-sft", 10, 500), ("kd", 4, 2), ("minillm", 4, 2)):
+        args = minillm.read_checkpoint(str(tmp_path / "out" / stage / "last.pt"))["args"]
+        assert (args["max_steps"], args["eval_interval"]) == (steps, interval), stage
     # python minillm.py --teacher CKPT: the pipeline with a given teacher trains the student and distills
-    minillm.main(argv[:1] + [str(tmp_path / "given")] + argv[2:] +
+    minillm.main(argv[:1] + [str(tmp_path / "given")] + argv[4:] +  # (--teacher_steps would be refused)
                  ["--teacher", str(tmp_path / "out" / "teacher" / "best.pt")])
     third = capsys.readouterr().out
     assert "teacher: trained" not in third and "student-sft: trained" in third and "minillm: trained" in third
-    assert not (tmp_path / "given" / "teacher").exists() and table(third).splitlines()[2] == rows[0]
+    assert not (tmp_path / "given" / "teacher").exists() and table(third).splitlines()[3].split()[4:] == \
+        rows[0].split()[4:]  # (its steps and minutes are not of this folder: "-")
+
+
+def test_pipeline_checks_its_inputs_first(tmp_path, monkeypatch):
+    """python minillm.py with a missing, a pickled-code, a wrong-tokenizer teacher (and a flag no stage uses): one
+    line and a non-zero exit within seconds, before any stage trains; nothing written."""
+    monkeypatch.chdir(tmp_path)
+    enc = data.get_encoding("builtin")
+    minillm.save_checkpoint(str(tmp_path / "bytes.pt"), tiny(vocab_size=300), None, 0, None, "builtin-bytes", {})
+    minillm.save_checkpoint(str(tmp_path / "small.pt"), tiny(vocab_size=1000), None, 0, None, "builtin", {})
+    minillm.save_checkpoint(str(tmp_path / "ok.pt"), tiny(vocab_size=enc.n_vocab), None, 0, None, "builtin", {})
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    torch.save({"model": Evil(), "config": {}, "tokenizer": "builtin"}, str(tmp_path / "evil.pt"))
+    cases = [(["--teacher", "missing.pt"], "missing.pt: no such checkpoint file"),
+             (["--teacher", "evil.pt"], "evil.pt: refused: it holds pickled objects that are not tensors"),
+             (["--teacher", "bytes.pt"], "bytes.pt: trained with tokenizer builtin-bytes; this run tokenizes with "
+                                         "builtin"),
+             (["--teacher", "ok.pt", "--init", "bytes.pt"], "bytes.pt: trained with tokenizer builtin-bytes"),
+             (["--teacher", "small.pt"], "small.pt: vocabulary 1000 is smaller than the student's 1623"),
+             (["--init", "small.pt"], "small.pt: vocabulary of 1000 tokens is smaller than the builtin tokenizer's"),
+             (["--teacher", "ok.pt", "--max_new_tokens", "64"], "leaves no room for a prompt in block_size 64"),
+             (["--teacher", "ok.pt", "--max_new_tokens", "56", "--n_train", "350"],
+              "0 built-in training prompts fit in 8 tokens"),
+             (["--teacher", "ok.pt", "--teacher_steps", "5"], "--teacher_steps sizes a stage that --teacher replaces"),
+             (["--init", "ok.pt", "--model", "gpt2"], "--model sizes a stage that --init replaces")]
+    for i, (argv, message) in enumerate(cases):
+        if i < 3:  # as a user runs it, with a deadline
+            t0 = time.time()
+            r = subprocess.run([sys.executable, os.path.join(HERE, "minillm.py"), "--out", "out"] + argv,
+                               capture_output=True, text=True, cwd=tmp_path, timeout=60)
+            assert r.returncode == 1 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
+            assert r.stderr.startswith("error: ") and message in r.stderr and time.time() - t0 < 30, (argv, r.stderr)
+        else:
+            with pytest.raises(SystemExit) as e:
+                minillm.main(["--out", str(tmp_path / "out")] + [str(tmp_path / a) if a.endswith(".pt") else a
+                                                                  for a in argv])
+            assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "pwned").exists()
+
 
 # -----------------------------------------------------------------------------
 # kernels.py: the fused reverse-KL kernel (under the Triton interpreter on the CPU) against float64
@@ -823,13 +875,36 @@ def test_every_method_runs_in_the_same_loop(tmp_path, monkeypatch, method):
 # eval.py
 
 
+def test_table_prints_a_dash_for_a_band_without_references():
+    import eval as ev
+    results = [{"label": "a", "rougeL [0,5]": [50.0, 1.0], "rougeL [6,10]": [40.0, 0.0]},
+               {"label": "b", "rougeL [0,5]": [60.0, 2.0]}]  # b's test set has no 6-10-word reference
+    lines = ev.table(results, ["rougeL [0,5]", "rougeL [6,10]"]).splitlines()
+    assert lines[2] == "| a | 50.0 ± 1.0 | 40.0 |" and lines[3] == "| b | 60.0 ± 2.0 | - |"
+
+
+def test_a_tokenizer_that_cannot_be_fetched_says_what_to_do(monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("HTTPSConnectionPool(host=..., port=443): Max retries exceeded")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(data.DataError) as e:
+        data.get_encoding("gpt2")
+    assert str(e.value) == ("tokenizer gpt2: tiktoken fetches its file once from the internet and could not "
+                            "(ConnectionError): run once with the network (it is then cached), or use --tokenizer "
+                            "builtin for small experiments offline")
+    with pytest.raises(data.DataError, match="tokenizer gtp2: unknown"):
+        data.get_encoding("gtp2")
+
+
 def test_rouge_l_dist4_and_buckets_by_hand():
     import eval as ev
     # LCS("the cat sat on the mat", "the cats sat on a mat") with stemming (cats -> cat) = 5 of 6 words each side
-    assert abs(ev.rouge_l("the cats sat on a mat", ["the cat sat on the mat"]) - 100 * 5 / 6) < 1e-9
+    assert abs(data.rouge_l("the cats sat on a mat", ["the cat sat on the mat"]) - 100 * 5 / 6) < 1e-9
     # precision 2/2, recall 2/4: F = 2 * 1 * 0.5 / 1.5; the maximum over references
-    assert abs(ev.rouge_l("a b", ["a x b y", "q"]) - 100 * 2 / 3) < 1e-9
-    assert ev.rouge_l("a b", ["c d"]) == 0 and ev.rouge_l("same words", ["same words"]) == 100
+    assert abs(data.rouge_l("a b", ["a x b y", "q"]) - 100 * 2 / 3) < 1e-9
+    assert data.rouge_l("a b", ["c d"]) == 0 and data.rouge_l("same words", ["same words"]) == 100
     assert ev.dist_n(["a b c d e", "a b c d"], n=4) == 2 / 3  # (a b c d) twice, (b c d e) once
     assert ev.dist_n(["too short"], n=4) == 0.0
     assert [ev.bucket_of(" ".join("w" * k)) for k in (1, 5, 6, 10, 11, 40)] == \
@@ -1037,7 +1112,7 @@ def test_two_processes_with_gloo_take_the_single_process_step(tmp_path):
     single, _ = minillm.load_checkpoint(str(tmp_path / "single" / "last.pt"))
     ddp, _ = minillm.load_checkpoint(str(tmp_path / "ddp" / "last.pt"))
     for (name, a), b in zip(single.state_dict().items(), ddp.state_dict().values()):
-        assert_close(b, a, 1e-6, f"{name} after one step, 2 processes vs 1")
+        assert_close(b, a, 5e-6, f"{name} after one step, 2 processes vs 1")  # (float noise; unweighted: 0.02)
     assert "2 processes (gloo)" in open(tmp_path / "ddp" / "log.txt").read()
     # MiniLLM under torchrun: each process rolls out half of each round; process 0 writes the checkpoints
     enc = data.get_encoding("builtin")  # models that say EOS often: the processes' rollouts end at different steps
@@ -1218,10 +1293,10 @@ def test_crash_then_resume_falls_back_past_a_damaged_checkpoint(tmp_path, monkey
     assert sorted(p.name for p in (tmp_path / "whole").glob("*.pt")) == ["best.pt", "last.pt", "step-000008.pt"]
     real = minillm.get_lr
 
-    def crash(step, args):
+    def crash(step, args, elapsed):
         if step == 10:
             raise RuntimeError("the machine went away")
-        return real(step, args)
+        return real(step, args, elapsed)
     monkeypatch.setattr(minillm, "get_lr", crash)
     with pytest.raises(RuntimeError):
         minillm.train(minillm.get_args(argv + ["--out", str(tmp_path / "crashed")]))
@@ -1242,6 +1317,81 @@ def test_crash_then_resume_falls_back_past_a_damaged_checkpoint(tmp_path, monkey
     (tmp_path / "crashed" / "best.pt").write_bytes(b"junk")
     with pytest.raises(SystemExit, match="no loadable checkpoint to resume from"):
         minillm.main(argv + ["--out", str(tmp_path / "crashed"), "--resume"])
+
+
+def test_sigterm_during_a_validation_stops_it_and_resume_validates_that_step_again(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(kernels, "USE_TRITON", False)
+    enc = data.get_encoding("builtin")
+    for name, model in (("teacher", eos_teacher(enc)), ("student", tiny(vocab_size=enc.n_vocab, block_size=64))):
+        minillm.save_checkpoint(str(tmp_path / f"{name}.pt"), model, None, 0, None, "builtin", {})
+    argv = ["--method", "kd", "--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"),
+            "--max_steps", "6", "--eval_interval", "3", "--log_interval", "1", "--batch_size", "4",
+            "--max_new_tokens", "8", "--n_train", "70", "--n_valid", "300", "--n_test", "14", "--warmup_steps", "1",
+            "--device", "cpu"]
+    minillm.train(minillm.get_args(argv + ["--out", str(tmp_path / "whole")]))
+    real, calls = minillm.respond, []
+
+    def sigterm_in_the_middle(model, enc, prompts, *args, **kwargs):  # step 3's validation, after its first batch
+        calls.append(1)
+        if len(calls) == 2:
+            kwargs["progress"] = lambda n: minillm.SIGTERMS.append(time.time())
+        return real(model, enc, prompts, *args, **kwargs)
+    monkeypatch.setattr(minillm, "respond", sigterm_in_the_middle)
+    with pytest.raises(minillm.Stopped, match="SIGTERM at step 3"):
+        minillm.train(minillm.get_args(argv + ["--out", str(tmp_path / "cut")]))
+    monkeypatch.setattr(minillm, "respond", real)
+    minillm.SIGTERMS.clear()
+    log = log_of(tmp_path / "cut")
+    assert "step     3 | val" not in log and os.path.isfile(tmp_path / "cut" / "step-000003.pt")
+    minillm.train(minillm.get_args(argv + ["--out", str(tmp_path / "cut"), "--resume"]))
+    resumed = log_of(tmp_path / "cut").split("resuming from")[1]
+    assert "step     3 | val" in resumed  # validated again, and the rest is the uninterrupted run
+    assert training_lines(resumed, 3) == training_lines(log_of(tmp_path / "whole"), 3)
+    assert same_weights(tmp_path / "whole" / "last.pt", tmp_path / "cut" / "last.pt")
+    assert same_weights(tmp_path / "whole" / "best.pt", tmp_path / "cut" / "best.pt")
+
+
+def test_max_minutes_ends_the_learning_rate_schedule_with_the_run():
+    args = minillm.get_args(["--lr", "1e-2", "--min_lr", "1e-3", "--max_steps", "1000", "--warmup_steps", "10"])
+    assert minillm.get_lr(505, args, elapsed=1e9) == pytest.approx(5.5e-3)  # no clock: by steps alone
+    args.max_minutes = 2
+    assert minillm.get_lr(100, args, elapsed=60) == pytest.approx(5.5e-3)  # half the time: half-way down
+    assert minillm.get_lr(100, args, elapsed=120) == pytest.approx(1e-3)  # time is up: the schedule has ended
+    assert minillm.get_lr(900, args, elapsed=1) == minillm.get_lr(900, argparse.Namespace(
+        **{**vars(args), "max_minutes": 0}))  # the steps run out first: by steps
+
+
+def test_other_data_needs_its_own_pt_data_and_selects_by_validation_rouge_l(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(kernels, "USE_TRITON", False)
+    enc = data.get_encoding("builtin")
+    for name, seed in (("teacher", 5), ("student", 0)):  # (the Dolly template: prompts of about 150 tokens here)
+        minillm.save_checkpoint(str(tmp_path / f"{name}.pt"), tiny(vocab_size=enc.n_vocab, block_size=256, seed=seed),
+                                None, 0, None, "builtin", {})
+    write_jsonl(str(tmp_path / "mine.jsonl"), dolly_rows(200))
+    given = ["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--data",
+             str(tmp_path / "mine.jsonl"), "--out", str(tmp_path / "o"), "--n_valid", "20", "--n_test", "10"]
+    with pytest.raises(SystemExit) as e:  # python minillm.py --teacher T --init S --data mine.jsonl: minillm, L_PT on
+        minillm.main(given)
+    assert str(e.value) == ("error: --data mine.jsonl: L_PT (--lm_coef 1) needs its text: --pt_data openwebtext | a "
+                            ".txt/.jsonl file (the built-in text only fits --data builtin), or --lm_coef 0 to train "
+                            "without it").replace("mine.jsonl", str(tmp_path / "mine.jsonl"))
+    assert not (tmp_path / "o").exists()
+    real, calls = data.rouge_l, []
+
+    def scripted(response, references):  # the real score, plus 10, 30, 20 points at the validations of steps 0, 2, 4
+        calls.append(1)
+        return real(response, references) + (10, 30, 20)[(len(calls) - 1) // 20]
+    monkeypatch.setattr(data, "rouge_l", scripted)
+    minillm.main(given + ["--method", "kd", "--max_steps", "4", "--eval_interval", "2", "--batch_size", "4",
+                          "--max_new_tokens", "8", "--warmup_steps", "1"])
+    log = log_of(tmp_path / "o")
+    val = [line for line in log.splitlines() if "val rougeL" in line]
+    losses = [float(line.split("val loss ")[1].split()[0]) for line in val]
+    assert len(calls) == 3 * 20 and losses[2] < losses[1]  # 20 validation prompts, steps 0, 2, 4
+    best = minillm.read_checkpoint(str(tmp_path / "o" / "best.pt"))
+    assert best["step"] == 2 and best["metrics"]["rougeL"] >= 30  # chosen by Rouge-L, not by the loss
 
 
 def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path, monkeypatch, capsys):
