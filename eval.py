@@ -125,8 +125,7 @@ def sample_responses(model, enc, rows, template, seed, max_new_tokens, label="")
 
 
 def mean_std(xs):
-    m = sum(xs) / len(xs)
-    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return sum(xs) / len(xs), minillm.std(xs)
 
 
 def evaluate(path, teacher, rows, template, args, device):
