@@ -247,11 +247,7 @@ def is_valid(example, response):
     raise ValueError(f"is_valid: unknown family {family!r}")
 
 
-# -----------------------------------------------------------------------------
-# Splits: disjoint by prompt where the family's prompt space allows it (a stable hash of the instruction picks the
-# split: 10% test, 10% valid, 80% train); families in REPEATING draw prompts freely, as real data repeats facts.
-
-_scorer = None
+_scorer = None  # Rouge-L, the paper's metric on any data (is_valid above: the built-in task's own)
 
 
 def rouge_l(prediction, references):
@@ -263,6 +259,9 @@ def rouge_l(prediction, references):
         _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return 100 * max(_scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
 
+# -----------------------------------------------------------------------------
+# Splits: disjoint by prompt where the family's prompt space allows it (a stable hash of the instruction picks the
+# split: 10% test, 10% valid, 80% train); families in REPEATING draw prompts freely, as real data repeats facts.
 
 def prompt_split(instruction):
     bucket = zlib.crc32(instruction.encode()) % 10
