@@ -211,8 +211,9 @@ class GPT(nn.Module):
         if hidden:
             return x, None
         if targets is not None:  # the loss needs logits only where there is a target (the response tokens)
-            logits = self.lm_head(x[targets != -100])  # (N, V), N targets
-            return logits, F.cross_entropy(logits.float(), targets[targets != -100])
+            keep = targets != -100  # (B, T)
+            logits = self.lm_head(x[keep])  # (N, V), N targets
+            return logits, F.cross_entropy(logits.float(), targets[keep])
         return self.lm_head(x), None  # (B, T, V)
 
 # -----------------------------------------------------------------------------
@@ -967,9 +968,9 @@ def train(args):
                              f"of {args.batch_size}")
     val = {"enc": enc, "rows": splits["valid"]}
     val["pairs"], dropped_v = data.tokenize(splits["valid"], enc, template, max_length, args.max_prompt_length)
-    encoded = [(enc.encode_ordinary(data.prompt_text(r, template)), r["response"]) for r in splits["valid"]]
-    val["prompts"] = [p for p, _ in encoded if len(p) <= longest]
-    val["rouge"] = [(p, ref) for p, ref in encoded if len(p) <= longest][:256]  # (prompt, reference): Rouge-L
+    kept = [(p, r["response"]) for p, r in ((enc.encode_ordinary(data.prompt_text(r, template)), r)
+                                            for r in splits["valid"]) if len(p) <= longest]
+    val["prompts"], val["rouge"] = [p for p, _ in kept], kept[:256]  # rouge: (prompt, reference) for Rouge-L
     if not val["pairs"] or (teacher is not None and not val["prompts"]):
         raise data.DataError(f"{args.data}: no usable validation examples")
     start = ckpt["step"] if ckpt else 0
@@ -1297,13 +1298,13 @@ def check_pipeline(args):
         raise InputError(f"--{unused[0]} sizes a stage that --{'teacher' if unused[0] == 'teacher_steps' else 'init'}"
                          " replaces: the pipeline does not train it")
     tokenizer = args.tokenizer if args.tokenizer != "auto" else "builtin"
-    block = MODEL_SIZES["teacher"]().block_size
+    blocks = [] if args.teacher else [MODEL_SIZES["teacher"]().block_size]  # the teacher the pipeline trains
     if args.teacher or args.init:
         check = argparse.Namespace(**{**vars(args), "method": "kd" if args.teacher else "sft", "tokenizer": tokenizer,
-                                      "model": args.model, "shard_teacher": False})
+                                      "shard_teacher": False})
         student, teacher, _ = load_models(check, torch.device("cpu"))  # opens, compares tokenizers and vocabularies
-        block = min(m.config.block_size for m in (student, teacher, None if args.teacher else MODEL_SIZES["teacher"]())
-                    if m is not None)
+        blocks += [m.config.block_size for m in (student, teacher) if m is not None]
+    block = min(blocks)
     if block - args.max_new_tokens < 1:  # and the distillation stages' prompts: as train() counts them
         raise InputError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in block_size {block}")
     enc = data.get_encoding(tokenizer)
