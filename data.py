@@ -2,7 +2,6 @@
 Data for MiniLLM: the built-in instruction task, its tokenizer, real-data loaders and batching.
 
     python data.py                       # writes builtin_data/builtin-*/{train,valid,test}.jsonl, prints stats
-    python data.py --compare_tokenizers  # the byte-level vs word-level measurement quoted below
 
 Follows the data setup of MiniLLM (Gu et al., ICLR 2024), section 4.1 and appendix C: instruction data in the
 databricks-dolly-15k schema (instruction, context, response, category), prompt + response + EOS with the prompt
@@ -37,11 +36,9 @@ lets it commit to the ones it can. Responses run from 3 words (reverse) to 54 (l
 Tokenizer. GPT-2 checkpoints use tiktoken's `gpt2` encoding. The built-in task uses its own tiktoken Encoding
 built here with no download: the 256 byte values, every word of the world as one token (with and without a
 leading space), and <|endoftext|>. Digits and single letters are separate tokens, so arithmetic is digit by digit
-and a reversed string is one token per letter; anything outside the world falls back to bytes. Measured with
-`python data.py --compare_tokenizers` on this 2-core CPU (2026-11-28; the 4-layer, 128-dim teacher, batch 32,
-length-bucketed batches): byte-level sequences average 105.9 tokens (257-token vocabulary) against 29.0 word-level
-(1,623 tokens), and a training step takes 220 ms against 58 ms, so the word-level encoding trains on 3.8x more
-examples per second. Word-level it is.
+and a reversed string is one token per letter; anything outside the world falls back to bytes. Word-level
+sequences are about a quarter as long as byte-level ones, and the teacher trains on several times more examples per
+second (`python eval.py --bench tokenizers`; the measurement is in the README).
 """
 import argparse
 import functools
@@ -520,6 +517,14 @@ def prompt_text(example, template):
     return (DOLLY_TEMPLATE_INPUT if example["context"] else DOLLY_TEMPLATE).format(**example)
 
 
+def encode_prompts(rows, enc, template, longest=None):
+    """(rows, prompts): each row's prompt as a token list, without the rows whose prompt is longer than `longest`
+    tokens (one that leaves no room for a response in the context)."""
+    pairs = [(r, enc.encode_ordinary(prompt_text(r, template))) for r in rows]
+    pairs = [(r, p) for r, p in pairs if longest is None or len(p) <= longest]
+    return [r for r, _ in pairs], [p for _, p in pairs]
+
+
 def tokenize(rows, enc, template, max_length, max_prompt_length):
     """Returns (list of (prompt_ids, response_ids)), n_dropped. Response ids end with EOS and are cut so that
     prompt + response <= max_length; prompts longer than max_prompt_length are dropped (and counted)."""
@@ -612,49 +617,16 @@ def pretrain_batches(spec, enc, batch_size, block, seed, skip=0):
         chunk = torch.tensor(chunk).view(batch_size, block + 1)
         yield chunk[:, :-1], chunk[:, 1:]
 
-# -----------------------------------------------------------------------------
-
-
-def compare_tokenizers(n=2000):
-    """Byte-level vs word-level: sequence lengths and the teacher's training step time (the choice above)."""
-    from minillm import GPT, MODEL_SIZES
-    torch.manual_seed(0)
-    rows = make_builtin(n, 0, 0)["train"]
-    print(f"{'encoding':<24}{'vocab':>7}{'mean len':>10}{'max len':>9}{'ms/step':>9}{'examples/s':>12}")
-    for name in ("builtin-bytes", "builtin"):
-        enc = get_encoding(name)
-        pairs, _ = tokenize(rows, enc, "builtin", 512, 256)
-        lens = [len(p) + len(r) for p, r in pairs]
-        model = GPT(MODEL_SIZES["teacher"](vocab_size=enc.n_vocab, block_size=512))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        it = batches(pairs, 32, 0)
-        for i in range(23):
-            if i == 3:
-                t0 = time.time()
-            _, x, y = next(it)
-            _, loss = model(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        ms = (time.time() - t0) / 20 * 1000
-        print(f"{name:<24}{enc.n_vocab:>7}{np.mean(lens):>10.1f}{max(lens):>9}{ms:>9.1f}{32 / ms * 1000:>12.0f}")
-
-
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("--compare_tokenizers", action="store_true", help="measure byte-level vs word-level tokens")
-    args = ap.parse_args()
-    if args.compare_tokenizers:
-        compare_tokenizers()
-    else:
-        t0 = time.time()
-        splits, _ = load_instructions("builtin")
-        enc = get_encoding("builtin")
-        print(f"built-in task in {time.time() - t0:.1f}s; vocabulary {enc.n_vocab} tokens")
-        for s, rows in splits.items():
-            pairs, _ = tokenize(rows, enc, "builtin", 512, 256)
-            words = [len(r["response"].split()) for r in rows]
-            print(f"{s:>5}: {len(rows)} examples, response words min {min(words)} mean {np.mean(words):.1f} "
-                  f"max {max(words)}, tokens/example mean {np.mean([len(p) + len(r) for p, r in pairs]):.1f}")
-        for ex in splits["train"][:len(FAMILIES)]:
-            print(f"[{ex['category']}] {ex['instruction']} -> {ex['response']}")
+    argparse.ArgumentParser(description=__doc__.split("\n")[1]).parse_args()  # (--help)
+    t0 = time.time()
+    splits, _ = load_instructions("builtin")
+    enc = get_encoding("builtin")
+    print(f"built-in task in {time.time() - t0:.1f}s; vocabulary {enc.n_vocab} tokens")
+    for s, rows in splits.items():
+        pairs, _ = tokenize(rows, enc, "builtin", 512, 256)
+        words = [len(r["response"].split()) for r in rows]
+        print(f"{s:>5}: {len(rows)} examples, response words min {min(words)} mean {np.mean(words):.1f} "
+              f"max {max(words)}, tokens/example mean {np.mean([len(p) + len(r) for p, r in pairs]):.1f}")
+    for ex in splits["train"][:len(FAMILIES)]:
+        print(f"[{ex['category']}] {ex['instruction']} -> {ex['response']}")

@@ -4,6 +4,9 @@ Evaluation as the paper does it, and the built-in Table 1.
     python eval.py out/student-sft/best.pt out/minillm/best.pt --teacher out/teacher/best.pt
     python eval.py CKPT --data dolly --seeds 10 20 30 --out out/eval
     python eval.py --table1                  # train SFT, KD, SeqKD, MiniLLM and its ablations, then evaluate them
+    python eval.py --bench generate          # generation: KV cache vs recomputing the prefix
+    python eval.py --bench minillm [minillm.py flags]    # MiniLLM steps at GPT-2 scale (a GPU), per loss path
+    python eval.py --bench tokenizers        # the built-in task: byte-level vs word-level tokens
 
 For each checkpoint: responses sampled at T = 1, top-p 1, up to 256 new tokens, cut at EOS, for every test prompt,
 once per seed; the metrics averaged over the seeds (mean and standard deviation):
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import kernels
 import minillm
 
 BUCKETS = ((0, 5), (6, 10), (11, math.inf))  # reference length in words, as the paper's length analysis
@@ -79,8 +83,7 @@ def exposure_bias(student, teacher, prompts, eos_id, length, seed):
             next(student.parameters()).device).manual_seed(seed))
         q_logits = minillm.response_logits(student, b)
         p_logits = minillm.response_logits(teacher, b)[..., :q_logits.size(-1)]
-        log_q, log_p = F.log_softmax(q_logits.float(), -1), F.log_softmax(p_logits.float(), -1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, n): KL(p || q) at each position of each response
+        kl = minillm.forward_kl(q_logits, p_logits)  # (B, n): KL(p || q) at each position of each response
         mask = b["mask"].float()
         per_position = (kl * mask).sum(0) / mask.sum(0).clamp(min=1)
         curves.append(per_position.cumsum(0))
@@ -99,8 +102,7 @@ def yesno_calibration(model, enc, rows):
     conf, correct = [], []
     for i in range(0, len(rows), 128):
         chunk = rows[i:i + 128]
-        idx, valid = minillm.left_pad([enc.encode_ordinary(data.prompt_text(r, "builtin")) for r in chunk],
-                                      enc.eot_token, device)
+        idx, valid = minillm.left_pad(data.encode_prompts(chunk, enc, "builtin")[1], enc.eot_token, device)
         logits, _ = model(idx, valid=valid, last_only=True)
         p = F.softmax(logits[:, -1, [yes, no]].float(), -1)  # (b, 2): P(Yes), P(No) renormalized
         for r, (p_yes, p_no) in zip(chunk, p.tolist()):
@@ -113,12 +115,11 @@ def yesno_calibration(model, enc, rows):
 # Evaluating one checkpoint
 
 
-def sample_responses(model, enc, rows, template, seed, max_new_tokens, label=""):
-    """One response per row, sampled at T = 1 (top-p 1), cut at EOS; a progress line on stderr."""
+def sample_responses(model, enc, prompts, seed, max_new_tokens, label=""):
+    """One response per prompt (token lists), sampled at T = 1 (top-p 1), cut at EOS; a progress line on stderr."""
     t0 = time.time()
-    prompts = [enc.encode_ordinary(data.prompt_text(r, template)) for r in rows]
     out = minillm.respond(model, enc, prompts, seed=seed, max_new_tokens=max_new_tokens, progress=lambda n: print(
-        f"\r  {label} seed {seed}: {n}/{len(rows)} responses ({time.time() - t0:.0f}s)", end="", file=sys.stderr,
+        f"\r  {label} seed {seed}: {n}/{len(prompts)} responses ({time.time() - t0:.0f}s)", end="", file=sys.stderr,
         flush=True))
     print(file=sys.stderr)
     return out
@@ -141,9 +142,7 @@ def evaluate(path, teacher, rows, template, args, device):
     if label in ("best", "last"):
         label = os.path.basename(os.path.dirname(os.path.abspath(path)))
     longest = min(256, model.config.block_size // 2)  # the paper drops prompts over 256 tokens; leave room to answer
-    encoded = [enc.encode_ordinary(data.prompt_text(r, template)) for r in rows]
-    kept = [r for r, p in zip(rows, encoded) if len(p) <= longest]
-    prompts = [p for p in encoded if len(p) <= longest]
+    kept, prompts = data.encode_prompts(rows, enc, template, longest)
     if len(kept) < len(rows):
         print(f"{label}: {len(rows) - len(kept)} of {len(rows)} test prompts dropped (longer than {longest} tokens)")
     if not kept:
@@ -153,7 +152,7 @@ def evaluate(path, teacher, rows, template, args, device):
     builtin = all(r.get("category") in data.FAMILIES for r in rows)
     per_seed = []
     for seed in args.seeds:
-        responses = sample_responses(model, enc, rows, template, seed, args.max_new_tokens, label=label)
+        responses = sample_responses(model, enc, prompts, seed, args.max_new_tokens, label=label)
         rouge = [data.rouge_l(resp, [r["response"]]) for r, resp in zip(rows, responses)]
         m = {"rougeL": sum(rouge) / len(rouge), "dist4": dist_n(responses)}
         for lo, hi in BUCKETS:
@@ -263,6 +262,111 @@ def plots(results, folder):
         plt.close(fig)
 
 # -----------------------------------------------------------------------------
+# Benchmarks (they print tables; the tests run them small)
+
+
+def bench_generate(device="auto", n_prompts=64, new_tokens=128, repeats=3):
+    """--bench generate: the built-in teacher's generation with the KV cache against recomputing the whole prefix at
+    every step (random weights: the cost does not depend on them; eos_id None runs every row to the end)."""
+    device = minillm.pick_device(device)
+    enc = data.get_encoding("builtin")
+    torch.manual_seed(0)
+    model = minillm.GPT(minillm.MODEL_SIZES["teacher"](vocab_size=enc.n_vocab)).to(device).eval()
+    _, prompts = data.encode_prompts(data.make_builtin(0, 0, n_prompts)["test"], enc, "builtin")
+    print(f"teacher {model.num_params() / 1e6:.2f}M parameters, {len(prompts)} prompts of "
+          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {new_tokens} new tokens each, device {device}")
+    times = {}
+    for use_cache in (True, False):
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.time()
+            out = minillm.generate(model, prompts, new_tokens, None, greedy=True, use_cache=use_cache)
+            best = min(best, time.time() - t0)
+        times[use_cache] = best
+        print(f"{'KV cache' if use_cache else 'recompute':<10} {best:7.2f}s  {out.numel() / best:8.0f} tokens/s")
+    print(f"speedup {times[False] / times[True]:.1f}x")
+
+
+def bench_minillm(args):
+    """--bench minillm: MiniLLM steps at the paper's scale on a GPU (a GPT-2-XL-shaped teacher in bf16 and a
+    GPT-2-shaped student, random weights, random 64-token prompts; on a CPU the built-in sizes, as a smoke test):
+    rollout tokens/s, then args.max_steps training steps on one round of rollouts for each way of computing the
+    single-step term (the PyTorch reference, the fused kernel, the kernel with --chunk): ms per step and peak
+    memory. args: minillm.py's settings (minillm.get_args)."""
+    device = minillm.pick_device(args.device)
+    cuda = device.type == "cuda"
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    torch.manual_seed(0)
+    V = 50257 if cuda else 1623
+    with torch.device(device):
+        teacher = minillm.GPT(minillm.MODEL_SIZES["gpt2-xl" if cuda else "teacher"](vocab_size=V)).eval()
+        student = minillm.GPT(minillm.MODEL_SIZES["gpt2" if cuda else "student"](vocab_size=V))
+    if cuda:
+        teacher.to(torch.bfloat16)  # as load_models does on a GPU
+    run = argparse.Namespace(**{**vars(args), "eos_id": V - 1, "chunk": 0})
+    prompts = torch.randint(0, V - 1, (run.rollout_size, 64)).tolist()
+    print(f"teacher {teacher.num_params() / 1e9:.2f}B, student {student.num_params() / 1e6:.0f}M, V {V}, "
+          f"{run.rollout_size} rollouts of up to {run.max_new_tokens} tokens, mini-batches of {run.batch_size}, "
+          f"{device}")
+    batches = minillm.rollout_batches(student, teacher, prompts, run, device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t0 = time.time()
+    buffer = [next(batches)]  # the first next() makes the round of rollouts
+    sync()
+    seconds = time.time() - t0
+    buffer += [next(batches) for _ in range(run.rollout_size // run.batch_size - 1)]
+    print(f"rollout: {run.rollout_size * buffer[0]['tokens'].size(1) / seconds:.0f} tokens/s "
+          f"({seconds:.1f}s for the round)")
+    optimizer = minillm.make_optimizer(student, args)
+    print(f"{'single-step term':<22}{'ms / step':>10}{'peak GiB':>10}")
+    for name, use_triton, chunk in (("reference", False, 0), ("fused kernel", None, 0),
+                                    (f"kernel, --chunk {args.chunk or 1024}", None, args.chunk or 1024)):
+        kernels.USE_TRITON, run.chunk = use_triton, chunk
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for step in range(args.max_steps):
+            sync()
+            t0 = time.time()
+            loss, _ = minillm.minillm_loss(student, teacher, buffer[step % len(buffer)], run, ctx)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            times.append(time.time() - t0)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+        ms = 1000 * sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median after the first (warm-up)
+        print(f"{name:<22}{ms:10.1f}{peak:10.2f}")
+    kernels.USE_TRITON = None
+
+
+def bench_tokenizers(n=2000, steps=20):
+    """--bench tokenizers: the built-in task tokenized byte-level and word-level, the sequence lengths and the
+    teacher's training step (batch 32, length-bucketed; the choice in data.py's docstring)."""
+    torch.manual_seed(0)
+    rows = data.make_builtin(n, 0, 0)["train"]
+    print(f"{'encoding':<24}{'vocab':>7}{'mean len':>10}{'max len':>9}{'ms/step':>9}{'examples/s':>12}")
+    for name in ("builtin-bytes", "builtin"):
+        enc = data.get_encoding(name)
+        pairs, _ = data.tokenize(rows, enc, "builtin", 512, 256)
+        lens = [len(p) + len(r) for p, r in pairs]
+        model = minillm.GPT(minillm.MODEL_SIZES["teacher"](vocab_size=enc.n_vocab, block_size=512))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        it = data.batches(pairs, 32, 0)
+        for i in range(3 + steps):  # 3 warm-up steps, then `steps` timed
+            if i == 3:
+                t0 = time.time()
+            _, x, y = next(it)
+            _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        ms = (time.time() - t0) / steps * 1000
+        print(f"{name:<24}{enc.n_vocab:>7}{sum(lens) / len(lens):>10.1f}{max(lens):>9}{ms:>9.1f}{32 / ms * 1000:>12.0f}")
+
+# -----------------------------------------------------------------------------
 # main
 
 
@@ -274,7 +378,8 @@ def get_args(argv=None):
                     help="builtin | dolly | a .jsonl/.json file | a folder (its test split)")
     ap.add_argument("--n_test", type=int, default=500, help="built-in task: test prompts")
     ap.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30], help="one sampling pass per seed")
-    ap.add_argument("--max_new_tokens", type=int, default=256, help="longest response (the paper: 256)")
+    ap.add_argument("--max_new_tokens", type=int, help="longest response (default 256, the paper's; --bench "
+                                                       "minillm: minillm.py's default)")
     ap.add_argument("--exposure_prompts", type=int, default=256, help="test prompts for the exposure bias")
     ap.add_argument("--exposure_len", type=int, default=64, help="longest l of ExAccErr(l)")
     ap.add_argument("--out", help="folder for the table and the plots (default out/eval; --table1: out/table1, "
@@ -283,13 +388,28 @@ def get_args(argv=None):
     ap.add_argument("--table1", action="store_true", help="train and evaluate the built-in Table 1 (README)")
     ap.add_argument("--pipeline_out", default="out", help="--table1: where `python minillm.py` keeps its models")
     ap.add_argument("--patience", type=int, default=5, help="--table1: evaluations without improvement to stop")
-    return ap.parse_args(argv)
+    ap.add_argument("--bench", choices=["generate", "minillm", "tokenizers"],
+                    help="run a benchmark instead (--bench minillm also takes minillm.py's flags: --max_steps, "
+                         "--rollout_size, --batch_size, --chunk, ...)")
+    args, rest = ap.parse_known_args(argv)
+    if rest and args.bench != "minillm":
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.minillm_flags = rest
+    return args
 
 
 def main(argv=None):
     args = get_args(argv)
     args.out = args.out or ("out/table1" if args.table1 else "out/eval")
     try:
+        if args.bench == "generate":
+            return bench_generate(args.device)
+        if args.bench == "tokenizers":
+            return bench_tokenizers()
+        if args.bench == "minillm":
+            new_tokens = [] if args.max_new_tokens is None else ["--max_new_tokens", str(args.max_new_tokens)]
+            return bench_minillm(minillm.get_args(args.minillm_flags + ["--device", args.device] + new_tokens))
+        args.max_new_tokens = args.max_new_tokens or 256
         if args.table1:
             return table1(args)
         if not args.checkpoints:

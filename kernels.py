@@ -111,12 +111,12 @@ if triton is not None:
             finite = (s != -float("inf")) & (t != -float("inf"))  # F
             m_new = tl.maximum(m_s, tl.max(s, 0))
             m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # an all-masked prefix: avoid -inf - -inf
-            alpha = tl.exp(m_s - m_use)
+            rescale = tl.exp(m_s - m_use)  # the running sums were taken against the old max: rescale them
             e = tl.exp(s - m_use)  # 0 where s = -inf
-            d_s = d_s * alpha + tl.sum(e, 0)
+            d_s = d_s * rescale + tl.sum(e, 0)
             diff = tl.where(finite, s, 0.0) - tl.where(finite, t, 0.0)  # s - t on F, 0 elsewhere: no inf - inf
-            a = a * alpha + tl.sum(e * diff, 0)  # and no 0 * (-inf)
-            qf = qf * alpha + tl.sum(tl.where(finite, e, 0.0), 0)
+            a = a * rescale + tl.sum(e * diff, 0)  # and no 0 * (-inf)
+            qf = qf * rescale + tl.sum(tl.where(finite, e, 0.0), 0)
             m_s = m_new
             mt_new = tl.maximum(m_t, tl.max(t, 0))
             mt_use = tl.where(mt_new == -float("inf"), 0.0, mt_new)

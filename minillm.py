@@ -1,24 +1,43 @@
 """
-MiniLLM: knowledge distillation of a small GPT student from a larger GPT teacher, in one readable file.
+MiniLLM: knowledge distillation of a small GPT student q_theta from a larger GPT teacher p by minimizing the
+reverse KL divergence with a policy gradient (Gu, Dong, Wei, Huang, "MiniLLM: Knowledge Distillation of Large
+Language Models", ICLR 2024), in one file that reads top to bottom.
 
-    python minillm.py                                  # the built-in pipeline: Algorithm 1 and the paper's comparison
+    python minillm.py                                  # Algorithm 1 end to end on the built-in task, and the comparison
     python minillm.py --teacher CKPT [--init STUDENT_CKPT]         # the same with your teacher (and SFT student)
     python minillm.py --method sft --model teacher --out out/teacher          # supervised fine-tuning (stage 1)
     python minillm.py --method sft --model student --out out/student-sft
     python minillm.py --method minillm --teacher out/teacher/best.pt --init out/student-sft/best.pt --out out/minillm
     python minillm.py --method kd --teacher out/teacher/best.pt --init out/student-sft/best.pt --out out/kd
     python minillm.py --method seqkd --teacher out/teacher/best.pt --init out/student-sft/best.pt --out out/seqkd
-    python minillm.py --bench generate                             # KV-cache vs recomputation benchmark
-    python minillm.py --bench minillm                              # MiniLLM steps at GPT-2 scale (a GPU)
     torchrun --nproc_per_node=N minillm.py --method ...            # any method on N processes (DDP)
     python minillm.py ... --resume                                 # go on after a crash or SIGTERM, exactly
 
-Follows Gu, Dong, Wei, Huang, "MiniLLM: Knowledge Distillation of Large Language Models" (ICLR 2024).
-This file holds, top to bottom: the run settings, the GPT model (GPT-2 layout and parameter names), generation
-with a KV cache, teacher-mixed rollouts, the MiniLLM objective (Eq. 2-7), checkpoints, run folders (resume), one
-training loop for supervised fine-tuning (Algorithm 1, step 1), the KD and SeqKD baselines and MiniLLM (Algorithm
-1, step 2), the validity evaluation of the built-in task, and main. Data and tokenizers live in data.py, the
-fused reverse-KL kernel in kernels.py.
+The method. Knowledge distillation usually minimizes the forward KL[p || q_theta] on given text, which makes a small
+student spread itself over everything the teacher might say. MiniLLM minimizes the reverse KL at the sequence level,
+on the student's own samples, so that the student commits to what it can say well (mode seeking):
+
+    L(theta) = KL[q_theta || p] = - E_{x ~ D, y ~ q_theta(.|x)} log( p(y|x) / q_theta(y|x) )                 (Eq. 1)
+
+Its gradient is a policy gradient with the per-token reward r_t = log p(y_t|y_<t,x) - log q_theta(y_t|y_<t,x) and the
+return R_t = sum_{t' >= t} r_t' (Eq. 2). Three changes make it train: the step-t part of the return is taken in
+expectation over the vocabulary, exactly (the single-step term, Eq. 3); responses are sampled from the teacher-mixed
+p_mix = alpha p + (1 - alpha) q_theta and reweighted by w_t = q_theta(y_t) / p_mix(y_t) (Eq. 4-5); and the long-term
+return is a mean over the later steps, not a sum (R^Norm_{t+1}, Eq. 6). Together:
+
+    grad L = - E_{x, y ~ p_mix} sum_t w_t [ grad sum_{y' in V} q_theta(y'|y_<t,x) log( p(y'|y_<t,x) / q_theta(y'|y_<t,x) )
+                                            + R^Norm_{t+1} grad log q_theta(y_t|y_<t,x) ]                       (Eq. 7)
+
+Algorithm 1: (1) fine-tune the student on the instruction data (SFT) and keep the checkpoint with the lowest validation
+loss; (2) repeat: roll out responses to a round of prompts from p_mix, score them once (r_t, R^Norm_{t+1}, w_t), and
+take PPO-style steps over mini-batches of the round on Eq. 7 (the long-term term's ratio clipped) plus the language-
+modelling loss L_PT on pretraining text.
+
+This file, top to bottom: the settings, the GPT model, generation with a KV cache, teacher-mixed rollouts, scoring a
+round, the loss terms, the baselines' losses and L_PT, the rollout buffer, validation, the optimizer, train(),
+Algorithm 1 end to end, main(). Below main, under a ruler, the plumbing (errors, checkpoints, Hugging Face
+import/export, run folders and resume, devices and processes, the command line), which a first reading can skip.
+Data and tokenizers live in data.py, the fused reverse-KL kernel in kernels.py, evaluation and benchmarks in eval.py.
 
 What this version simplifies or changes (relative to the paper and its official code):
 - The built-in task is a small procedurally generated instruction world (data.py) so that the whole method runs
@@ -29,7 +48,7 @@ What this version simplifies or changes (relative to the paper and its official 
 - The teacher's logits are recomputed for each mini-batch instead of being stored with the rollouts (memory over
   time; the teacher forward is cheap next to the rollouts).
 - On the built-in task the distilled checkpoint is chosen by the validity of sampled validation responses (the
-  paper chooses by validation Rouge-L).
+  paper chooses by validation Rouge-L, as this does on other data).
 """
 import argparse
 import itertools
@@ -42,7 +61,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -56,26 +75,8 @@ from torch.nn.parallel import DistributedDataParallel
 import data
 import kernels
 
-
-class InputError(Exception):
-    """A checkpoint, device or length that cannot be used. The message is one line naming the problem."""
-
-
-class Stopped(Exception):
-    """SIGTERM (what a scheduler sends before it preempts a job) stopped the run after a checkpoint."""
-
-
-SIGTERMS = []  # main() appends to it on SIGTERM; train() then writes a checkpoint and stops at its next step
-
-
-def check_sigterm(on, model, was_training):
-    """In a long validation loop: after a SIGTERM (when `on`), put the model back in its mode and raise Stopped."""
-    if on and SIGTERMS:
-        model.train(was_training)
-        raise Stopped("SIGTERM during a validation")
-
 # -----------------------------------------------------------------------------
-# Model configuration
+# Settings: the model's shape, the sizes by name, and MiniLLM's options
 
 
 @dataclass
@@ -99,6 +100,25 @@ MODEL_SIZES = {  # name -> GPTConfig maker; vocab_size and block_size may be ove
     "gpt2-medium": lambda **kw: GPTConfig(**{"n_layer": 24, "n_head": 16, "n_embd": 1024, **kw}),
     "gpt2-large": lambda **kw: GPTConfig(**{"n_layer": 36, "n_head": 20, "n_embd": 1280, **kw}),
     "gpt2-xl": lambda **kw: GPTConfig(**{"n_layer": 48, "n_head": 25, "n_embd": 1600, **kw}),
+}
+
+# MiniLLM's options (Algorithm 1, step 2), each --name on the command line: (the paper's value, with a GPT-2 XL
+# teacher on Dolly; this version's default, sized for the built-in task on a CPU; what it sets).
+MINILLM_OPTIONS = {
+    "alpha": (0.2, 0.2, "teacher share of the sampling mixture p_mix (Eq. 4); 0: pure student samples"),
+    "rollout_size": (256, 64, "responses rolled out per round"),
+    "ppo_epochs": (4, 4, "passes over each round's rollouts, in mini-batches of --batch_size"),
+    "clip_eps": (0.2, 0.2, "PPO clipping of the ratio rho_t = q_theta(y_t) / p_mix(y_t)"),
+    "max_new_tokens": (256, 96, "longest response sampled"),
+    "length_norm": (True, True, "the long-term return is the mean of the later rewards (Eq. 6); "
+                                "--no_length_norm: their sum (ablation)"),
+    "single_step": (True, True, "the single-step term (Eq. 3); --no_single_step: none, and the long-term term "
+                                "uses R_t, step t included (Eq. 2; ablation)"),
+    "gamma": (1.0, 1.0, "discount of the long-term return (the official code: 0.95)"),
+    "whiten": (False, False, "whiten the advantages over each round (the official code)"),
+    "lm_coef": (1.0, None, "weight of L_PT (default: 1 for minillm, 0 for the other methods)"),
+    "kd_ratio": (0.5, None, "kd, seqkd: the forward-KL share of the loss (default 0.5); minillm: the soft "
+                            "cross-entropy share of L_PT (default 0, the paper's pure LM loss; the official code 0.5)"),
 }
 
 # -----------------------------------------------------------------------------
@@ -179,12 +199,16 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())  # wte counted once: lm_head shares it
 
     def forward(self, idx, targets=None, valid=None, cache=None, last_only=False, hidden=False):
-        """idx (B, T) token ids. targets (B, T) with -100 where no loss is taken.
-        valid (B, T) bool, False on left padding (then positions count real tokens only and padding is never
-        attended to). cache: a KV cache from new_cache(); idx is then appended after what it already holds.
-        Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only, or with targets (N, V) at the N
-        targets only and their mean cross-entropy as the loss (else None); with hidden, the final hidden states
-        (B, T, C) instead of the logits (for the chunked loss, which applies lm_head itself)."""
+        """idx (B, T) token ids. Returns (out, loss); the ways it is called:
+            model(x, targets=y)        training: out = logits (N, V) at the N targets of y (-100: no target),
+                                       loss = their mean cross-entropy
+            model(idx)                 out = logits (B, T, V), loss None; right padding only, plain causal attention
+            model(idx, valid=valid)    rows left-padded: valid (B, T) is False on the padding, which is never
+                                       attended to, and positions count real tokens only
+            model(idx, cache=cache)    idx goes after what the KV cache (new_cache) holds: prefill, then decode
+            last_only=True             out = logits of the last position only, (B, 1, V)
+            hidden=True                out = the final hidden states (B, T, C) instead of logits (for losses that
+                                       apply lm_head themselves, a chunk at a time)"""
         B, T = idx.shape
         start = 0 if cache is None else cache["len"]  # slots already in the cache
         if start + T > self.config.block_size:  # (a position never exceeds its slot)
@@ -321,25 +345,22 @@ def respond(model, enc, prompts, greedy=False, seed=0, max_new_tokens=96, batch_
     """One text response per prompt (token lists), cut at EOS: sampled at T = 1 (top-p 1) as the paper evaluates,
     from a generator seeded with `seed`, or greedy. Batches of batch_size; after each, progress(responses so far)
     if given, and with sigterm a SIGTERM stops it (raises Stopped)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     out = []
-    for i in range(0, len(prompts), batch_size):
-        check_sigterm(sigterm, model, was_training)
-        batch = prompts[i:i + batch_size]
-        room = min(max_new_tokens, model.config.block_size - max(map(len, batch)))
-        for toks in generate(model, batch, room, enc.eot_token, greedy=greedy, generator=gen).tolist():
-            out.append(enc.decode(toks[:toks.index(enc.eot_token)] if enc.eot_token in toks else toks))
-        if progress:
-            progress(len(out))
-    model.train(was_training)
+    with evaluating(model):
+        for i in range(0, len(prompts), batch_size):
+            check_sigterm(sigterm)
+            batch = prompts[i:i + batch_size]
+            room = min(max_new_tokens, model.config.block_size - max(map(len, batch)))
+            for toks in generate(model, batch, room, enc.eot_token, greedy=greedy, generator=gen).tolist():
+                out.append(enc.decode(toks[:toks.index(enc.eot_token)] if enc.eot_token in toks else toks))
+            if progress:
+                progress(len(out))
     return out
 
 # -----------------------------------------------------------------------------
-# Rollouts (Algorithm 1, step 2): responses sampled from the teacher-mixed distribution (Eq. 4-5)
-#     p_mix(y_t | y_<t, x) = alpha * p(y_t | y_<t, x) + (1 - alpha) * q(y_t | y_<t, x)
+# Teacher-mixed rollouts (Algorithm 1, step 2): responses sampled from
+#     p_mix(y_t | y_<t, x) = alpha * p(y_t | y_<t, x) + (1 - alpha) * q(y_t | y_<t, x)                    (Eq. 4)
 # with the student q and the teacher p stepped in lockstep, each with its own KV cache. alpha = 0 is pure student
 # sampling; T = 1, no top-k, no top-p, as the paper samples.
 
@@ -394,7 +415,8 @@ def response_logits(model, batch, hidden=False):
     return logits[:, Tp - 1:]  # (B, n, V): the last prompt position predicts the first response token
 
 # -----------------------------------------------------------------------------
-# The MiniLLM objective (Eq. 7 with PPO clipping), per response token
+# Scoring a round of rollouts, once, with q_old (the student that sampled them): rewards r_t (Eq. 2), the long-term
+# return R^Norm_{t+1} (Eq. 6) and the importance weights w_t (Eq. 5)
 
 
 def returns(r, mask, length_norm=True, gamma=1.0, include_t=False):
@@ -418,6 +440,24 @@ def returns(r, mask, length_norm=True, gamma=1.0, include_t=False):
     return torch.where(count > 0, after / count.clamp(min=1), 0.0) * mask
 
 
+def score_round(batch, args):
+    """Adds to a round of rollouts (rollout()'s dict) the rewards r, advantages A and importance weights w, (B, n)
+    each. The paper's choices; ../shared/MINILLM.md section 5 lists where the official code differs (a return
+    including step t, no w_t on the single-step term, ...): --gamma and --whiten give its discount and whitening."""
+    mask = batch["mask"]
+    batch["r"] = batch["logp"] - batch["logq_old"]                    # Eq. 2: r_t = log p(y_t) - log q_old(y_t)
+    A = returns(batch["r"], mask, args.length_norm, args.gamma,       # Eq. 6: A_t = R^Norm_{t+1}
+                include_t=not args.single_step)                       # (ablation: R_t, no single-step term)
+    if args.whiten and mask.sum() > 1:                                 # the official code: whitened per round
+        A = torch.where(mask, (A - A[mask].mean()) / (A[mask].std() + 1e-8), 0.0)
+    batch["A"] = A
+    batch["w"] = torch.exp(batch["logq_old"] - batch["log_pmix"])    # Eq. 5: w_t = q_old(y_t) / p_mix(y_t)
+    return batch
+
+# -----------------------------------------------------------------------------
+# The loss: Eq. 7 per response token, the long-term term clipped as in PPO (Algorithm 1)
+
+
 def minillm_terms(logq, kl, logq_old, advantage, w_single, w_long, clip_eps=0.2):
     """Per-token loss terms (B, n) whose gradient is Eq. 7's estimate of grad KL[q_theta || p]:
     single-step: w_t * KL(q_theta(.|y_<t) || p(.|y_<t)), the exact expectation over y_t (Eq. 3-4);
@@ -430,6 +470,455 @@ def minillm_terms(logq, kl, logq_old, advantage, w_single, w_long, clip_eps=0.2)
     if clip_eps is not None:
         long_term = torch.max(long_term, -advantage * rho.clamp(1 - clip_eps, 1 + clip_eps))
     return w_single * kl, long_term
+
+
+def minillm_loss(student, teacher, batch, args, ctx):
+    """Eq. 7 on a mini-batch of scored rollouts: the single-step term plus the PPO-clipped long-term term, each a
+    mean over the mini-batch's response tokens (the mask: nothing after EOS). Returns (loss, {name: value} for the
+    log)."""
+    mask, targets = batch["mask"], batch["tokens"].masked_fill(~batch["mask"], -100)
+    if args.chunk:  # (b, n, V) logits never whole: lm_head and the kernel applied --chunk rows at a time
+        with ctx:
+            h_q = response_logits(student, batch, hidden=True)  # (b, n, C)
+            with torch.no_grad():
+                h_p = response_logits(teacher, batch, hidden=True)
+            head = getattr(student, "module", student).lm_head.weight  # (under DistributedDataParallel: .module)
+            kl, logq, _ = kernels.reverse_kl_chunked(h_q, head, h_p, teacher.lm_head.weight, targets, args.chunk)
+    else:
+        with ctx:
+            logits_q = response_logits(student, batch)  # (b, n, V)
+            with torch.no_grad():
+                logits_p = response_logits(teacher, batch)[..., :logits_q.size(-1)]
+        # the fused kernel: KL(q_theta(.|y_<t) || p(.|y_<t)) over the vocabulary (Eq. 3) and log q_theta(y_t), in one pass
+        kl, logq, _ = kernels.reverse_kl(logits_q, logits_p, targets)
+    single, long_term = minillm_terms(logq, kl, batch["logq_old"], batch["A"], batch["w"], batch["w"], args.clip_eps)
+    n = mask.sum().clamp(min=1)
+    loss_single, loss_long = (single * mask).sum() / n, (long_term * mask).sum() / n
+    rho = torch.exp(logq.detach() - batch["logq_old"]) * batch["w"]
+    stats = {"reward": (batch["r"] * mask).sum() / n, "single": loss_single.detach(), "long": loss_long.detach(),
+             "clip": (((rho - 1).abs() > args.clip_eps) & mask).sum() / n, "w": (batch["w"] * mask).sum() / n,
+             "len": mask.sum(1).float().mean()}
+    # Eq. 7: grad L = E_{y ~ p_mix} sum_t [ w_t grad KL_t (single-step) + w_t R^Norm_{t+1} grad log q_theta(y_t)
+    # (long-term, clipped) ]: the gradient of this sum (ablation --no_single_step: the long-term term alone)
+    return (loss_single if args.single_step else 0) + loss_long, stats
+
+# -----------------------------------------------------------------------------
+# The baselines' losses and L_PT. KD: (1 - kd_ratio) CE + kd_ratio KL[p || q] per token of the ground-truth
+# responses; SeqKD: the same on responses the teacher sampled; L_PT (Algorithm 1): cross-entropy on pretraining text
+
+
+def forward_kl(logits_q, logits_p):
+    """Forward KL[p || q] = sum_v p_v (log p_v - log q_v) at each position: (..., V) logits -> (...). Its gradient
+    is that of the soft cross-entropy -sum_v p_v log q_v that the official code uses; its value is a divergence
+    (0 when q = p)."""
+    log_q = F.log_softmax(logits_q.float(), -1)
+    log_p = F.log_softmax(logits_p.float(), -1)
+    return torch.where(log_p > -math.inf, log_p.exp() * (log_p - log_q), 0.0).sum(-1)  # p_v = 0 adds nothing
+
+
+def token_loss(student, teacher, x, y, kd_ratio, ctx):
+    """Teacher-forced loss on the targets y (-100: no loss). Without a teacher (or kd_ratio 0): cross-entropy
+    (sft, and L_PT). With one: (1 - kd_ratio) CE + kd_ratio KL[p || q] (kd, seqkd, and L_PT with --kd_ratio).
+    Returns (loss, {name: detached value} for the log)."""
+    with ctx:
+        logits, ce = student(x, y)  # (N, V): the logits at the N targets, and their mean cross-entropy
+    if teacher is None or kd_ratio == 0:
+        return ce, {"ce": ce.detach()}
+    with torch.no_grad(), ctx:
+        logits_p = teacher(x, y)[0][:, :logits.size(-1)]  # (N, V); a teacher vocabulary padded past V is sliced
+    fkl = forward_kl(logits, logits_p).mean()
+    return (1 - kd_ratio) * ce + kd_ratio * fkl, {"ce": ce.detach(), "fkl": fkl.detach()}
+
+
+@torch.no_grad()
+def teacher_responses(teacher, rows, enc, template, args, path, log):
+    """SeqKD's training data: one response sampled from the teacher (T = 1, as the paper samples) for each
+    training prompt; generated once and cached in the run folder as JSONL in the Dolly schema (readable, and
+    reused by a later run in the same folder). Responses that reach max_new_tokens without EOS are dropped."""
+    if os.path.isfile(path):
+        log(f"reusing the teacher's responses in {path}")
+        return data.read_examples(path)
+    gen = torch.Generator(device=next(teacher.parameters()).device).manual_seed(args.seed)
+    rows, prompts = data.encode_prompts(rows, enc, template, teacher.config.block_size - args.max_new_tokens)
+    out, dropped, t0, chunk = [], 0, time.time(), 256
+    for i in range(0, len(rows), chunk):
+        batch = generate(teacher, prompts[i:i + chunk], args.max_new_tokens, args.eos_id, generator=gen).tolist()
+        for r, toks in zip(rows[i:i + chunk], batch):
+            response = enc.decode(toks[:toks.index(args.eos_id)]) if args.eos_id in toks else ""
+            if response.strip():
+                out.append({**r, "response": response})
+            else:
+                dropped += 1  # no EOS within max_new_tokens, or an empty response
+        if (i // chunk) % 20 == 0 or i + chunk >= len(rows):
+            done = min(i + chunk, len(rows))
+            log(f"seqkd: the teacher answered {done}/{len(rows)} training prompts ({time.time() - t0:.0f}s)")
+    data.write_jsonl_splits({os.path.basename(path)[:-len(".jsonl")]: out}, os.path.dirname(path))  # atomic
+    log(f"seqkd: {len(out)} teacher responses ({dropped} without EOS or empty, dropped) -> {path}")
+    return out
+
+# -----------------------------------------------------------------------------
+# The rollout buffer: rounds of scored rollouts, served in shuffled mini-batches (Algorithm 1, step 2)
+
+
+def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, state=None):
+    """Endless mini-batches for MiniLLM. Each round rolls out one response from p_mix for each of args.rollout_size
+    training prompts with the student of now (q_old), scores the round once (score_round), and then yields
+    ppo_epochs passes over it in shuffled mini-batches of args.batch_size. Under torchrun each of the `world`
+    processes makes 1/world of the round and of each mini-batch, from its own prompts and samples. `state` (a dict,
+    kept up to date) holds the round, its mini-batches still to come and the random generators: saved in a
+    checkpoint, it lets a resumed run go on exactly here."""
+    seed, size, batch_size = args.seed + rank, args.rollout_size // world, max(1, args.batch_size // world)
+    rng, gen = random.Random(seed), torch.Generator(device=device).manual_seed(seed)  # prompts, sampling
+    shuffle = torch.Generator().manual_seed(seed)  # mini-batch order
+    state = {} if state is None else state
+    if state:  # a resumed run
+        rng.setstate(state["rng"])
+        gen.set_state(state["gen"])
+        shuffle.set_state(state["shuffle"])
+        state["round"] = {k: v.to(device) for k, v in state["round"].items()}
+    while True:
+        if not state.get("minibatches"):  # a new round
+            with evaluating(student):  # q_old without dropout noise
+                batch = rollout(student, teacher, rng.sample(prompts, size), args.max_new_tokens, args.eos_id,
+                                args.alpha, gen)
+            orders = [torch.randperm(size, generator=shuffle) for _ in range(args.ppo_epochs)]
+            state.update(round=score_round(batch, args),
+                         minibatches=[o[i:i + batch_size] for o in orders for i in range(0, size, batch_size)],
+                         rng=rng.getstate(), gen=gen.get_state(), shuffle=shuffle.get_state())
+        rows = state["minibatches"].pop(0).to(device)
+        yield {k: v[rows] for k, v in state["round"].items()}
+
+# -----------------------------------------------------------------------------
+# Validation: the numbers that choose best.pt and that the log follows
+
+
+@torch.no_grad()
+def reverse_kl_k3(student, teacher, prompts, args, generator):
+    """Eq. 1's KL[q || p] per response, estimated on pure student samples with k3 = p/q - 1 - log(p/q) per token.
+    Returns (mean over the prompts, mean response length)."""
+    with evaluating(student):
+        b = rollout(student, teacher, prompts, args.max_new_tokens, args.eos_id, 0.0, generator)
+    log_ratio = (b["logp"] - b["logq_old"]) * b["mask"]
+    k3 = (log_ratio.exp() - 1 - log_ratio) * b["mask"]
+    return k3.sum(1).mean().item(), b["mask"].sum(1).float().mean().item()
+
+
+@torch.no_grad()
+def validation_loss(model, pairs, batch_size, device, ctx, chunk=8192, sigterm=False):
+    """Token-weighted mean cross-entropy over the response tokens of every validation example. lm_head is applied
+    to the response tokens only, `chunk` at a time: with a 50,257-token vocabulary the (batch, length, V) logits
+    of a whole batch would take gigabytes. sigterm: a SIGTERM stops it between batches (raises Stopped)."""
+    total, count = 0.0, 0
+    with evaluating(model):
+        for i in range(0, len(pairs), batch_size):
+            check_sigterm(sigterm)
+            x, y = data.collate(pairs[i:i + batch_size], pad_id=0)
+            x, y = x.to(device), y.to(device)
+            with ctx:
+                h, _ = model(x, hidden=True)
+                h, y = h[y != -100], y[y != -100]  # (n, C), (n,): the response tokens
+                for j in range(0, len(y), chunk):
+                    logits = model.lm_head(h[j:j + chunk]).float()
+                    total += F.cross_entropy(logits, y[j:j + chunk], reduction="sum").item()
+            count += len(y)
+    return total / max(count, 1)
+
+
+def validity(model, enc, rows, greedy=True, seed=0, batch_size=128, max_new_tokens=96, sigterm=False):
+    """The built-in task: the fraction of valid responses (data.is_valid) per family and 'all'; sampled as the paper
+    evaluates (T = 1, top-p 1) unless greedy. sigterm: a SIGTERM stops it between batches (raises Stopped)."""
+    _, prompts = data.encode_prompts(rows, enc, "builtin")
+    hits = {}
+    for r, text in zip(rows, respond(model, enc, prompts, greedy, seed, max_new_tokens, batch_size, sigterm)):
+        hits.setdefault(r["category"], []).append(data.is_valid(r, text))
+    scores = {f: sum(h) / len(h) for f, h in hits.items()}
+    scores["all"] = sum(sum(h) for h in hits.values()) / len(rows)
+    return scores
+
+
+def validate(student, teacher, val, args, ctx):
+    """The validation numbers: loss (CE on the ground-truth responses), and with a teacher rkl (KL[q || p], k3 on
+    pure student samples of 64 validation prompts, fixed seed) and, on the built-in task, valid (the fraction of
+    valid responses sampled at T = 1 for the validation prompts, fixed seed), elsewhere rougeL (Rouge-L of
+    responses sampled at T = 1, fixed seed, for the first 256 validation prompts). None if a SIGTERM cut it short (not
+    with a sharded teacher, whose forwards every process must run to the end together)."""
+    device = next(student.parameters()).device
+    sigterm = not args.shard_teacher
+    try:
+        metrics = {"loss": validation_loss(student, val["pairs"], 64, device, ctx, sigterm=sigterm)}
+        if teacher is not None:
+            metrics["rkl"], _ = reverse_kl_k3(student, teacher, val["prompts"][:64], args,
+                                              torch.Generator(device).manual_seed(0))
+            if args.data == "builtin":
+                metrics["valid"] = validity(student, val["enc"], val["rows"], greedy=False, seed=0,
+                                            max_new_tokens=args.max_new_tokens, sigterm=sigterm)["all"]
+            else:  # the paper's selection: Rouge-L of responses sampled at T = 1 to validation prompts
+                prompts, references = zip(*val["rouge"])
+                responses = respond(student, val["enc"], prompts, seed=0, max_new_tokens=args.max_new_tokens,
+                                    sigterm=sigterm)
+                metrics["rougeL"] = sum(map(data.rouge_l, responses, ([r] for r in references))) / len(responses)
+    except Stopped:
+        return None
+    return metrics
+
+
+def selection_score(metrics, method):
+    """best.pt is the checkpoint with the highest score. sft: -validation loss (Algorithm 1, step 1). The
+    distillation methods as the paper selects them, by validation Rouge-L (on the built-in task: validity)."""
+    if method == "sft":
+        return -metrics["loss"]
+    return metrics["valid"] if "valid" in metrics else metrics["rougeL"]
+
+# -----------------------------------------------------------------------------
+# The optimizer and the learning-rate schedule
+
+
+def make_optimizer(model, args):
+    """AdamW (0.9, 0.95), weight decay on matrices only (nanoGPT)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+
+def get_lr(step, args, elapsed=0.0):
+    """Linear warm-up to args.lr, then cosine decay to args.min_lr at the end of the run: args.max_steps, or
+    args.max_minutes of training (elapsed seconds) if that comes first, so the schedule ends when the run ends."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    if args.max_minutes:
+        progress = max(progress, min(1.0, elapsed / (60 * args.max_minutes)))
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
+# Training: one loop for the four methods. They share the data, optimizer, schedule, logging, validation and
+# checkpoints, and differ only in the loss of a step, so that the comparison between them is fair:
+#   sft      cross-entropy on the ground-truth responses (Algorithm 1, step 1: the student's initialization; also
+#            how the teacher is made)
+#   kd       (1 - kd_ratio) CE + kd_ratio KL[p || q] per response token, on the ground-truth responses
+#   seqkd    the same loss on responses that the teacher sampled for the training prompts
+#   minillm  Eq. 7 on mini-batches of scored rollouts from p_mix, plus lm_coef * L_PT (Algorithm 1, step 2)
+
+
+def train(args):
+    """Runs --method sft | kd | seqkd | minillm in args.out (see run folders, below main); returns the path of
+    best.pt. Under torchrun every process trains its share of each batch and DistributedDataParallel averages the
+    gradients; process 0 validates, logs and writes the checkpoints."""
+    device = pick_device(args.device)
+    rank, world = distributed(device)
+    torch.manual_seed(args.seed)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    set_method_defaults(args)
+    best_path = os.path.join(args.out, "best.pt")
+    resume_path, ckpt, notes = open_run(args, world)
+    if resume_path == os.path.join(args.out, "last.pt"):
+        if rank == 0:
+            print(f"{args.out} has finished ({ckpt['step']} steps): reusing {best_path}")
+        return best_path
+    # the models and the data, every input checked before anything is written
+    student, teacher, tokenizer = load_models(args, device)
+    enc = data.get_encoding(tokenizer)
+    args.eos_id = enc.eot_token
+    start = ckpt["step"] if ckpt else 0
+    task = load_data(args, student, teacher, enc, start)
+    log = start_log(args, rank, resume_path, notes + [f"resuming from {resume_path} (step {start})"] * bool(ckpt)
+                    + task["notes"])
+    if args.method == "seqkd":  # the training responses are the teacher's
+        seqkd_data(teacher, task, enc, args, log, rank, world)
+    rollout_state = ckpt["state"]["ranks"][rank]["rollouts"] if ckpt else {}  # (minillm; kept up to date)
+    if args.method == "minillm":  # rounds of scored rollouts, in mini-batches
+        batches = rollout_batches(student, teacher, task["prompts"], args, device, rank, world, rollout_state)
+    else:  # (epoch, x, y): shuffled, length-bucketed batches of the instruction data
+        batches = data.batches(task["train_pairs"], args.batch_size, args.seed, skip=start)
+    log_data(args, task, log)
+    optimizer = make_optimizer(student, args)
+    wrapped = wrap_student(student, teacher, args, world, device, log)  # what the losses call: compiled, DDP
+    progress = {"best": -math.inf, "best_step": 0, "tokens": 0, "bad_steps": 0, "validated": True, "elapsed": 0.0}
+    metrics, log_gen = {}, torch.Generator(device=device).manual_seed(args.seed + 1)  # (the logged rkl's samples)
+    if ckpt:  # --resume: the run as it was when the checkpoint was written
+        metrics = resume_run(ckpt, resume_path, student, optimizer, progress, log_gen, rank, world, device)
+    t_start = time.time() - progress["elapsed"]
+    for step in range(start, args.max_steps + 1):
+        # validate (every --eval_interval steps and at the end) and keep the best checkpoint in best.pt
+        elapsed = time.time() - t_start
+        last = step == args.max_steps or (args.max_minutes and elapsed > args.max_minutes * 60)
+        validates = rank == 0 or args.shard_teacher  # (a sharded teacher runs on every process or on none)
+        due = validates and (step % args.eval_interval == 0 or last) and not (  # (a resumed run validated this
+            ckpt and step == start and ckpt["state"].get("validated", True))    # step before, unless cut short)
+        new = validate(student, teacher, task["val"], args, ctx) if due else None  # None: cut short by a SIGTERM
+        progress["validated"] = not due or new is not None
+        last = last and progress["validated"]  # (a SIGTERM in the last validation: a checkpoint; --resume ends it)
+        if new is not None:
+            metrics = new
+            if not all(map(math.isfinite, metrics.values())):
+                raise FloatingPointError(f"step {step}: validation {metrics}; stopping (lower --lr?)")
+            if selection_score(metrics, args.method) > progress["best"]:
+                progress["best"], progress["best_step"] = selection_score(metrics, args.method), step
+                if rank == 0:
+                    save_checkpoint(best_path, student, None, step, args, tokenizer, metrics)
+            log(f"step {step:5d} | " + " | ".join(f"val {k} {v:.4f}" for k, v in metrics.items()) +
+                f" | best: step {progress['best_step']} | {elapsed:6.1f}s")
+            if args.patience and step - progress["best_step"] >= args.patience * args.eval_interval:
+                log(f"no better validation score in {args.patience} evaluations: stopping (--patience)")
+                last = True
+        # stop, or write the checkpoint that --resume goes on from (and after a SIGTERM, stop there)
+        last, sigterm = agree_to_stop(last, rank, world, device)
+        save_due = step % (args.save_interval or args.eval_interval) == 0 and step > start or sigterm
+        if last or save_due:
+            state = {**progress, "elapsed": time.time() - t_start,
+                     "ranks": run_state(device, log_gen, rollout_state, world)}
+        if save_due and not last:
+            save_step(args, student, optimizer, step, tokenizer, metrics, state, rank, sigterm, log)
+        if last:
+            break
+        # the learning rate of this step: linear warm-up, then cosine decay
+        lr = get_lr(step, args, time.time() - t_start)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # the method's loss on one batch
+        if args.method == "minillm":  # Eq. 7 on a mini-batch of the round's scored rollouts
+            batch = next(batches)
+            loss, stats = minillm_loss(wrapped, teacher, batch, args, ctx)
+            progress["tokens"] += batch["prompt_idx"].numel() + batch["tokens"].numel()
+        else:  # teacher-forced on the responses: CE (sft), (1 - kd_ratio) CE + kd_ratio KL[p || q] (kd, seqkd)
+            epoch, x, y = next(batches)
+            x, y, weight = my_rows(x, y, rank, world)  # (torchrun: this process's rows, weighted)
+            x, y = x.to(device), y.to(device)
+            loss, stats = token_loss(wrapped, teacher, x, y, args.kd_ratio, ctx)
+            loss, stats["epoch"] = loss * weight, epoch
+            progress["tokens"] += x.numel()
+        # L_PT: the language-modelling loss on the pretraining text, weighted by lm_coef (Algorithm 1)
+        if task["pt_batches"] is not None:
+            x, y = (t.to(device) for t in next(task["pt_batches"]))
+            loss_pt, _ = token_loss(student if world > 1 else wrapped,  # (torchrun: see my_rows)
+                                    teacher if args.method == "minillm" else None, x, y, args.kd_ratio, ctx)
+            loss, stats["L_PT"] = loss + args.lm_coef * loss_pt, loss_pt.detach()
+        # backward, clip the gradient norm, and skip a step whose loss or gradient is not finite
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
+        if not torch.isfinite(norm):  # (the same on every process)
+            skip_step(step, loss, stats, progress, optimizer, args, log)  # stops after --max_bad_steps in a row
+            continue
+        progress["bad_steps"] = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # log: the loss terms, the reverse KL to the teacher (Eq. 1) on 16 validation prompts, speed, time left
+        if step % args.log_interval == 0 and validates:
+            if teacher is not None:
+                stats = {"rkl": reverse_kl_k3(student, teacher, task["val"]["prompts"][:16], args, log_gen)[0],
+                         **stats}
+            log(step_line(step, loss, stats, lr, progress["tokens"] * world, time.time() - t_start, args))
+    finish_run(args, student, optimizer, step, tokenizer, metrics, state, progress, t_start, rank, world, log)
+    return best_path
+
+# -----------------------------------------------------------------------------
+# Algorithm 1 end to end: the built-in pipeline, and the paper's comparison. Each stage's settings where they differ
+# between stages; any other flag applies to every stage, and a typed flag wins where it applies (PIPELINE_FLAGS).
+# Peak learning rates: for the student, 1e-2 beat 3e-3 and 3e-2 (validation loss after 15,000 steps). The
+# distillation stages run L_PT off (the paper's "without L_PT" ablation, which left its instruction scores flat):
+# the built-in student has never seen the plain-text stream, so its L_PT starts at 17 nats and swamps the objective,
+# and learning that stream in SFT (--lm_coef 1 there) cost the 0.033M student half its validity (README).
+
+
+DISTILL = dict(max_steps=600, lr=1e-3, min_lr=1e-4, lm_coef=0.0, eval_interval=100, log_interval=50)
+PIPELINE_FLAGS = {  # typed flag -> the stages it applies to (other flags apply to every stage)
+    "teacher_steps": ("teacher",), "student_steps": ("student-sft",), "model": ("student-sft",),
+    **{k: ("kd", "minillm") for k in DISTILL}}
+
+
+def pipeline_stages(args):
+    """[(stage, settings)] of `python minillm.py`: the stages to train (a given --teacher / --init skips its stage),
+    each with the pipeline's settings, a typed flag replacing the pipeline's value where it applies."""
+    teacher = args.teacher or os.path.join(args.out, "teacher", "best.pt")
+    student = args.init or os.path.join(args.out, "student-sft", "best.pt")
+    typed = {k: getattr(args, k) for k in args.typed}
+    distill = {**DISTILL, **{k: v for k, v in typed.items() if k in DISTILL}, "teacher": teacher, "init": student}
+    stages = [("teacher", dict(method="sft", model="teacher", init=None, max_steps=args.teacher_steps, lr=2e-3,
+                               min_lr=2e-4, lm_coef=0.0, eval_interval=500, log_interval=250)),
+              ("student-sft", dict(method="sft", model=args.model, init=None, max_steps=args.student_steps, lr=1e-2,
+                                   min_lr=1e-3, lm_coef=0.0, eval_interval=500, log_interval=250)),
+              ("kd", dict(method="kd", **distill)),
+              ("minillm", dict(method="minillm", **distill))]
+    return [(name, s) for name, s in stages if not (name == "teacher" and args.teacher or
+                                                     name == "student-sft" and args.init)]
+
+
+def builtin_default(args):
+    """`python minillm.py [--teacher CKPT] [--init CKPT]`: Algorithm 1 end to end on the built-in task, and the
+    paper's comparison. Trains the teacher and the SFT student unless given (or reuses them from an earlier run in
+    args.out), distills the student with KD and with MiniLLM on the same budget, and prints a table of the four."""
+    t_all, times = time.time(), {}
+    tokenizer = check_pipeline(args)
+    stages = pipeline_stages(args)
+    for name, settings in stages:
+        folder = os.path.join(args.out, name)
+        finished, t0 = os.path.isfile(os.path.join(folder, "last.pt")), time.time()
+        print(f"{name}: " + " ".join(f"--{k} {v}" for k, v in settings.items() if v is not None) + f" --out {folder}")
+        # --resume: a finished stage is reused, an interrupted one goes on from its last checkpoint
+        train(argparse.Namespace(**{**vars(args), **settings, "out": folder, "resume": True}))
+        if not finished:
+            times[name] = time.time() - t0
+            print(f"{name}: trained in {times[name]:.0f}s")
+    t_table = time.time()
+    print_comparison(args, tokenizer, dict(stages)["minillm"])
+    times["table"] = time.time() - t_table
+    print(f"built-in pipeline: {time.time() - t_all:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) +
+          ("" if len(times) > 1 else "; every stage reused") + ")")
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        if args.method:
+            train(args)
+        elif args.data != "builtin":  # python minillm.py --teacher CKPT --init CKPT --data ...: MiniLLM
+            train(argparse.Namespace(**{**vars(args), "method": "minillm"}))
+        else:
+            builtin_default(args)
+    except (data.DataError, InputError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+
+# =============================================================================
+# Plumbing. A first reading can stop here: what follows is called by the method above and teaches nothing about it
+# (errors and signals, checkpoints, Hugging Face import/export, run folders and resume, the run's inputs, devices
+# and processes, the pipeline's checks and table, the command line).
+# =============================================================================
+
+
+class InputError(Exception):
+    """A checkpoint, device or length that cannot be used. The message is one line naming the problem."""
+
+
+class Stopped(Exception):
+    """SIGTERM (what a scheduler sends before it preempts a job) stopped the run after a checkpoint."""
+
+
+SIGTERMS = []  # the SIGTERM handler (at the end of the file) appends to it; train() writes a checkpoint and stops
+
+
+def check_sigterm(on):
+    """In a long validation loop: after a SIGTERM (when `on`), stop (raise Stopped)."""
+    if on and SIGTERMS:
+        raise Stopped("SIGTERM during a validation")
+
+
+@contextmanager
+def evaluating(model):
+    """model.eval() inside the block (no dropout noise), then the mode the model was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 # -----------------------------------------------------------------------------
 # Checkpoints: one file, written atomically, loaded without executing pickled code (weights_only=True)
@@ -484,8 +973,6 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device), ckpt
 
 
-# Hugging Face GPT-2 checkpoints. Our parameter names are GPT2LMHeadModel's; its Conv1D layers store their weights as
-# (in, out), the transpose of nn.Linear's (out, in). Weights travel as safetensors, which hold tensors only.
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -559,228 +1046,6 @@ def save_pretrained(model, folder, eos_id=50256):
     os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
 
 # -----------------------------------------------------------------------------
-# Training: one loop for the four methods. They share the data, optimizer, schedule, logging, validation and
-# checkpoints, and differ only in the loss of a step, so that the comparison between them is fair:
-#   sft      cross-entropy on the ground-truth responses (Algorithm 1, step 1: the student's initialization; also
-#            how the teacher is made)
-#   kd       (1 - kd_ratio) CE + kd_ratio KL[p || q] per response token, on the ground-truth responses
-#   seqkd    the same loss on responses that the teacher sampled for the training prompts
-#   minillm  the policy-gradient objective of Eq. 7 on rollouts from p_mix, plus lm_coef * L_PT (Algorithm 1, step 2)
-
-
-def make_optimizer(model, args):
-    """AdamW (0.9, 0.95), weight decay on matrices only (nanoGPT)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-
-
-def get_lr(step, args, elapsed=0.0):
-    """Linear warm-up to args.lr, then cosine decay to args.min_lr at the end of the run: args.max_steps, or
-    args.max_minutes of training (elapsed seconds) if that comes first, so the schedule ends when the run ends."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
-    if args.max_minutes:
-        progress = max(progress, min(1.0, elapsed / (60 * args.max_minutes)))
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def forward_kl(logits_q, logits_p, keep=None):
-    """Token-level forward KL[p || q] = sum_v p_v (log p_v - log q_v), averaged over the positions where keep is
-    True (default: all). Its gradient is that of the soft cross-entropy -sum_v p_v log q_v that the official code
-    uses; its value is a divergence (0 when q = p)."""
-    log_q = F.log_softmax(logits_q.float(), -1)
-    log_p = F.log_softmax(logits_p.float(), -1)
-    kl = torch.where(log_p > -math.inf, log_p.exp() * (log_p - log_q), 0.0).sum(-1)  # p_v = 0 adds nothing
-    keep = torch.ones_like(kl, dtype=torch.bool) if keep is None else keep
-    return (kl * keep).sum() / keep.sum().clamp(min=1)
-
-
-def token_loss(student, teacher, x, y, kd_ratio, ctx):
-    """Teacher-forced loss on the targets y (-100: no loss). Without a teacher (or kd_ratio 0): cross-entropy
-    (sft, and L_PT). With one: (1 - kd_ratio) CE + kd_ratio KL[p || q] (kd, seqkd, and L_PT with --kd_ratio).
-    Returns (loss, {name: detached value} for the log)."""
-    with ctx:
-        logits, ce = student(x, y)  # (N, V): the logits at the N targets, and their mean cross-entropy
-    if teacher is None or kd_ratio == 0:
-        return ce, {"ce": ce.detach()}
-    with torch.no_grad(), ctx:
-        logits_p = teacher(x, y)[0][:, :logits.size(-1)]  # (N, V); a teacher vocabulary padded past V is sliced
-    fkl = forward_kl(logits, logits_p)
-    return (1 - kd_ratio) * ce + kd_ratio * fkl, {"ce": ce.detach(), "fkl": fkl.detach()}
-
-
-def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, state=None):
-    """Endless mini-batches for MiniLLM (Algorithm 1, step 2). Each round samples args.rollout_size training
-    prompts, rolls out one response each from p_mix with the student of now (q_old), computes the rewards,
-    returns and importance weights once, and then yields ppo_epochs passes over the round in shuffled mini-batches
-    of args.batch_size. Under torchrun each of the `world` processes makes 1/world of the round and of each
-    mini-batch, from its own prompts and samples. `state` (a dict, kept up to date) holds the round in progress,
-    its mini-batches still to come and the random generators: saved in a checkpoint, it lets a resumed run go on
-    exactly here."""
-    seed, size, batch_size = args.seed + rank, args.rollout_size // world, max(1, args.batch_size // world)
-    rng, gen = random.Random(seed), torch.Generator(device=device).manual_seed(seed)  # prompts, sampling
-    shuffle = torch.Generator().manual_seed(seed)  # mini-batch order
-    state = {} if state is None else state
-    if state:  # a resumed run
-        rng.setstate(state["rng"])
-        gen.set_state(state["gen"])
-        shuffle.set_state(state["shuffle"])
-        state["round"] = {k: v.to(device) for k, v in state["round"].items()}
-    while True:
-        if not state.get("todo"):  # a new round
-            student.eval()  # q_old without dropout noise
-            batch = rollout(student, teacher, rng.sample(prompts, size), args.max_new_tokens, args.eos_id,
-                            args.alpha, gen)
-            student.train()
-            mask = batch["mask"]
-            # the paper; ../shared/MINILLM.md section 5 lists where the official code differs (return including
-            # step t, no w_t on the single-step term, ...); --gamma and --whiten give its discount and whitening
-            batch["r"] = batch["logp"] - batch["logq_old"]                    # r_t = log p(y_t) - log q_old(y_t)
-            A = returns(batch["r"], mask, args.length_norm, args.gamma,       # Eq. 6: A_t = R^Norm_{t+1}
-                        include_t=not args.single_step)                       # (ablation: R_t, no single-step term)
-            if args.whiten and mask.sum() > 1:                                 # official code: whitened per round
-                A = torch.where(mask, (A - A[mask].mean()) / (A[mask].std() + 1e-8), 0.0)
-            batch["A"] = A
-            batch["w"] = torch.exp(batch["logq_old"] - batch["log_pmix"])    # Eq. 5: w_t = q_old(y_t) / p_mix(y_t)
-            orders = [torch.randperm(size, generator=shuffle) for _ in range(args.ppo_epochs)]
-            state.update(round=batch, todo=[o[i:i + batch_size] for o in orders for i in range(0, size, batch_size)],
-                         rng=rng.getstate(), gen=gen.get_state(), shuffle=shuffle.get_state())
-        rows = state["todo"].pop(0).to(device)
-        yield {k: v[rows] for k, v in state["round"].items()}
-
-
-def minillm_loss(student, teacher, mb, args, ctx):
-    """Eq. 7 on a mini-batch of rollouts: single-step + PPO-clipped long-term term, each a mean over the
-    mini-batch's response tokens (the mask: nothing after EOS). Returns (loss, {name: value} for the log)."""
-    mask, targets = mb["mask"], mb["tokens"].masked_fill(~mb["mask"], -100)
-    if args.chunk:  # (b, n, V) logits never whole: lm_head and the kernel applied --chunk rows at a time
-        with ctx:
-            h_q = response_logits(student, mb, hidden=True)  # (b, n, C)
-            with torch.no_grad():
-                h_p = response_logits(teacher, mb, hidden=True)
-            head = getattr(student, "module", student).lm_head.weight  # (under DistributedDataParallel: .module)
-            kl, logq, _ = kernels.reverse_kl_chunked(h_q, head, h_p, teacher.lm_head.weight, targets, args.chunk)
-    else:
-        with ctx:
-            logits_q = response_logits(student, mb)  # (b, n, V)
-            with torch.no_grad():
-                logits_p = response_logits(teacher, mb)[..., :logits_q.size(-1)]
-        # the fused kernel: KL(q_theta(.|y_<t) || p(.|y_<t)) over the vocabulary and log q_theta(y_t), in one pass
-        kl, logq, _ = kernels.reverse_kl(logits_q, logits_p, targets)
-    single, long_term = minillm_terms(logq, kl, mb["logq_old"], mb["A"], mb["w"], mb["w"], args.clip_eps)
-    n = mask.sum().clamp(min=1)
-    loss_single, loss_long = (single * mask).sum() / n, (long_term * mask).sum() / n
-    rho = torch.exp(logq.detach() - mb["logq_old"]) * mb["w"]
-    stats = {"reward": (mb["r"] * mask).sum() / n, "single": loss_single.detach(), "long": loss_long.detach(),
-             "clip": (((rho - 1).abs() > args.clip_eps) & mask).sum() / n, "w": (mb["w"] * mask).sum() / n,
-             "len": mask.sum(1).float().mean()}
-    return (loss_single if args.single_step else 0) + loss_long, stats  # (ablation: the long-term term alone)
-
-
-@torch.no_grad()
-def teacher_responses(teacher, rows, enc, template, args, path, log):
-    """SeqKD's training data: one response sampled from the teacher (T = 1, as the paper samples) for each
-    training prompt; generated once and cached in the run folder as JSONL in the Dolly schema (readable, and
-    reused by a later run in the same folder). Responses that reach max_new_tokens without EOS are dropped."""
-    if os.path.isfile(path):
-        log(f"reusing the teacher's responses in {path}")
-        return data.read_examples(path)
-    device = next(teacher.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    longest = teacher.config.block_size - args.max_new_tokens
-    rows = [r for r in rows if len(enc.encode_ordinary(data.prompt_text(r, template))) <= longest]
-    out, dropped, t0, chunk = [], 0, time.time(), 256
-    for i in range(0, len(rows), chunk):
-        batch = rows[i:i + chunk]
-        prompts = [enc.encode_ordinary(data.prompt_text(r, template)) for r in batch]
-        for r, toks in zip(batch, generate(teacher, prompts, args.max_new_tokens, args.eos_id, generator=gen).tolist()):
-            response = enc.decode(toks[:toks.index(args.eos_id)]) if args.eos_id in toks else ""
-            if response.strip():
-                out.append({**r, "response": response})
-            else:
-                dropped += 1  # no EOS within max_new_tokens, or an empty response
-        if (i // chunk) % 20 == 0 or i + chunk >= len(rows):
-            done = min(i + chunk, len(rows))
-            log(f"seqkd: the teacher answered {done}/{len(rows)} training prompts ({time.time() - t0:.0f}s)")
-    data.write_jsonl_splits({os.path.basename(path)[:-len(".jsonl")]: out}, os.path.dirname(path))  # atomic
-    log(f"seqkd: {len(out)} teacher responses ({dropped} without EOS or empty, dropped) -> {path}")
-    return out
-
-
-@torch.no_grad()
-def reverse_kl_k3(student, teacher, prompts, args, generator):
-    """Sequence-level KL[q || p] estimated on pure student samples with k3 = p/q - 1 - log(p/q) per token.
-    Returns (mean over the prompts, mean response length)."""
-    was_training = student.training
-    student.eval()
-    b = rollout(student, teacher, prompts, args.max_new_tokens, args.eos_id, 0.0, generator)
-    student.train(was_training)
-    log_ratio = (b["logp"] - b["logq_old"]) * b["mask"]
-    k3 = (log_ratio.exp() - 1 - log_ratio) * b["mask"]
-    return k3.sum(1).mean().item(), b["mask"].sum(1).float().mean().item()
-
-
-@torch.no_grad()
-def validation_loss(model, pairs, batch_size, device, ctx, chunk=8192, sigterm=False):
-    """Token-weighted mean cross-entropy over the response tokens of every validation example. lm_head is applied
-    to the response tokens only, `chunk` at a time: with a 50,257-token vocabulary the (batch, length, V) logits
-    of a whole batch would take gigabytes. sigterm: a SIGTERM stops it between batches (raises Stopped)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(pairs), batch_size):
-        check_sigterm(sigterm, model, was_training)
-        x, y = data.collate(pairs[i:i + batch_size], pad_id=0)
-        x, y = x.to(device), y.to(device)
-        with ctx:
-            h, _ = model(x, hidden=True)
-            h, y = h[y != -100], y[y != -100]  # (n, C), (n,): the response tokens
-            for j in range(0, len(y), chunk):
-                logits = model.lm_head(h[j:j + chunk]).float()
-                total += F.cross_entropy(logits, y[j:j + chunk], reduction="sum").item()
-        count += len(y)
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-def validate(student, teacher, val, args, ctx):
-    """The validation numbers: loss (CE on the ground-truth responses), and with a teacher rkl (KL[q || p], k3 on
-    pure student samples of 64 validation prompts, fixed seed) and, on the built-in task, valid (the fraction of
-    valid responses sampled at T = 1 for the validation prompts, fixed seed), elsewhere rougeL (Rouge-L of
-    responses sampled at T = 1, fixed seed, for the first 256 validation prompts). None if a SIGTERM cut it short (not
-    with a sharded teacher, whose forwards every process must run to the end together)."""
-    device = next(student.parameters()).device
-    sigterm = not args.shard_teacher
-    try:
-        metrics = {"loss": validation_loss(student, val["pairs"], 64, device, ctx, sigterm=sigterm)}
-        if teacher is not None:
-            metrics["rkl"], _ = reverse_kl_k3(student, teacher, val["prompts"][:64], args,
-                                              torch.Generator(device).manual_seed(0))
-            if args.data == "builtin":
-                metrics["valid"] = validity(student, val["enc"], val["rows"], greedy=False, seed=0,
-                                            max_new_tokens=args.max_new_tokens, sigterm=sigterm)["all"]
-            else:  # the paper's selection: Rouge-L of responses sampled at T = 1 to validation prompts
-                prompts, references = zip(*val["rouge"])
-                responses = respond(student, val["enc"], prompts, seed=0, max_new_tokens=args.max_new_tokens,
-                                    sigterm=sigterm)
-                metrics["rougeL"] = sum(map(data.rouge_l, responses, ([r] for r in references))) / len(responses)
-    except Stopped:
-        return None
-    return metrics
-
-
-def selection_score(metrics, method):
-    """best.pt is the checkpoint with the highest score. sft: -validation loss (Algorithm 1, step 1). The
-    distillation methods as the paper selects them, by validation Rouge-L (on the built-in task: validity)."""
-    if method == "sft":
-        return -metrics["loss"]
-    return metrics["valid"] if "valid" in metrics else metrics["rougeL"]
-
-
-# -----------------------------------------------------------------------------
 # Run folders. A run writes into --out:
 #   step-000500.pt ...  every --save_interval steps, the last --keep of them kept: the weights, the optimizer, the
 #                       step and run_state, all that a resumed run needs to go on exactly as if never stopped
@@ -792,10 +1057,19 @@ def selection_score(metrics, method):
 STEP_FILE = re.compile(r"step-\d+\.pt")
 RUN_FILES = re.compile(STEP_FILE.pattern + r"|last\.pt|best\.pt|log\.txt|hf|teacher_responses_\d+\.jsonl")
 NOT_SETTINGS = {"out", "resume", "overwrite", "device", "compile", "max_minutes", "log_interval", "save_interval",
-                "keep", "eos_id", "bench", "teacher_steps", "student_steps", "typed"}  # a resume may change
+                "keep", "eos_id", "teacher_steps", "student_steps", "typed"}  # a resume may change
 
 
-def open_run(args):
+def open_run(args, world):
+    """Decides what becomes of the run in args.out, reading only (nothing is written before the inputs are checked).
+    Returns (path, checkpoint) to resume from, or (None, None) for a new run, and the warnings to log."""
+    resume_path, ckpt, warnings = find_resume(args)
+    if world > 1:
+        dist.barrier()  # every process has read the folder before process 0 changes it
+    return resume_path, ckpt, warnings
+
+
+def find_resume(args):
     """Decides what becomes of the run in args.out, reading only (nothing is written before the inputs are checked).
     Returns (path, checkpoint) to resume from, or (None, None) for a new run, and the warnings to log."""
     files = sorted(f for f in os.listdir(args.out) if RUN_FILES.fullmatch(f)) if os.path.isdir(args.out) else []
@@ -868,6 +1142,65 @@ def restore_rng(mine, device, log_gen):
     log_gen.set_state(mine["log_gen"])
 
 
+def resume_run(ckpt, path, student, optimizer, progress, log_gen, rank, world, device):
+    """Puts back what the checkpoint holds: weights, optimizer, progress, random states. Returns its metrics."""
+    if len(ckpt["state"]["ranks"]) != world:
+        raise InputError(f"{path}: written by {len(ckpt['state']['ranks'])} processes, not {world}")
+    student.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    progress.update({k: ckpt["state"][k] for k in ("best", "best_step", "tokens", "bad_steps", "elapsed")})
+    restore_rng(ckpt["state"]["ranks"][rank], device, log_gen)
+    return ckpt["metrics"]
+
+
+def save_step(args, student, optimizer, step, tokenizer, metrics, state, rank, sigterm, log):
+    """Writes step-N.pt (process 0), keeps the last --keep of them, and after a SIGTERM stops the run there."""
+    if rank == 0:
+        save_checkpoint(os.path.join(args.out, f"step-{step:06d}.pt"), student, optimizer, step, args, tokenizer,
+                        metrics, state)
+        for old in sorted(f for f in os.listdir(args.out) if STEP_FILE.fullmatch(f))[:-args.keep]:
+            os.remove(os.path.join(args.out, old))  # the last --keep are kept
+    if sigterm:
+        log(f"step {step}: SIGTERM: stopped after writing step-{step:06d}.pt; --resume goes on from it")
+        raise Stopped(f"SIGTERM at step {step}: {args.out}/step-{step:06d}.pt written; --resume goes on from it")
+
+
+def finish_run(args, student, optimizer, step, tokenizer, metrics, state, progress, t_start, rank, world, log):
+    """The end of a run: hf/ (best.pt for transformers), the done line, last.pt (the run is finished)."""
+    best_path = os.path.join(args.out, "best.pt")
+    if rank == 0:
+        seconds = time.time() - t_start
+        save_pretrained(load_checkpoint(best_path)[0], os.path.join(args.out, "hf"), args.eos_id)
+        log(f"done: {step} steps in {seconds:.0f}s; best.pt is step {progress['best_step']} -> {best_path} "
+            f"(and {args.out}/hf)")
+        save_checkpoint(os.path.join(args.out, "last.pt"), student, optimizer, step, args, tokenizer, metrics, state)
+    if world > 1:
+        dist.barrier()  # the checkpoints exist before any process returns
+        dist.destroy_process_group()
+
+
+def skip_step(step, loss, stats, progress, optimizer, args, log):
+    """A NaN or inf in a loss or a gradient: the step is skipped, and --max_bad_steps of them in a row stop the run."""
+    progress["bad_steps"] += 1
+    terms = [k for k, v in {"loss": loss.detach(), **stats}.items() if not math.isfinite(float(v))]
+    terms = terms or ["gradient"]  # a finite loss whose gradient overflowed
+    log(f"step {step}: non-finite {', '.join(terms)}; optimizer step skipped ({progress['bad_steps']} in a row)")
+    optimizer.zero_grad(set_to_none=True)
+    if progress["bad_steps"] >= args.max_bad_steps:
+        raise FloatingPointError(f"step {step}: {progress['bad_steps']} steps in a row with a non-finite "
+                                 f"{', '.join(terms)}; stopping (lower --lr?)")
+
+
+def step_line(step, loss, stats, lr, tokens, elapsed, args):
+    """The log line of a training step: loss and its terms, learning rate, tokens/s, time left."""
+    eta = elapsed / (step + 1) * (args.max_steps - step - 1)
+    if args.max_minutes:
+        eta = min(eta, args.max_minutes * 60 - elapsed)
+    return (f"step {step:5d} | loss {loss.item():.4f} | " +
+            " | ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {float(v):.4f}" for k, v in stats.items()) +
+            f" | lr {lr:.2e} | {tokens / elapsed:6.0f} tok/s | ETA {eta:5.0f}s")
+
+
 def logger(folder):
     """Returns log(line): prints the line and appends it to folder/log.txt."""
     def log(line):
@@ -875,6 +1208,33 @@ def logger(folder):
         with open(os.path.join(folder, "log.txt"), "a") as f:
             f.write(line + "\n")
     return log
+
+
+def start_log(args, rank, resume_path, lines):
+    """Makes the run folder (process 0; the files of a run that is replaced are removed) and returns log(line);
+    logs the command, the settings and `lines`."""
+    if rank == 0:
+        if resume_path is None:
+            clear_run(args.out, keep_cache=not args.overwrite)  # --overwrite, or a --resume that starts again
+        os.makedirs(args.out, exist_ok=True)
+    log = logger(args.out) if rank == 0 else (lambda line: None)
+    log(f"# {' '.join(sys.argv)}\n# settings: {vars(args)}")
+    for line in lines:
+        log(line)
+    return log
+
+# -----------------------------------------------------------------------------
+# The run's inputs: the method's defaults, the models, the data
+
+
+def set_method_defaults(args):
+    """The flags whose default depends on the method (None: not typed)."""
+    if args.kd_ratio is None:  # kd / seqkd: the paper's 0.5; L_PT of minillm: the paper's pure LM loss
+        args.kd_ratio = 0.5 if args.method in ("kd", "seqkd") else 0.0
+    if args.lm_coef is None:  # L_PT belongs to MiniLLM; --lm_coef adds it to the other methods too
+        args.lm_coef = 1.0 if args.method == "minillm" else 0.0
+    if args.pt_data is None and args.data == "builtin":
+        args.pt_data = "builtin"
 
 
 def load_models(args, device):
@@ -919,38 +1279,15 @@ def load_models(args, device):
     return student, teacher, tokenizer
 
 
-def train(args):
-    """Runs --method sft | kd | seqkd | minillm in args.out (see Run folders); returns the path of best.pt. Under
-    torchrun, every process trains its share of each batch and DistributedDataParallel averages the gradients;
-    process 0 validates, logs and writes the checkpoints."""
-    device = pick_device(args.device)
-    rank, world = distributed(device)
-    torch.manual_seed(args.seed)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    if args.kd_ratio is None:  # kd / seqkd: the paper's 0.5; L_PT of minillm: the paper's pure LM loss
-        args.kd_ratio = 0.5 if args.method in ("kd", "seqkd") else 0.0
-    if args.lm_coef is None:  # L_PT belongs to MiniLLM; --lm_coef adds it to the other methods too
-        args.lm_coef = 1.0 if args.method == "minillm" else 0.0
-    if args.pt_data is None and args.data == "builtin":
-        args.pt_data = "builtin"
-    best_path, last_path = os.path.join(args.out, "best.pt"), os.path.join(args.out, "last.pt")
-    resume_path, ckpt, warnings = open_run(args)
-    if world > 1:
-        dist.barrier()  # every process has read the folder before process 0 changes it
-    if resume_path == last_path:
-        if rank == 0:
-            print(f"{args.out} has finished ({ckpt['step']} steps): reusing {best_path}")
-        return best_path
-
-    # everything that can be wrong with the input is found before anything is written
-    student, teacher, tokenizer = load_models(args, device)
+def load_data(args, student, teacher, enc, start):
+    """The data of a run, checked: a dict of train_pairs ((prompt, response) token lists, prompt + response + EOS
+    within the context), prompts (the training prompts that leave room for a response: MiniLLM's), val (what
+    validate() needs), pt_batches (L_PT's text, after the `start` batches a resumed run has used; None without
+    L_PT), and what seqkd and the log need."""
     if args.pt_data is None and args.lm_coef:  # the built-in text only fits the built-in task
         raise InputError(f"--data {args.data}: L_PT (--lm_coef {args.lm_coef:g}) needs its text: --pt_data "
                          "openwebtext | a .txt/.jsonl file (the built-in text only fits --data builtin), or "
                          "--lm_coef 0 to train without it")
-    enc = data.get_encoding(tokenizer)
-    args.eos_id = enc.eot_token
-    # data: prompt + response + EOS, prompt masked; prompts too long for the context dropped and counted
     template = "builtin" if args.data == "builtin" else "dolly"
     splits, skipped = data.load_instructions(args.data, args.n_train, args.n_valid, args.n_test, skip_bad=args.skip_bad)
     block = min(student.config.block_size, teacher.config.block_size if teacher else student.config.block_size)
@@ -966,274 +1303,50 @@ def train(args):
     if args.method != "minillm" and len(train_pairs) < args.batch_size:
         raise data.DataError(f"{args.data}: {len(train_pairs)} usable training examples, fewer than one batch "
                              f"of {args.batch_size}")
-    val = {"enc": enc, "rows": splits["valid"]}
-    val["pairs"], dropped_v = data.tokenize(splits["valid"], enc, template, max_length, args.max_prompt_length)
-    kept = [(p, r["response"]) for p, r in ((enc.encode_ordinary(data.prompt_text(r, template)), r)
-                                            for r in splits["valid"]) if len(p) <= longest]
-    val["prompts"], val["rouge"] = [p for p, _ in kept], kept[:256]  # rouge: (prompt, reference) for Rouge-L
+    val_rows, val_prompts = data.encode_prompts(splits["valid"], enc, template, longest)
+    val = {"enc": enc, "rows": splits["valid"], "prompts": val_prompts,  # rouge: (prompt, reference), Rouge-L
+           "rouge": list(zip(val_prompts, (r["response"] for r in val_rows)))[:256]}
+    val["pairs"], dropped_valid = data.tokenize(splits["valid"], enc, template, max_length, args.max_prompt_length)
     if not val["pairs"] or (teacher is not None and not val["prompts"]):
         raise data.DataError(f"{args.data}: no usable validation examples")
-    start = ckpt["step"] if ckpt else 0
     pt_batches = None
     if args.lm_coef:  # L_PT: the language-modelling loss on the pretraining stream (Algorithm 1)
         pt_batches = data.pretrain_batches(args.pt_data, enc, args.pt_batch_size, min(args.pt_length, block),
                                            args.seed, skip=start)
         pt_batches = itertools.chain([next(pt_batches)], pt_batches)  # (a bad --pt_data stops here)
+    notes = [f"skipped {len(skipped)} bad rows (--skip_bad), first: {skipped[0]}"] if skipped else []
+    return {"train_pairs": train_pairs, "prompts": prompts, "val": val, "pt_batches": pt_batches, "notes": notes,
+            "train_rows": splits["train"], "template": template, "max_length": max_length, "longest": longest,
+            "dropped": dropped, "dropped_valid": dropped_valid}
 
-    if rank == 0:
-        if resume_path is None:
-            clear_run(args.out, keep_cache=not args.overwrite)  # --overwrite, or a --resume that starts again
-        os.makedirs(args.out, exist_ok=True)
-    log = logger(args.out) if rank == 0 else (lambda line: None)
-    log(f"# {' '.join(sys.argv)}\n# settings: {vars(args)}")
-    for line in warnings + ([f"resuming from {resume_path} (step {start})"] if ckpt else []):
-        log(line)
-    if skipped:
-        log(f"skipped {len(skipped)} bad rows (--skip_bad), first: {skipped[0]}")
-    if args.method == "seqkd":  # the training responses are the teacher's
-        n = min(len(splits["train"]), args.max_steps * args.batch_size)  # as many as one pass of the run uses
-        if rank > 0:
-            dist.barrier()  # process 0 makes the file; the others then read it
-        rows = teacher_responses(teacher, splits["train"][:n], enc, template, args,
-                                 os.path.join(args.out, f"teacher_responses_{n}.jsonl"), log)
-        if rank == 0 and world > 1:
-            dist.barrier()
-        train_pairs, dropped = data.tokenize(rows, enc, template, max_length, args.max_prompt_length)
-        if len(train_pairs) < args.batch_size:
-            raise data.DataError(f"seqkd: the teacher ended {len(train_pairs)} responses with EOS, fewer than one "
-                                 f"batch of {args.batch_size} (raise --max_new_tokens?)")
-    rollout_state = ckpt["state"]["ranks"][rank]["rollouts"] if ckpt else {}  # (minillm; kept up to date)
+
+def seqkd_data(teacher, task, enc, args, log, rank, world):
+    """SeqKD: task's training pairs become the teacher's responses to as many training prompts as one pass of the
+    run uses (made by process 0 and cached in the run folder)."""
+    n = min(len(task["train_rows"]), args.max_steps * args.batch_size)
+    if rank > 0:
+        dist.barrier()  # process 0 makes the file; the others then read it
+    rows = teacher_responses(teacher, task["train_rows"][:n], enc, task["template"], args,
+                             os.path.join(args.out, f"teacher_responses_{n}.jsonl"), log)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    task["train_pairs"], task["dropped"] = data.tokenize(rows, enc, task["template"], task["max_length"],
+                                                         args.max_prompt_length)
+    if len(task["train_pairs"]) < args.batch_size:
+        raise data.DataError(f"seqkd: the teacher ended {len(task['train_pairs'])} responses with EOS, fewer than "
+                             f"one batch of {args.batch_size} (raise --max_new_tokens?)")
+
+
+def log_data(args, task, log):
     if args.method == "minillm":
-        log(f"data {args.data}: {len(prompts)} train prompts (longer than {longest} tokens dropped) / "
-            f"{len(val['pairs'])} valid examples")
-        batches = rollout_batches(student, teacher, prompts, args, device, rank, world, rollout_state)
+        log(f"data {args.data}: {len(task['prompts'])} train prompts (longer than {task['longest']} tokens dropped) / "
+            f"{len(task['val']['pairs'])} valid examples")
     else:
-        log(f"data {args.data}: {len(train_pairs)} train / {len(val['pairs'])} valid examples "
-            f"({dropped} / {dropped_v} dropped: prompt over {args.max_prompt_length} tokens)")
-        batches = data.batches(train_pairs, args.batch_size, args.seed, skip=start)  # (epoch, x, y), length-bucketed
-
-    optimizer = make_optimizer(student, args)
-    log(f"{args.method}: model {args.init or args.model}: {student.num_params() / 1e6:.3f}M parameters, "
-        f"{student.config}" + (f"; teacher {args.teacher}: {teacher.num_params() / 1e6:.3f}M" if teacher else ""))
-    fwd = student  # what the training losses call: the model, compiled and / or wrapped for several processes
-    if args.compile:
-        log("compiling the model with torch.compile")
-        fwd = torch.compile(student)
-    if world > 1:
-        log(f"{world} processes ({dist.get_backend()}): each takes 1/{world} of every batch")
-        fwd = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.shard_teacher:
-        here = sum(p.to_local().numel() for p in teacher.parameters())
-        log(f"teacher sharded (FSDP): {here / 1e6:.3f}M of its {teacher.num_params() / 1e6:.3f}M parameters here")
-
-    best, best_step, tokens, t_start, bad_steps, metrics = -math.inf, 0, 0, time.time(), 0, {}
-    log_gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # the logged rkl's samples
-    if ckpt:  # --resume: the run as it was when the checkpoint was written
-        if len(ckpt["state"]["ranks"]) != world:
-            raise InputError(f"{resume_path}: written by {len(ckpt['state']['ranks'])} processes, not {world}")
-        student.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        s, metrics = ckpt["state"], ckpt["metrics"]
-        best, best_step, tokens, bad_steps = s["best"], s["best_step"], s["tokens"], s["bad_steps"]
-        t_start -= s["elapsed"]
-        restore_rng(s["ranks"][rank], device, log_gen)
-    for step in range(start, args.max_steps + 1):
-        elapsed = time.time() - t_start
-        last = step == args.max_steps or (args.max_minutes and elapsed > args.max_minutes * 60)
-        validates = rank == 0 or args.shard_teacher  # (a sharded teacher runs on every process or on none)
-        due = validates and (step % args.eval_interval == 0 or last) and not (  # (a resumed run validated this
-            ckpt and step == start and ckpt["state"].get("validated", True))    # step before, unless cut short)
-        new = validate(student, teacher, val, args, ctx) if due else None  # None: cut short by a SIGTERM
-        validated = not due or new is not None
-        last = last and validated  # (a SIGTERM during the last validation: a checkpoint, and --resume ends the run)
-        if new is not None:
-            metrics = new
-            if not all(map(math.isfinite, metrics.values())):
-                raise FloatingPointError(f"step {step}: validation {metrics}; stopping (lower --lr?)")
-            score = selection_score(metrics, args.method)
-            if score > best:
-                best, best_step = score, step
-                if rank == 0:
-                    save_checkpoint(best_path, student, None, step, args, tokenizer, metrics)
-            log(f"step {step:5d} | " + " | ".join(f"val {k} {v:.4f}" for k, v in metrics.items()) +
-                f" | best: step {best_step} | {elapsed:6.1f}s")
-            if args.patience and step - best_step >= args.patience * args.eval_interval:
-                log(f"no better validation score in {args.patience} evaluations: stopping (--patience)")
-                last = True
-        term = bool(SIGTERMS)
-        if world > 1:  # process 0's clock and validation decide for all; a SIGTERM to any process stops all
-            flag = torch.tensor([float(last and rank == 0), float(term)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            last, term = bool(flag[0]), bool(flag[1])
-        periodic = step % (args.save_interval or args.eval_interval) == 0 and step > start or term
-        if last or periodic:  # (under torchrun every process gives its random state)
-            state = {"best": best, "best_step": best_step, "tokens": tokens, "bad_steps": bad_steps,
-                     "validated": validated,
-                     "elapsed": time.time() - t_start, "ranks": run_state(device, log_gen, rollout_state, world)}
-        if rank == 0 and periodic and not last:
-            save_checkpoint(os.path.join(args.out, f"step-{step:06d}.pt"), student, optimizer, step, args, tokenizer,
-                            metrics, state)
-            for old in sorted(f for f in os.listdir(args.out) if STEP_FILE.fullmatch(f))[:-args.keep]:
-                os.remove(os.path.join(args.out, old))  # the last --keep are kept
-        if term and not last:
-            log(f"step {step}: SIGTERM: stopped after writing step-{step:06d}.pt; --resume goes on from it")
-            raise Stopped(f"SIGTERM at step {step}: {args.out}/step-{step:06d}.pt written; --resume goes on from it")
-        if last:
-            break
-        lr = get_lr(step, args, time.time() - t_start)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if args.method == "minillm":
-            mb = next(batches)
-            loss, stats = minillm_loss(fwd, teacher, mb, args, ctx)
-            tokens += mb["prompt_idx"].numel() + mb["tokens"].numel()
-        else:
-            epoch, x, y = next(batches)
-            share = 1.0
-            if world > 1:  # this process's rows of the global batch, weighted so that DDP's average of the
-                share = world * (y[rank::world] != -100).sum() / (y != -100).sum()  # gradients is the global mean
-                x, y = x[rank::world], y[rank::world]
-            x, y = x.to(device), y.to(device)
-            loss, stats = token_loss(fwd, teacher, x, y, args.kd_ratio, ctx)
-            loss, stats["epoch"] = loss * share, epoch
-            tokens += x.numel()
-        if pt_batches is not None:
-            x, y = (t.to(device) for t in next(pt_batches))
-            lm = student if world > 1 else fwd  # (one DDP forward per backward: this one needs no gradient sync,
-            loss_pt, _ = token_loss(lm, teacher if args.method == "minillm" else None, x, y, args.kd_ratio, ctx)
-            # every process computes it on the same text; its gradient joins the synced one in the same backward)
-            loss, stats["L_PT"] = loss + args.lm_coef * loss_pt, loss_pt.detach()
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
-        if not torch.isfinite(norm):  # a NaN or inf in a loss or a gradient (the same on every process): skip
-            bad_steps += 1
-            terms = [k for k, v in {"loss": loss.detach(), **stats}.items() if not math.isfinite(float(v))]
-            terms = terms or ["gradient"]  # a finite loss whose gradient overflowed
-            log(f"step {step}: non-finite {', '.join(terms)}; optimizer step skipped ({bad_steps} in a row)")
-            optimizer.zero_grad(set_to_none=True)
-            if bad_steps >= args.max_bad_steps:
-                raise FloatingPointError(f"step {step}: {bad_steps} steps in a row with a non-finite "
-                                         f"{', '.join(terms)}; stopping (lower --lr?)")
-            continue
-        bad_steps = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % args.log_interval == 0 and validates:
-            if teacher is not None:  # the quantity MiniLLM minimizes, on 16 validation prompts
-                stats = {"rkl": reverse_kl_k3(student, teacher, val["prompts"][:16], args, log_gen)[0], **stats}
-            elapsed = time.time() - t_start
-            eta = elapsed / (step + 1) * (args.max_steps - step - 1)
-            if args.max_minutes:
-                eta = min(eta, args.max_minutes * 60 - elapsed)
-            log(f"step {step:5d} | loss {loss.item():.4f} | " +
-                " | ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {float(v):.4f}" for k, v in stats.items()) +
-                f" | lr {lr:.2e} | {tokens * world / elapsed:6.0f} tok/s | ETA {eta:5.0f}s")
-    if rank == 0:
-        seconds = time.time() - t_start
-        save_pretrained(load_checkpoint(best_path)[0], os.path.join(args.out, "hf"), args.eos_id)  # transformers
-        log(f"done: {step} steps in {seconds:.0f}s; best.pt is step {best_step} -> {best_path} (and {args.out}/hf)")
-        save_checkpoint(last_path, student, optimizer, step, args, tokenizer, metrics, state)  # the run is finished
-    if world > 1:
-        dist.barrier()  # the checkpoints exist before any process returns
-        dist.destroy_process_group()
-    return best_path
+        log(f"data {args.data}: {len(task['train_pairs'])} train / {len(task['val']['pairs'])} valid examples "
+            f"({task['dropped']} / {task['dropped_valid']} dropped: prompt over {args.max_prompt_length} tokens)")
 
 # -----------------------------------------------------------------------------
-# Evaluation on the built-in task: validity (data.is_valid) per family
-
-
-@torch.no_grad()
-def validity(model, enc, rows, greedy=True, seed=0, batch_size=128, max_new_tokens=96, sigterm=False):
-    """Fraction of valid responses per family (and 'all'); generation as the paper evaluates (T = 1, top-p 1)
-    unless greedy. sigterm: a SIGTERM stops it between batches (raises Stopped)."""
-    prompts = [enc.encode_ordinary(data.prompt_text(r, "builtin")) for r in rows]
-    hits = {}
-    for r, text in zip(rows, respond(model, enc, prompts, greedy, seed, max_new_tokens, batch_size, sigterm)):
-        hits.setdefault(r["category"], []).append(data.is_valid(r, text))
-    scores = {f: sum(h) / len(h) for f, h in hits.items()}
-    scores["all"] = sum(sum(h) for h in hits.values()) / len(rows)
-    return scores
-
-# -----------------------------------------------------------------------------
-# Benchmark: generation with the KV cache vs recomputing the whole prefix at every step
-
-
-def bench_generation(args):
-    device = pick_device(args.device)
-    enc = data.get_encoding("builtin")
-    torch.manual_seed(0)
-    # random weights: the cost does not depend on them, and with eos_id=None every row runs all 128 tokens
-    model = GPT(MODEL_SIZES["teacher"](vocab_size=enc.n_vocab)).to(device).eval()
-    rows = data.make_builtin(0, 0, 64)["test"]
-    prompts = [enc.encode_ordinary(data.prompt_text(r, "builtin")) for r in rows]
-    print(f"teacher {model.num_params() / 1e6:.2f}M parameters, {len(prompts)} prompts of "
-          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, 128 new tokens each, device {device}")
-    times = {}
-    for use_cache in (True, False):
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.time()
-            out = generate(model, prompts, 128, None, greedy=True, use_cache=use_cache)
-            best = min(best, time.time() - t0)
-        times[use_cache] = best
-        print(f"{'KV cache' if use_cache else 'recompute':<10} {best:7.2f}s  {out.numel() / best:8.0f} tokens/s")
-    print(f"speedup {times[False] / times[True]:.1f}x")
-
-def bench_minillm(args):
-    """--bench minillm: MiniLLM steps at the paper's scale on a GPU (a GPT-2-XL-shaped teacher in bf16 and a
-    GPT-2-shaped student, random weights, random 64-token prompts; on a CPU the built-in sizes, as a smoke test):
-    rollout tokens/s, then --max_steps training steps on one round of rollouts for each way of computing the
-    single-step term (the PyTorch reference, the fused kernel, the kernel with --chunk): ms per step and peak memory."""
-    device = pick_device(args.device)
-    cuda = device.type == "cuda"
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    torch.manual_seed(0)
-    V = 50257 if cuda else 1623
-    with torch.device(device):
-        teacher = GPT(MODEL_SIZES["gpt2-xl" if cuda else "teacher"](vocab_size=V)).eval()
-        student = GPT(MODEL_SIZES["gpt2" if cuda else "student"](vocab_size=V))
-    if cuda:
-        teacher.to(torch.bfloat16)  # as load_models does on a GPU
-    run = argparse.Namespace(**{**vars(args), "eos_id": V - 1, "chunk": 0})
-    prompts = torch.randint(0, V - 1, (run.rollout_size, 64)).tolist()
-    print(f"teacher {teacher.num_params() / 1e9:.2f}B, student {student.num_params() / 1e6:.0f}M, V {V}, "
-          f"{run.rollout_size} rollouts of up to {run.max_new_tokens} tokens, mini-batches of {run.batch_size}, "
-          f"{device}")
-    batches = rollout_batches(student, teacher, prompts, run, device)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    t0 = time.time()
-    buffer = [next(batches)]  # the first next() makes the round of rollouts
-    sync()
-    seconds = time.time() - t0
-    buffer += [next(batches) for _ in range(run.rollout_size // run.batch_size - 1)]
-    print(f"rollout: {run.rollout_size * buffer[0]['tokens'].size(1) / seconds:.0f} tokens/s "
-          f"({seconds:.1f}s for the round)")
-    optimizer = make_optimizer(student, args)
-    print(f"{'single-step term':<22}{'ms / step':>10}{'peak GiB':>10}")
-    for name, use_triton, chunk in (("reference", False, 0), ("fused kernel", None, 0),
-                                    (f"kernel, --chunk {args.chunk or 1024}", None, args.chunk or 1024)):
-        kernels.USE_TRITON, run.chunk = use_triton, chunk
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for step in range(args.max_steps):
-            sync()
-            t0 = time.time()
-            loss, _ = minillm_loss(student, teacher, buffer[step % len(buffer)], run, ctx)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sync()
-            times.append(time.time() - t0)
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
-        ms = 1000 * sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median after the first (warm-up)
-        print(f"{name:<22}{ms:10.1f}{peak:10.2f}")
-    kernels.USE_TRITON = None
-
-# -----------------------------------------------------------------------------
-# main
+# Devices and processes
 
 
 def pick_device(name):
@@ -1259,33 +1372,45 @@ def distributed(device):
     return dist.get_rank(), world
 
 
-# The built-in pipeline: Algorithm 1 end to end, and the paper's comparison. Each stage's settings where they differ
-# between stages; any other flag applies to every stage, and a typed flag wins where it applies (PIPELINE_FLAGS).
-# Peak learning rates: for the student, 1e-2 beat 3e-3 and 3e-2 (validation loss after 15,000 steps). The
-# distillation stages run L_PT off (the paper's "without L_PT" ablation, which left its instruction scores flat):
-# the built-in student has never seen the plain-text stream, so its L_PT starts at 17 nats and swamps the objective,
-# and learning that stream in SFT (--lm_coef 1 there) cost the 0.033M student half its validity (README).
-DISTILL = dict(max_steps=600, lr=1e-3, min_lr=1e-4, lm_coef=0.0, eval_interval=100, log_interval=50)
-PIPELINE_FLAGS = {  # typed flag -> the stages it applies to (other flags apply to every stage)
-    "teacher_steps": ("teacher",), "student_steps": ("student-sft",), "model": ("student-sft",),
-    **{k: ("kd", "minillm") for k in DISTILL}}
+def wrap_student(student, teacher, args, world, device, log):
+    """What the training losses call: the student, compiled (--compile) and / or in DistributedDataParallel."""
+    log(f"{args.method}: model {args.init or args.model}: {student.num_params() / 1e6:.3f}M parameters, "
+        f"{student.config}" + (f"; teacher {args.teacher}: {teacher.num_params() / 1e6:.3f}M" if teacher else ""))
+    wrapped = student
+    if args.compile:
+        log("compiling the model with torch.compile")
+        wrapped = torch.compile(student)
+    if world > 1:
+        log(f"{world} processes ({dist.get_backend()}): each takes 1/{world} of every batch")
+        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.shard_teacher:
+        here = sum(p.to_local().numel() for p in teacher.parameters())
+        log(f"teacher sharded (FSDP): {here / 1e6:.3f}M of its {teacher.num_params() / 1e6:.3f}M parameters here")
+    return wrapped
 
 
-def pipeline_stages(args):
-    """[(stage, settings)] of `python minillm.py`: the stages to train (a given --teacher / --init skips its stage),
-    each with the pipeline's settings, a typed flag replacing the pipeline's value where it applies."""
-    teacher = args.teacher or os.path.join(args.out, "teacher", "best.pt")
-    student = args.init or os.path.join(args.out, "student-sft", "best.pt")
-    typed = {k: getattr(args, k) for k in args.typed}
-    distill = {**DISTILL, **{k: v for k, v in typed.items() if k in DISTILL}, "teacher": teacher, "init": student}
-    stages = [("teacher", dict(method="sft", model="teacher", init=None, max_steps=args.teacher_steps, lr=2e-3,
-                               min_lr=2e-4, lm_coef=0.0, eval_interval=500, log_interval=250)),
-              ("student-sft", dict(method="sft", model=args.model, init=None, max_steps=args.student_steps, lr=1e-2,
-                                   min_lr=1e-3, lm_coef=0.0, eval_interval=500, log_interval=250)),
-              ("kd", dict(method="kd", **distill)),
-              ("minillm", dict(method="minillm", **distill))]
-    return [(name, s) for name, s in stages if not (name == "teacher" and args.teacher or
-                                                     name == "student-sft" and args.init)]
+def my_rows(x, y, rank, world):
+    """Under torchrun: this process's rows of the global batch, and the weight that makes DDP's average of the
+    gradients the gradient of the global mean over response tokens. (L_PT is computed by every process on the same
+    text, with the unwrapped student: one DDP forward per backward, and its gradient joins the synced one.)"""
+    if world == 1:
+        return x, y, 1.0
+    weight = world * (y[rank::world] != -100).sum() / (y != -100).sum()
+    return x[rank::world], y[rank::world], weight
+
+
+def agree_to_stop(last, rank, world, device):
+    """(last, sigterm) that every process agrees on: process 0's clock and validation decide for all, and a SIGTERM
+    to any process stops all."""
+    sigterm = bool(SIGTERMS)
+    if world == 1:
+        return last, sigterm
+    flag = torch.tensor([float(last and rank == 0), float(sigterm)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag[0]), bool(flag[1])
+
+# -----------------------------------------------------------------------------
+# The pipeline's input checks and its table
 
 
 def check_pipeline(args):
@@ -1310,34 +1435,11 @@ def check_pipeline(args):
     enc = data.get_encoding(tokenizer)
     rows = data.load_instructions("builtin", args.n_train, args.n_valid, args.n_test)[0]["train"]
     longest = min(args.max_prompt_length, block - args.max_new_tokens)
-    usable = sum(len(enc.encode_ordinary(data.prompt_text(r, "builtin"))) <= longest for r in rows)
+    usable = len(data.encode_prompts(rows, enc, "builtin", longest)[1])
     if usable < args.rollout_size:
         raise InputError(f"{usable} built-in training prompts fit in {longest} tokens (block_size {block} - "
                          f"--max_new_tokens {args.max_new_tokens}), fewer than --rollout_size {args.rollout_size}")
     return tokenizer
-
-
-def builtin_default(args):
-    """`python minillm.py [--teacher CKPT] [--init CKPT]`: Algorithm 1 end to end on the built-in task, and the
-    paper's comparison. Trains the teacher and the SFT student unless given (or reuses them from an earlier run in
-    args.out), distills the student with KD and with MiniLLM on the same budget, and prints a table of the four."""
-    t_all, times = time.time(), {}
-    tokenizer = check_pipeline(args)
-    stages = pipeline_stages(args)
-    for name, settings in stages:
-        folder = os.path.join(args.out, name)
-        finished, t0 = os.path.isfile(os.path.join(folder, "last.pt")), time.time()
-        print(f"{name}: " + " ".join(f"--{k} {v}" for k, v in settings.items() if v is not None) + f" --out {folder}")
-        # --resume: a finished stage is reused, an interrupted one goes on from its last checkpoint
-        train(argparse.Namespace(**{**vars(args), **settings, "out": folder, "resume": True}))
-        if not finished:
-            times[name] = time.time() - t0
-            print(f"{name}: trained in {times[name]:.0f}s")
-    t_table = time.time()
-    print_comparison(args, tokenizer, dict(stages)["minillm"])
-    times["table"] = time.time() - t_table
-    print(f"built-in pipeline: {time.time() - t_all:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) +
-          ("" if len(times) > 1 else "; every stage reused") + ")")
 
 
 def print_comparison(args, tokenizer, distill, seeds=(0, 1, 2)):
@@ -1349,7 +1451,7 @@ def print_comparison(args, tokenizer, distill, seeds=(0, 1, 2)):
     args.eos_id = enc.eot_token
     splits = data.load_instructions("builtin", args.n_train, args.n_valid, args.n_test)[0]
     val_pairs, _ = data.tokenize(splits["valid"], enc, "builtin", 256, 256)
-    val_prompts = [enc.encode_ordinary(data.prompt_text(r, "builtin")) for r in splits["valid"]]
+    _, val_prompts = data.encode_prompts(splits["valid"], enc, "builtin")
     teacher, _ = load_checkpoint(distill["teacher"], device)
     print(f"\nKD and MiniLLM: {distill['max_steps']} steps each from the SFT student, lr {distill['lr']}, batches "
           f"of {args.batch_size} (MiniLLM: {args.rollout_size} rollouts a round, {args.ppo_epochs} epochs); best.pt by "
@@ -1383,6 +1485,9 @@ def std(xs):
     m = sum(xs) / len(xs)
     return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
 
+# -----------------------------------------------------------------------------
+# The command line
+
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="MiniLLM distillation (see the docstring of minillm.py)", epilog=(
@@ -1401,7 +1506,6 @@ def get_args(argv=None):
     ap.add_argument("--resume", action="store_true",
                     help="go on with the run in --out from its newest checkpoint (a new run if it has none)")
     ap.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
-    ap.add_argument("--bench", choices=["generate", "minillm"], help="run a benchmark instead of training")
     # data
     ap.add_argument("--data", default="builtin", help="builtin | dolly | a .jsonl/.json file | a folder")
     ap.add_argument("--n_train", type=int, default=100000, help="built-in task: training examples")
@@ -1415,24 +1519,17 @@ def get_args(argv=None):
                                       "--data builtin; other data must name it, or turn L_PT off with --lm_coef 0)")
     ap.add_argument("--pt_batch_size", type=int, default=4, help="rows of pretraining text per L_PT batch")
     ap.add_argument("--pt_length", type=int, default=64, help="tokens per L_PT row [512]")
-    # MiniLLM (the paper's GPT-2 values in brackets)
-    ap.add_argument("--alpha", type=float, default=0.2, help="teacher share of the sampling mixture p_mix [0.2]")
-    ap.add_argument("--rollout_size", type=int, default=64, help="responses sampled per round [256]")
-    ap.add_argument("--ppo_epochs", type=int, default=4, help="passes over each round's rollouts [4]")
-    ap.add_argument("--clip_eps", type=float, default=0.2, help="PPO clipping of rho = q_theta / p_mix [0.2]")
-    ap.add_argument("--max_new_tokens", type=int, default=96, help="longest response sampled [256]")
-    ap.add_argument("--no_length_norm", dest="length_norm", action="store_false",
-                    help="ablation: the plain sum R_{t+1} instead of the mean (Eq. 6) [on]")
-    ap.add_argument("--no_single_step", dest="single_step", action="store_false",
-                    help="ablation: no single-step term; the long-term term uses R_t, step t included (Eq. 2)")
-    ap.add_argument("--lm_coef", type=float, help="weight of L_PT (default 1 for minillm [1], else 0; pipeline: "
-                                                  "KD and MiniLLM's, default 0)")
-    ap.add_argument("--kd_ratio", type=float,
-                    help="kd, seqkd: forward-KL share of the loss (default 0.5 [0.5]); minillm: soft cross-entropy "
-                         "share of L_PT (default 0 as in the paper; the official code 0.5)")
-    # the official code's variants (the paper's choice is the default; see ../shared/MINILLM.md section 5)
-    ap.add_argument("--gamma", type=float, default=1.0, help="discount of the long-term return [paper 1, code 0.95]")
-    ap.add_argument("--whiten", action="store_true", help="whiten the advantages over each round (official code)")
+    # MiniLLM (MINILLM_OPTIONS)
+    for name, (paper, default, meaning) in MINILLM_OPTIONS.items():
+        pipeline = f"; pipeline: KD and MiniLLM's, default {DISTILL[name]:g}" if name in DISTILL else ""
+        if isinstance(paper, bool):  # on by default: --no_NAME turns it off; off by default: --NAME turns it on
+            ap.add_argument(f"--no_{name}" if default else f"--{name}", dest=name, default=default,
+                            action="store_false" if default else "store_true",
+                            help=f"{meaning} [paper: {'on' if paper else 'off'}]")
+        else:
+            here = "" if default is None else f" (default {default})"
+            ap.add_argument(f"--{name}", type=type(paper), default=default,
+                            help=f"{meaning}{here} [paper: {paper}]{pipeline}")
     ap.add_argument("--shard_teacher", action="store_true",
                     help="torchrun: each process keeps 1/N of the teacher's weights (FSDP) instead of all of them")
     ap.add_argument("--chunk", type=int, default=0,
@@ -1454,7 +1551,6 @@ def get_args(argv=None):
     ap.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     ap.add_argument("--max_bad_steps", type=int, default=10,
                     help="stop after this many optimizer steps in a row skipped for a non-finite loss or gradient")
-    # the built-in default pipeline
     # the built-in pipeline (no --method): its stages' own settings are DISTILL and pipeline_stages(); any flag
     # applies to every stage it means something for, and --max_steps, --lr, --min_lr, --lm_coef, --eval_interval and
     # --log_interval, when typed, set the KD and MiniLLM stages (the SFT stages keep the pipeline's)
@@ -1477,26 +1573,6 @@ def get_args(argv=None):
         action.default = argparse.SUPPRESS  # never replaces with its own settings
     args.typed = sorted(vars(ap.parse_args(argv)))
     return args
-
-
-def main(argv=None):
-    args = get_args(argv)
-    try:
-        if args.bench == "generate":
-            bench_generation(args)
-        elif args.bench == "minillm":
-            bench_minillm(args)
-        elif args.method:
-            train(args)
-        elif args.data != "builtin":  # python minillm.py --teacher CKPT --init CKPT --data ...: MiniLLM
-            train(argparse.Namespace(**{**vars(args), "method": "minillm"}))
-        else:
-            builtin_default(args)
-    except (data.DataError, InputError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
-    except Stopped as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":
