@@ -364,7 +364,8 @@ def bench_tokenizers(n=2000, steps=20):
             opt.step()
             opt.zero_grad()
         ms = (time.time() - t0) / steps * 1000
-        print(f"{name:<24}{enc.n_vocab:>7}{sum(lens) / len(lens):>10.1f}{max(lens):>9}{ms:>9.1f}{32 / ms * 1000:>12.0f}")
+        print(f"{name:<24}{enc.n_vocab:>7}{sum(lens) / len(lens):>10.1f}{max(lens):>9}{ms:>9.1f}"
+              f"{32 / ms * 1000:>12.0f}")
 
 # -----------------------------------------------------------------------------
 # main
@@ -378,8 +379,7 @@ def get_args(argv=None):
                     help="builtin | dolly | a .jsonl/.json file | a folder (its test split)")
     ap.add_argument("--n_test", type=int, default=500, help="built-in task: test prompts")
     ap.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30], help="one sampling pass per seed")
-    ap.add_argument("--max_new_tokens", type=int, help="longest response (default 256, the paper's; --bench "
-                                                       "minillm: minillm.py's default)")
+    ap.add_argument("--max_new_tokens", type=int, default=256, help="longest response (the paper: 256)")
     ap.add_argument("--exposure_prompts", type=int, default=256, help="test prompts for the exposure bias")
     ap.add_argument("--exposure_len", type=int, default=64, help="longest l of ExAccErr(l)")
     ap.add_argument("--out", help="folder for the table and the plots (default out/eval; --table1: out/table1, "
@@ -391,10 +391,13 @@ def get_args(argv=None):
     ap.add_argument("--bench", choices=["generate", "minillm", "tokenizers"],
                     help="run a benchmark instead (--bench minillm also takes minillm.py's flags: --max_steps, "
                          "--rollout_size, --batch_size, --chunk, ...)")
+    argv = sys.argv[1:] if argv is None else argv
     args, rest = ap.parse_known_args(argv)
-    if rest and args.bench != "minillm":
+    if args.bench == "minillm":  # every other flag is minillm.py's (--device, --max_new_tokens, --max_steps, ...)
+        i = next(i for i, a in enumerate(argv) if a.startswith("--bench"))
+        args.minillm_flags = argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]
+    elif rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.minillm_flags = rest
     return args
 
 
@@ -407,9 +410,7 @@ def main(argv=None):
         if args.bench == "tokenizers":
             return bench_tokenizers()
         if args.bench == "minillm":
-            new_tokens = [] if args.max_new_tokens is None else ["--max_new_tokens", str(args.max_new_tokens)]
-            return bench_minillm(minillm.get_args(args.minillm_flags + ["--device", args.device] + new_tokens))
-        args.max_new_tokens = args.max_new_tokens or 256
+            return bench_minillm(minillm.get_args(args.minillm_flags))
         if args.table1:
             return table1(args)
         if not args.checkpoints:

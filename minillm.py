@@ -25,8 +25,8 @@ expectation over the vocabulary, exactly (the single-step term, Eq. 3); response
 p_mix = alpha p + (1 - alpha) q_theta and reweighted by w_t = q_theta(y_t) / p_mix(y_t) (Eq. 4-5); and the long-term
 return is a mean over the later steps, not a sum (R^Norm_{t+1}, Eq. 6). Together:
 
-    grad L = - E_{x, y ~ p_mix} sum_t w_t [ grad sum_{y' in V} q_theta(y'|y_<t,x) log( p(y'|y_<t,x) / q_theta(y'|y_<t,x) )
-                                            + R^Norm_{t+1} grad log q_theta(y_t|y_<t,x) ]                       (Eq. 7)
+    grad L = - E_{x, y ~ p_mix} sum_t w_t [ grad sum_{y' in V} q_theta(y'|.) log( p(y'|.) / q_theta(y'|.) )
+                                            + R^Norm_{t+1} grad log q_theta(y_t|.) ]          (Eq. 7; . = y_<t, x)
 
 Algorithm 1: (1) fine-tune the student on the instruction data (SFT) and keep the checkpoint with the lowest validation
 loss; (2) repeat: roll out responses to a round of prompts from p_mix, score them once (r_t, R^Norm_{t+1}, w_t), and
@@ -489,7 +489,7 @@ def minillm_loss(student, teacher, batch, args, ctx):
             logits_q = response_logits(student, batch)  # (b, n, V)
             with torch.no_grad():
                 logits_p = response_logits(teacher, batch)[..., :logits_q.size(-1)]
-        # the fused kernel: KL(q_theta(.|y_<t) || p(.|y_<t)) over the vocabulary (Eq. 3) and log q_theta(y_t), in one pass
+        # the fused kernel, in one pass: KL(q_theta(.|y_<t) || p(.|y_<t)) over the vocabulary (Eq. 3), log q_theta(y_t)
         kl, logq, _ = kernels.reverse_kl(logits_q, logits_p, targets)
     single, long_term = minillm_terms(logq, kl, batch["logq_old"], batch["A"], batch["w"], batch["w"], args.clip_eps)
     n = mask.sum().clamp(min=1)
@@ -719,14 +719,11 @@ def train(args):
         return best_path
     # the models and the data, every input checked before anything is written
     student, teacher, tokenizer = load_models(args, device)
-    enc = data.get_encoding(tokenizer)
-    args.eos_id = enc.eot_token
     start = ckpt["step"] if ckpt else 0
-    task = load_data(args, student, teacher, enc, start)
-    log = start_log(args, rank, resume_path, notes + [f"resuming from {resume_path} (step {start})"] * bool(ckpt)
-                    + task["notes"])
+    task = load_data(args, student, teacher, tokenizer, start)  # (and args.eos_id, the tokenizer's EOS)
+    log = start_log(args, rank, resume_path, notes + task["notes"])
     if args.method == "seqkd":  # the training responses are the teacher's
-        seqkd_data(teacher, task, enc, args, log, rank, world)
+        seqkd_data(teacher, task, args, log, rank, world)
     rollout_state = ckpt["state"]["ranks"][rank]["rollouts"] if ckpt else {}  # (minillm; kept up to date)
     if args.method == "minillm":  # rounds of scored rollouts, in mini-batches
         batches = rollout_batches(student, teacher, task["prompts"], args, device, rank, world, rollout_state)
@@ -766,9 +763,8 @@ def train(args):
         # stop, or write the checkpoint that --resume goes on from (and after a SIGTERM, stop there)
         last, sigterm = agree_to_stop(last, rank, world, device)
         save_due = step % (args.save_interval or args.eval_interval) == 0 and step > start or sigterm
-        if last or save_due:
-            state = {**progress, "elapsed": time.time() - t_start,
-                     "ranks": run_state(device, log_gen, rollout_state, world)}
+        if last or save_due:  # what a resumed run needs, from every process
+            state = run_state(progress, t_start, device, log_gen, rollout_state, world)
         if save_due and not last:
             save_step(args, student, optimizer, step, tokenizer, metrics, state, rank, sigterm, log)
         if last:
@@ -784,8 +780,7 @@ def train(args):
             progress["tokens"] += batch["prompt_idx"].numel() + batch["tokens"].numel()
         else:  # teacher-forced on the responses: CE (sft), (1 - kd_ratio) CE + kd_ratio KL[p || q] (kd, seqkd)
             epoch, x, y = next(batches)
-            x, y, weight = my_rows(x, y, rank, world)  # (torchrun: this process's rows, weighted)
-            x, y = x.to(device), y.to(device)
+            x, y, weight = my_rows(x, y, rank, world, device)  # (torchrun: this process's rows, weighted)
             loss, stats = token_loss(wrapped, teacher, x, y, args.kd_ratio, ctx)
             loss, stats["epoch"] = loss * weight, epoch
             progress["tokens"] += x.numel()
@@ -1061,17 +1056,16 @@ NOT_SETTINGS = {"out", "resume", "overwrite", "device", "compile", "max_minutes"
 
 
 def open_run(args, world):
-    """Decides what becomes of the run in args.out, reading only (nothing is written before the inputs are checked).
-    Returns (path, checkpoint) to resume from, or (None, None) for a new run, and the warnings to log."""
-    resume_path, ckpt, warnings = find_resume(args)
+    """find_resume(args), and under torchrun every process has read the folder before process 0 changes it."""
+    resume_path, ckpt, notes = find_resume(args)
     if world > 1:
-        dist.barrier()  # every process has read the folder before process 0 changes it
-    return resume_path, ckpt, warnings
+        dist.barrier()
+    return resume_path, ckpt, notes
 
 
 def find_resume(args):
     """Decides what becomes of the run in args.out, reading only (nothing is written before the inputs are checked).
-    Returns (path, checkpoint) to resume from, or (None, None) for a new run, and the warnings to log."""
+    Returns (path, checkpoint) to resume from, or (None, None) for a new run, and the lines to log."""
     files = sorted(f for f in os.listdir(args.out) if RUN_FILES.fullmatch(f)) if os.path.isdir(args.out) else []
     if not files or args.overwrite:
         return None, None, []
@@ -1093,7 +1087,7 @@ def find_resume(args):
                                  f"{vars(args).get(k)}: --overwrite replaces it")
         if name == "best.pt":  # stopped before its first step-N.pt
             break
-        return path, ckpt, warnings
+        return path, ckpt, warnings + [f"resuming from {path} (step {ckpt['step']})"]
     else:
         if candidates:
             raise InputError(f"{args.out}: no loadable checkpoint to resume from ({', '.join(candidates)})")
@@ -1118,19 +1112,20 @@ def run_summary(folder):
     return int(m[1]), int(m[3]), float(m[2])
 
 
-def run_state(device, log_gen, rollouts, world):
-    """Every process's random state (torch on the CPU and the GPU, Python, numpy, the logged rkl's sampler) and
-    MiniLLM rollout round (rollout_batches' state), on the CPU; gathered on process 0, which saves them."""
+def run_state(progress, t_start, device, log_gen, rollouts, world):
+    """What a checkpoint holds beyond the weights and the optimizer: the run's progress and seconds so far, and
+    (under "ranks") every process's random state (torch on the CPU and the GPU, Python, numpy, the logged rkl's
+    sampler) and MiniLLM rollout round (rollout_batches' state), on the CPU, gathered from every process."""
     np_state = np.random.get_state()
     mine = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "python": random.getstate(), "log_gen": log_gen.get_state(),
             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
             "rollouts": {**rollouts, "round": {k: v.cpu() for k, v in rollouts["round"].items()}} if rollouts else {}}
-    if world == 1:
-        return [mine]
-    everyone = [None] * world
-    dist.all_gather_object(everyone, mine)
-    return everyone
+    everyone = [mine]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+    return {**progress, "elapsed": time.time() - t_start, "ranks": everyone}
 
 
 def restore_rng(mine, device, log_gen):
@@ -1279,7 +1274,7 @@ def load_models(args, device):
     return student, teacher, tokenizer
 
 
-def load_data(args, student, teacher, enc, start):
+def load_data(args, student, teacher, tokenizer, start):
     """The data of a run, checked: a dict of train_pairs ((prompt, response) token lists, prompt + response + EOS
     within the context), prompts (the training prompts that leave room for a response: MiniLLM's), val (what
     validate() needs), pt_batches (L_PT's text, after the `start` batches a resumed run has used; None without
@@ -1288,6 +1283,8 @@ def load_data(args, student, teacher, enc, start):
         raise InputError(f"--data {args.data}: L_PT (--lm_coef {args.lm_coef:g}) needs its text: --pt_data "
                          "openwebtext | a .txt/.jsonl file (the built-in text only fits --data builtin), or "
                          "--lm_coef 0 to train without it")
+    enc = data.get_encoding(tokenizer)
+    args.eos_id = enc.eot_token
     template = "builtin" if args.data == "builtin" else "dolly"
     splits, skipped = data.load_instructions(args.data, args.n_train, args.n_valid, args.n_test, skip_bad=args.skip_bad)
     block = min(student.config.block_size, teacher.config.block_size if teacher else student.config.block_size)
@@ -1316,16 +1313,17 @@ def load_data(args, student, teacher, enc, start):
         pt_batches = itertools.chain([next(pt_batches)], pt_batches)  # (a bad --pt_data stops here)
     notes = [f"skipped {len(skipped)} bad rows (--skip_bad), first: {skipped[0]}"] if skipped else []
     return {"train_pairs": train_pairs, "prompts": prompts, "val": val, "pt_batches": pt_batches, "notes": notes,
-            "train_rows": splits["train"], "template": template, "max_length": max_length, "longest": longest,
-            "dropped": dropped, "dropped_valid": dropped_valid}
+            "enc": enc, "train_rows": splits["train"], "template": template, "max_length": max_length,
+            "longest": longest, "dropped": dropped, "dropped_valid": dropped_valid}
 
 
-def seqkd_data(teacher, task, enc, args, log, rank, world):
+def seqkd_data(teacher, task, args, log, rank, world):
     """SeqKD: task's training pairs become the teacher's responses to as many training prompts as one pass of the
     run uses (made by process 0 and cached in the run folder)."""
     n = min(len(task["train_rows"]), args.max_steps * args.batch_size)
     if rank > 0:
         dist.barrier()  # process 0 makes the file; the others then read it
+    enc = task["enc"]
     rows = teacher_responses(teacher, task["train_rows"][:n], enc, task["template"], args,
                              os.path.join(args.out, f"teacher_responses_{n}.jsonl"), log)
     if rank == 0 and world > 1:
@@ -1389,14 +1387,14 @@ def wrap_student(student, teacher, args, world, device, log):
     return wrapped
 
 
-def my_rows(x, y, rank, world):
+def my_rows(x, y, rank, world, device):
     """Under torchrun: this process's rows of the global batch, and the weight that makes DDP's average of the
     gradients the gradient of the global mean over response tokens. (L_PT is computed by every process on the same
     text, with the unwrapped student: one DDP forward per backward, and its gradient joins the synced one.)"""
     if world == 1:
-        return x, y, 1.0
+        return x.to(device), y.to(device), 1.0
     weight = world * (y[rank::world] != -100).sum() / (y != -100).sum()
-    return x[rank::world], y[rank::world], weight
+    return x[rank::world].to(device), y[rank::world].to(device), weight
 
 
 def agree_to_stop(last, rank, world, device):

@@ -933,6 +933,24 @@ def test_exposure_bias_is_zero_for_the_teacher_itself_and_positive_otherwise():
     assert min(other["eps"]) > 0 and len(other["ExAccErr"]) >= 2
 
 
+def test_benchmarks_print_their_tables(tmp_path, monkeypatch, capsys):
+    """python eval.py --bench generate | minillm | tokenizers, at small sizes: each prints its whole table (the
+    numbers are timings, not checked); an unknown flag is refused except where minillm.py's flags are meant."""
+    import eval as ev
+    monkeypatch.chdir(tmp_path)
+    ev.bench_generate("cpu", n_prompts=4, new_tokens=8, repeats=1)
+    ev.bench_tokenizers(n=64, steps=1)
+    ev.main(["--bench", "minillm", "--device", "cpu", "--max_steps", "2", "--rollout_size", "8", "--batch_size", "4",
+             "--max_new_tokens", "8"])
+    out = capsys.readouterr().out
+    for line in ("KV cache", "recompute", "speedup", "builtin-bytes", "rollout:", "reference", "fused kernel",
+                 "kernel, --chunk 1024", "rollouts of up to 8 tokens"):
+        assert line in out, line
+    assert kernels.USE_TRITON is None  # the benchmark gives the dispatch back
+    with pytest.raises(SystemExit):
+        ev.main(["--bench", "generate", "--max_steps", "2"])
+
+
 def test_eval_of_a_checkpoint_is_deterministic_and_writes_reports(tmp_path, monkeypatch):
     import eval as ev
     monkeypatch.chdir(tmp_path)

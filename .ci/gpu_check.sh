@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
 # the `datasets` package is not on the device image: its loader tests run on the CPU machine only
 timeout 200 python3 -m pytest test_minillm.py -q -rs -k "not dolly and not pretrain_loaders and not unloadable" 2>&1 | tee "$OUT/tests.txt"
-timeout 60 python3 minillm.py --bench generate 2>&1 | tee "$OUT/bench_generate.txt"
+timeout 60 python3 eval.py --bench generate 2>&1 | tee "$OUT/bench_generate.txt"
 for method in kd seqkd minillm; do
     timeout 90 python3 minillm.py --method $method --teacher out/teacher/best.pt --init out/student-sft/best.pt \
         --out /tmp/gpu-$method --overwrite --max_steps 60 --log_interval 20 --eval_interval 30 --lm_coef 0 2>&1 | grep -v settings
