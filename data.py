@@ -502,7 +502,7 @@ def load_instructions(spec, n_train=100000, n_valid=500, n_test=500, seed=1337, 
 def write_jsonl_splits(splits, folder):
     os.makedirs(folder, exist_ok=True)
     for split, rows in splits.items():
-        tmp = os.path.join(folder, f"{split}.jsonl.tmp")
+        tmp = os.path.join(folder, f"{split}.jsonl.{os.getpid()}.tmp")  # (torchrun: every process may write it)
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(tmp, os.path.join(folder, f"{split}.jsonl"))  # atomic: a crash never leaves half a file

@@ -815,8 +815,6 @@ def train(args):
 # distillation stages run L_PT off (the paper's "without L_PT" ablation, which left its instruction scores flat):
 # the built-in student has never seen the plain-text stream, so its L_PT starts at 17 nats and swamps the objective,
 # and learning that stream in SFT (--lm_coef 1 there) cost the 0.033M student half its validity (README).
-
-
 DISTILL = dict(max_steps=600, lr=1e-3, min_lr=1e-4, lm_coef=0.0, eval_interval=100, log_interval=50)
 PIPELINE_FLAGS = {  # typed flag -> the stages it applies to (other flags apply to every stage)
     "teacher_steps": ("teacher",), "student_steps": ("student-sft",), "model": ("student-sft",),
@@ -867,6 +865,8 @@ def builtin_default(args):
 
 
 def main(argv=None):
+    """With --method, one training run; without, the built-in pipeline (on other --data: MiniLLM). Bad input stops
+    with one `error:` line (exit 1); a SIGTERM leaves a checkpoint and exits 143, and --resume goes on from it."""
     args = get_args(argv)
     try:
         if args.method:

@@ -27,6 +27,9 @@ import minillm  # noqa: E402
 from minillm import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# the environment of the runs these tests start as users do (python minillm.py, torchrun): without the interpreter
+# that runs the Triton kernel on the CPU here (slow; the kernel is tested against its reference in this process)
+USER_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel tests run where the kernel runs
 
 
@@ -1125,7 +1128,7 @@ def test_two_processes_with_gloo_take_the_single_process_step(tmp_path):
               "--n_train", "350", "--n_valid", "35", "--n_test", "35", "--batch_size", "8", "--lr", "1e-2",
               "--warmup_steps", "1", "--device", "cpu"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**USER_ENV, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(torchrun + common + ["--method", "sft", "--out", str(tmp_path / "ddp")], cwd=tmp_path,
                        capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -1271,14 +1274,14 @@ def test_sigterm_and_sigkill_then_resume_give_the_uninterrupted_run(tmp_path):
             "--n_test", "14", "--lm_coef", "1", "--pt_length", "16", "--warmup_steps", "1", "--lr", "1e-2",
             "--device", "cpu"]  # MiniLLM with L_PT: the rollout round, the text stream and four RNGs to resume
     r = subprocess.run(argv + ["--out", str(tmp_path / "whole")], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=240)
+                       timeout=240, env=USER_ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "stopped"
 
     def stop_when(checkpoint, sig, *extra):
         """Starts the run (with extra flags) and sends it sig once `checkpoint` exists; returns its stderr."""
         proc = subprocess.Popen(argv + ["--out", str(out), *extra], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, env=USER_ENV)
         deadline = time.time() + 200
         while not (out / checkpoint).exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.005)
@@ -1294,7 +1297,7 @@ def test_sigterm_and_sigkill_then_resume_give_the_uninterrupted_run(tmp_path):
     assert (out / f"step-{stopped_at:06d}.pt").exists()
     stop_when("step-000025.pt", signal.SIGKILL, "--resume")  # then SIGKILL in the middle of the resumed run
     r = subprocess.run(argv + ["--out", str(out), "--resume"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=240)
+                       timeout=240, env=USER_ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     step = int(r.stdout.split("(step ")[1].split(")")[0])  # "resuming from .../step-0000N.pt (step N)"
     assert step >= 25
