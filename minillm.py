@@ -69,7 +69,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import data
@@ -392,7 +391,7 @@ def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=
                           log_p.gather(1, token)[:, 0], p_mix.gather(1, token)[:, 0].log()))
             done |= token[:, 0] == eos_id
         finished = done.all().float()
-        if isinstance(teacher, FSDPModule):  # every process runs each forward of a sharded teacher together
+        if is_sharded(teacher):  # every process runs each forward of a sharded teacher together
             dist.all_reduce(finished, op=dist.ReduceOp.MIN)
         if finished or t == max_new_tokens - 1:
             break
@@ -1268,6 +1267,7 @@ def load_models(args, device):
             raise InputError("--shard_teacher needs a teacher and torchrun with 2 or more processes")
         if args.method == "seqkd" or args.chunk:
             raise InputError("--shard_teacher works with kd and minillm, without --chunk")
+        from torch.distributed.fsdp import fully_shard  # (imported when used: the import takes a second)
         for block in teacher.transformer.h:
             fully_shard(block)
         fully_shard(teacher)
@@ -1385,6 +1385,12 @@ def wrap_student(student, teacher, args, world, device, log):
         here = sum(p.to_local().numel() for p in teacher.parameters())
         log(f"teacher sharded (FSDP): {here / 1e6:.3f}M of its {teacher.num_params() / 1e6:.3f}M parameters here")
     return wrapped
+
+
+def is_sharded(model):
+    """Whether fully_shard (FSDP, --shard_teacher) has split this model over the processes."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # (not imported: nothing is sharded)
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def my_rows(x, y, rank, world, device):
