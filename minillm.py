@@ -430,13 +430,13 @@ def returns(r, mask, length_norm=True, gamma=1.0, include_t=False):
     acc = torch.zeros_like(r[:, 0])
     for t in range(r.size(1) - 1, -1, -1):
         after[:, t] = acc
-        acc = r[:, t] + gamma * acc
+        acc = r[:, t] + gamma * acc  # Eq. 2: R_t = r_t + gamma R_{t+1}
     count = mask.flip(1).cumsum(1).flip(1) - mask.long()  # (B, n): valid steps after t
     if include_t:
         after, count = r + gamma * after, count + mask.long()
     if not length_norm:
         return after * mask
-    return torch.where(count > 0, after / count.clamp(min=1), 0.0) * mask
+    return torch.where(count > 0, after / count.clamp(min=1), 0.0) * mask  # Eq. 6: R^Norm_{t+1} = R_{t+1} / (T - t)
 
 
 def score_round(batch, args):
@@ -464,11 +464,11 @@ def minillm_terms(logq, kl, logq_old, advantage, w_single, w_long, clip_eps=0.2)
                max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)) with A_t = R^Norm_{t+1} (no clipping: eps None).
     w_single and w_long are the importance weights q/p_mix (Eq. 5): in training both are the per-step ratio
     w_t = q_old(y_t) / p_mix(y_t); the estimator test passes exact sequence-level weights instead."""
-    rho = torch.exp(logq - logq_old) * w_long
-    long_term = -advantage * rho
-    if clip_eps is not None:
+    rho = torch.exp(logq - logq_old) * w_long  # rho_t = q_theta(y_t) / p_mix(y_t)
+    long_term = -advantage * rho              # Eq. 7, long-term: gradient -w_t R^Norm_{t+1} grad log q_theta(y_t)
+    if clip_eps is not None:                  # PPO (Algorithm 1): the pessimistic of the plain and the clipped ratio
         long_term = torch.max(long_term, -advantage * rho.clamp(1 - clip_eps, 1 + clip_eps))
-    return w_single * kl, long_term
+    return w_single * kl, long_term           # Eq. 3 (Eq. 7's single-step term): w_t KL(q_theta(.|y_<t) || p(.|y_<t))
 
 
 def minillm_loss(student, teacher, batch, args, ctx):
