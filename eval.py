@@ -195,11 +195,12 @@ def evaluate(path, teacher, rows, template, args, device):
 
 
 COLUMNS = ["rougeL", "valid", "exact", "dist4", "rkl", "ece", "lm_loss", "steps", "best_step", "minutes"]
-DIGITS = {"dist4": 3, "ece": 3, "lm_loss": 3, "rkl": 2, "steps": 0, "best_step": 0}  # others: 1
+DIGITS = {"dist4": 3, "ece": 3, "lm_loss": 3, "rkl": 2, "steps": 0, "best_step": 0, "samples": 0}  # others: 1
 
 
 def table(results, columns=None):
-    """Markdown table: one row per checkpoint, mean ± std over the seeds (ece and lm_loss involve no sampling)."""
+    """Markdown table: one row per checkpoint (or per method over training seeds), mean ± std over the seeds (ece and
+    lm_loss of one checkpoint involve no sampling)."""
     cols = [c for c in (columns or COLUMNS) if any(c in r for r in results)]
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in results:
@@ -207,7 +208,8 @@ def table(results, columns=None):
         for c in cols:
             digits = DIGITS.get(c, 1)
             m, s = r.get(c, (math.nan, 0.0))
-            cells.append("-" if not math.isfinite(m) else f"{m:.{digits}f} ± {s:.{digits}f}" if s else
+            spread = s or r.get("train_seeds", 1) > 1  # (over training seeds: shown even when 0)
+            cells.append("-" if not math.isfinite(m) else f"{m:.{digits}f} ± {s:.{digits}f}" if spread else
                          f"{m:.{digits}f}")
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -388,6 +390,8 @@ def get_args(argv=None):
     ap.add_argument("--table1", action="store_true", help="train and evaluate the built-in Table 1 (README)")
     ap.add_argument("--pipeline_out", default="out", help="--table1: where `python minillm.py` keeps its models")
     ap.add_argument("--patience", type=int, default=5, help="--table1: evaluations without improvement to stop")
+    ap.add_argument("--train_seeds", type=int, nargs="+", default=[1337, 1338, 1339],
+                    help="--table1: one training run of each distillation row per seed")
     ap.add_argument("--bench", choices=["generate", "minillm", "tokenizers"],
                     help="run a benchmark instead (--bench minillm also takes minillm.py's flags: --max_steps, "
                          "--rollout_size, --batch_size, --chunk, ...)")
@@ -434,54 +438,123 @@ def main(argv=None):
 
 
 # The built-in Table 1: each student starts from the same SFT student and trains until its validation score (the
-# validity of sampled validation responses) stops improving for --patience evaluations; best.pt is kept.
-TABLE1 = {  # row: minillm.py flags (the teacher, the initialization, the output folder and the patience are added)
+# validity of sampled validation responses) stops improving for --patience evaluations; best.pt is kept. Every
+# distillation row is trained once per --train_seeds (the teacher and the SFT student are shared).
+ROLLOUTS = "--lr 1e-3 --lm_coef 0 --max_steps 2000 --eval_interval 100 --log_interval 100"
+TABLE1 = {  # row: minillm.py flags (the teacher, the initialization, the output folder, the seed, the patience added)
     "kd": "--method kd --lr 1e-3 --max_steps 6000 --eval_interval 250 --log_interval 250",
     "seqkd": "--method seqkd --lr 1e-3 --max_steps 1500 --eval_interval 250 --log_interval 250",
-    "minillm": "--method minillm --lr 1e-3 --lm_coef 0 --max_steps 2000 --eval_interval 100 --log_interval 100",
-    # the paper's ablations of MiniLLM; L_PT is off in the row above, so its ablation turns it on
-    "minillm, no length norm": "--method minillm --lr 1e-3 --lm_coef 0 --max_steps 2000 --eval_interval 100 "
-                               "--log_interval 100 --no_length_norm",
-    "minillm, alpha 0": "--method minillm --lr 1e-3 --lm_coef 0 --max_steps 2000 --eval_interval 100 "
-                        "--log_interval 100 --alpha 0",
-    "minillm, no single-step": "--method minillm --lr 1e-3 --lm_coef 0 --max_steps 2000 --eval_interval 100 "
-                               "--log_interval 100 --no_single_step",
-    "minillm, with L_PT": "--method minillm --lr 1e-3 --lm_coef 1 --max_steps 2000 --eval_interval 100 "
-                          "--log_interval 100",
+    # on-policy distillation (GKD with lmbda = 1): a token-level divergence on fresh student samples, every step
+    "on-policy rkl": "--method onpolicy " + ROLLOUTS,
+    "on-policy fkl": "--method onpolicy --divergence fkl " + ROLLOUTS,
+    "on-policy jsd 0.5": "--method onpolicy --divergence jsd --beta 0.5 " + ROLLOUTS,
+    "minillm": "--method minillm " + ROLLOUTS,
+    # the paper's ablations of MiniLLM, and the single-step term alone on its rollouts; L_PT is off in the row
+    # above, so its ablation turns it on
+    "minillm, no long-term": "--method minillm --no_long_term " + ROLLOUTS,
+    "minillm, no length norm": "--method minillm --no_length_norm " + ROLLOUTS,
+    "minillm, alpha 0": "--method minillm --alpha 0 " + ROLLOUTS,
+    "minillm, no single-step": "--method minillm --no_single_step " + ROLLOUTS,
+    "minillm, with L_PT": "--method minillm " + ROLLOUTS.replace("--lm_coef 0", "--lm_coef 1"),
 }
 
 
 def table1(args):
-    """Trains (or reuses) every row of TABLE1 from the pipeline's SFT student, then evaluates the teacher, the SFT
-    student and every row with args.seeds; the table gets the steps and CPU time of each row."""
+    """Trains (or reuses) every row of TABLE1 from the pipeline's SFT student once per training seed, then evaluates
+    the teacher, the SFT student and every run with the sampling seeds args.seeds. A row's numbers: the mean over its
+    training seeds of each run's mean over the sampling seeds, ± the std over the training seeds; with the steps,
+    minutes and responses sampled of its training, and a plot of validation validity against training minutes."""
     t0 = time.time()
     base = args.pipeline_out
     teacher, sft = (os.path.join(base, f, "best.pt") for f in ("teacher", "student-sft"))
     if not (os.path.isfile(teacher) and os.path.isfile(sft)):
         print(f"no teacher / SFT student in {base}/: running the built-in pipeline first (python minillm.py)")
         minillm.main(["--out", base])
-    folders = {"teacher": os.path.dirname(teacher), "sft": os.path.dirname(sft)}
+    runs = {"teacher": [os.path.dirname(teacher)], "sft": [os.path.dirname(sft)]}
     for name, flags in TABLE1.items():
-        folders[name] = os.path.join(args.out, name.replace(", ", "-").replace(" ", "-"))
-        if not os.path.isfile(os.path.join(folders[name], "last.pt")):
-            print(f"training {name}: {flags}")
-        minillm.train(minillm.get_args(flags.split() + ["--teacher", teacher, "--init", sft, "--out", folders[name],
-                                                        "--patience", str(args.patience), "--device", args.device,
-                                                        "--resume"]))  # a finished run is reused, a stopped one resumed
+        runs[name] = []
+        for seed in args.train_seeds:
+            folder = os.path.join(args.out, name.replace(", ", "-").replace(" ", "-") + f"-seed{seed}")
+            if not os.path.isfile(os.path.join(folder, "last.pt")):
+                print(f"training {name}, seed {seed}: {flags}")
+            minillm.train(minillm.get_args(flags.split() + [  # a finished run is reused, a stopped one resumed
+                "--teacher", teacher, "--init", sft, "--out", folder, "--seed", str(seed), "--patience",
+                str(args.patience), "--device", args.device, "--resume"]))
+            runs[name].append(folder)
     device = minillm.pick_device(args.device)
     model, ckpt = minillm.load_checkpoint(teacher, device)
     teacher_model = (model.eval(), ckpt["tokenizer"])
     splits, _ = data.load_instructions("builtin", n_test=args.n_test)
     results = []
-    for name, folder in folders.items():
-        r = evaluate(os.path.join(folder, "best.pt"), teacher_model, splits["test"], "builtin", args, device)
-        steps, best, seconds = minillm.run_summary(folder)
-        r.update(label=name, steps=[float(steps), 0.0], best_step=[float(best), 0.0], minutes=[seconds / 60, 0.0])
-        results.append(r)
+    for name, folders in runs.items():
+        per_seed = []
+        for folder in folders:
+            r = evaluate(os.path.join(folder, "best.pt"), teacher_model, splits["test"], "builtin", args, device)
+            steps, best, seconds, samples = minillm.run_summary(folder)
+            r.update(steps=[float(steps), 0.0], best_step=[float(best), 0.0], minutes=[seconds / 60, 0.0],
+                     samples=[float(samples), 0.0])
+            per_seed.append(r)
+        results.append({**over_training_seeds(per_seed), "label": name, "train_seeds": len(folders)})
     write_reports(results, args.out)
-    print(table(results))
-    print(f"(mean ± std over seeds {args.seeds}; {len(splits['test'])} test prompts; steps and minutes of training "
-          f"on this machine) -> {args.out}/; whole run {(time.time() - t0) / 60:.1f} min")
+    cost_plot(runs, args.out)
+    print(table(results, COLUMNS + ["samples"]))
+    print(f"(mean ± std over the training seeds {args.train_seeds} of each run's mean over the sampling seeds "
+          f"{args.seeds}; teacher and SFT: one run, ± over the sampling seeds; {len(splits['test'])} test prompts; "
+          f"steps, minutes and responses sampled in training, on this machine) -> {args.out}/; whole run "
+          f"{(time.time() - t0) / 60:.1f} min")
+
+
+def over_training_seeds(per_seed):
+    """One row from the evaluations of a method's training runs: each [mean, std] metric becomes the mean of the
+    runs' means ± their std (a single run keeps its own, the spread over its sampling seeds); curves, bins and the
+    like come from the first run."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    row = dict(per_seed[0])
+    for k, v in per_seed[0].items():
+        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v):
+            means = [r[k][0] for r in per_seed]
+            row[k] = [sum(means) / len(means), minillm.std(means)]
+    return row
+
+
+def validation_curve(folder):
+    """(minutes, validity) at each validation of a run, from its log.txt ("step N | ... | val valid V | ... | Ts")."""
+    points = []
+    for line in open(os.path.join(folder, "log.txt")):
+        if "| val valid " in line:
+            valid = float(line.split("| val valid ")[1].split()[0])
+            points.append((float(line.rsplit("|", 1)[1].strip().rstrip("s")) / 60, 100 * valid))
+    return points
+
+
+def cost_plot(runs, folder):
+    """validity_vs_minutes.png: validation validity against training minutes, one line per method (the mean over its
+    training seeds at each validation); the SFT student is the point where every distillation run starts."""
+    import matplotlib  # imported here: only the reports need it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    start = None
+    for name, folders in runs.items():
+        if name in ("teacher", "sft"):
+            continue
+        curves = [validation_curve(f) for f in folders]
+        n = min(map(len, curves))
+        if n == 0:
+            continue
+        minutes = [sum(c[i][0] for c in curves) / len(curves) for i in range(n)]
+        valid = [sum(c[i][1] for c in curves) / len(curves) for i in range(n)]
+        start = start or valid[0]
+        ax.plot(minutes, valid, "-" if name.startswith(("minillm", "on-policy")) else "--", marker=".", label=name)
+    if start is not None:
+        ax.plot([0], [start], "ko", label="sft (the start)")
+    ax.set(xlabel="training minutes (after SFT)", ylabel="validation validity (%)",
+           title="Cost and quality: validation validity against training time")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "validity_vs_minutes.png"), dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

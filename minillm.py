@@ -113,6 +113,8 @@ MINILLM_OPTIONS = {
                                 "--no_length_norm: their sum (ablation)"),
     "single_step": (True, True, "the single-step term (Eq. 3); --no_single_step: none, and the long-term term "
                                 "uses R_t, step t included (Eq. 2; ablation)"),
+    "long_term": (True, True, "the long-term term of Eq. 7; --no_long_term: the single-step term alone, on MiniLLM's "
+                              "own rollouts (ablation)"),
     "gamma": (1.0, 1.0, "discount of the long-term return (the official code: 0.95)"),
     "whiten": (False, False, "whiten the advantages over each round (the official code)"),
     "lm_coef": (1.0, None, "weight of L_PT (default: 1 for minillm, 0 for the other methods)"),
@@ -471,11 +473,10 @@ def minillm_terms(logq, kl, logq_old, advantage, w_single, w_long, clip_eps=0.2)
     return w_single * kl, long_term           # Eq. 3 (Eq. 7's single-step term): w_t KL(q_theta(.|y_<t) || p(.|y_<t))
 
 
-def minillm_loss(student, teacher, batch, args, ctx):
-    """Eq. 7 on a mini-batch of scored rollouts: the single-step term plus the PPO-clipped long-term term, each a
-    mean over the mini-batch's response tokens (the mask: nothing after EOS). Returns (loss, {name: value} for the
-    log)."""
-    mask, targets = batch["mask"], batch["tokens"].masked_fill(~batch["mask"], -100)
+def reverse_kl_tokens(student, teacher, batch, args, ctx):
+    """Per response token (b, n): KL(q_theta(.|y_<t) || p(.|y_<t)) over the vocabulary (Eq. 3) and log q_theta(y_t),
+    from one forward of each model over prompt + response."""
+    targets = batch["tokens"].masked_fill(~batch["mask"], -100)
     if args.chunk:  # (b, n, V) logits never whole: lm_head and the kernel applied --chunk rows at a time
         with ctx:
             h_q = response_logits(student, batch, hidden=True)  # (b, n, C)
@@ -490,6 +491,15 @@ def minillm_loss(student, teacher, batch, args, ctx):
                 logits_p = response_logits(teacher, batch)[..., :logits_q.size(-1)]
         # the fused kernel, in one pass: KL(q_theta(.|y_<t) || p(.|y_<t)) over the vocabulary (Eq. 3), log q_theta(y_t)
         kl, logq, _ = kernels.reverse_kl(logits_q, logits_p, targets)
+    return kl, logq
+
+
+def minillm_loss(student, teacher, batch, args, ctx):
+    """Eq. 7 on a mini-batch of scored rollouts: the single-step term plus the PPO-clipped long-term term, each a
+    mean over the mini-batch's response tokens (the mask: nothing after EOS). Returns (loss, {name: value} for the
+    log)."""
+    mask = batch["mask"]
+    kl, logq = reverse_kl_tokens(student, teacher, batch, args, ctx)  # (b, n) each
     single, long_term = minillm_terms(logq, kl, batch["logq_old"], batch["A"], batch["w"], batch["w"], args.clip_eps)
     n = mask.sum().clamp(min=1)
     loss_single, loss_long = (single * mask).sum() / n, (long_term * mask).sum() / n
@@ -498,12 +508,13 @@ def minillm_loss(student, teacher, batch, args, ctx):
              "clip": (((rho - 1).abs() > args.clip_eps) & mask).sum() / n, "w": (batch["w"] * mask).sum() / n,
              "len": mask.sum(1).float().mean()}
     # Eq. 7: grad L = E_{y ~ p_mix} sum_t [ w_t grad KL_t (single-step) + w_t R^Norm_{t+1} grad log q_theta(y_t)
-    # (long-term, clipped) ]: the gradient of this sum (ablation --no_single_step: the long-term term alone)
-    return (loss_single if args.single_step else 0) + loss_long, stats
+    # (long-term, clipped) ]: the gradient of this sum (ablations: --no_single_step, --no_long_term, one term alone)
+    return (loss_single if args.single_step else 0) + (loss_long if args.long_term else 0), stats
 
 # -----------------------------------------------------------------------------
 # The baselines' losses and L_PT. KD: (1 - kd_ratio) CE + kd_ratio KL[p || q] per token of the ground-truth
-# responses; SeqKD: the same on responses the teacher sampled; L_PT (Algorithm 1): cross-entropy on pretraining text
+# responses; SeqKD: the same on responses the teacher sampled; on-policy distillation: a token-level divergence on
+# fresh student samples; L_PT (Algorithm 1): cross-entropy on pretraining text
 
 
 def forward_kl(logits_q, logits_p):
@@ -527,6 +538,39 @@ def token_loss(student, teacher, x, y, kd_ratio, ctx):
         logits_p = teacher(x, y)[0][:, :logits.size(-1)]  # (N, V); a teacher vocabulary padded past V is sliced
     fkl = forward_kl(logits, logits_p).mean()
     return (1 - kd_ratio) * ce + kd_ratio * fkl, {"ce": ce.detach(), "fkl": fkl.detach()}
+
+
+def generalized_jsd(logits_q, logits_p, beta):
+    """The generalized Jensen-Shannon divergence at each position, (..., V) logits -> (...), as TRL's GKD defines it:
+    beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q; at beta 0 the forward KL[p || q] and at
+    beta 1 the reverse KL[q || p] (the ends TRL takes as those two KLs)."""
+    if beta == 0:
+        return forward_kl(logits_q, logits_p)
+    if beta == 1:
+        return forward_kl(logits_p, logits_q)  # KL[q || p]: the roles swapped
+    log_q, log_p = F.log_softmax(logits_q.float(), -1), F.log_softmax(logits_p.float(), -1)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), 0)  # log m
+    kl_to_m = lambda log_a: torch.where(log_a > -math.inf, log_a.exp() * (log_a - log_m), 0.0).sum(-1)
+    return beta * kl_to_m(log_p) + (1 - beta) * kl_to_m(log_q)
+
+
+def onpolicy_loss(student, teacher, batch, args, ctx):
+    """On-policy distillation (GKD with lmbda = 1, the "on-policy distillation" recipes): the token-level divergence
+    to the teacher on a fresh batch of pure student samples, averaged over the response tokens. --divergence rkl
+    (the default, through the kernel) is MiniLLM's single-step term alone (Eq. 3, with w_t = 1 on the student's own
+    samples); fkl and jsd (--beta) the alternatives. No reward, return, importance weight, teacher mixing or PPO
+    reuse. Returns (loss, {name: value} for the log)."""
+    mask = batch["mask"]
+    if args.divergence == "rkl":
+        div, _ = reverse_kl_tokens(student, teacher, batch, args, ctx)  # (b, n)
+    else:
+        with ctx:
+            logits_q = response_logits(student, batch)  # (b, n, V)
+            with torch.no_grad():
+                logits_p = response_logits(teacher, batch)[..., :logits_q.size(-1)]
+        div = generalized_jsd(logits_q, logits_p, 0.0 if args.divergence == "fkl" else args.beta)
+    loss = (div * mask).sum() / mask.sum().clamp(min=1)
+    return loss, {f"token_{args.divergence}": loss.detach(), "len": mask.sum(1).float().mean()}
 
 
 @torch.no_grad()
@@ -565,7 +609,8 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
     ppo_epochs passes over it in shuffled mini-batches of args.batch_size. Under torchrun each of the `world`
     processes makes 1/world of the round and of each mini-batch, from its own prompts and samples. `state` (a dict,
     kept up to date) holds the round, its mini-batches still to come and the random generators: saved in a
-    checkpoint, it lets a resumed run go on exactly here."""
+    checkpoint, it lets a resumed run go on exactly here; state["samples"] counts the responses this process rolled
+    out."""
     seed, size, batch_size = args.seed + rank, args.rollout_size // world, max(1, args.batch_size // world)
     rng, gen = random.Random(seed), torch.Generator(device=device).manual_seed(seed)  # prompts, sampling
     shuffle = torch.Generator().manual_seed(seed)  # mini-batch order
@@ -581,7 +626,7 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
                 batch = rollout(student, teacher, rng.sample(prompts, size), args.max_new_tokens, args.eos_id,
                                 args.alpha, gen)
             orders = [torch.randperm(size, generator=shuffle) for _ in range(args.ppo_epochs)]
-            state.update(round=score_round(batch, args),
+            state.update(round=score_round(batch, args), samples=state.get("samples", 0) + size,
                          minibatches=[o[i:i + batch_size] for o in orders for i in range(0, size, batch_size)],
                          rng=rng.getstate(), gen=gen.get_state(), shuffle=shuffle.get_state())
         rows = state["minibatches"].pop(0).to(device)
@@ -724,8 +769,10 @@ def train(args):
     if args.method == "seqkd":  # the training responses are the teacher's
         seqkd_data(teacher, task, args, log, rank, world)
     rollout_state = ckpt["state"]["ranks"][rank]["rollouts"] if ckpt else {}  # (minillm; kept up to date)
-    if args.method == "minillm":  # rounds of scored rollouts, in mini-batches
-        batches = rollout_batches(student, teacher, task["prompts"], args, device, rank, world, rollout_state)
+    if args.method in ("minillm", "onpolicy"):  # rounds of scored rollouts, in mini-batches; on-policy: each step
+        fresh = {"alpha": 0.0, "rollout_size": args.batch_size, "ppo_epochs": 1} if args.method == "onpolicy" else {}
+        batches = rollout_batches(student, teacher, task["prompts"], argparse.Namespace(**{**vars(args), **fresh}),
+                                  device, rank, world, rollout_state)  # a new round of pure student samples
     else:  # (epoch, x, y): shuffled, length-bucketed batches of the instruction data
         batches = data.batches(task["train_pairs"], args.batch_size, args.seed, skip=start)
     log_data(args, task, log)
@@ -773,9 +820,10 @@ def train(args):
         for group in optimizer.param_groups:
             group["lr"] = lr
         # the method's loss on one batch
-        if args.method == "minillm":  # Eq. 7 on a mini-batch of the round's scored rollouts
-            batch = next(batches)
-            loss, stats = minillm_loss(wrapped, teacher, batch, args, ctx)
+        if args.method in ("minillm", "onpolicy"):  # Eq. 7 on a mini-batch of the round's scored rollouts (onpolicy:
+            batch = next(batches)                   # the divergence on fresh student samples)
+            loss, stats = (minillm_loss if args.method == "minillm" else onpolicy_loss)(wrapped, teacher, batch, args,
+                                                                                        ctx)
             progress["tokens"] += batch["prompt_idx"].numel() + batch["tokens"].numel()
         else:  # teacher-forced on the responses: CE (sft), (1 - kd_ratio) CE + kd_ratio KL[p || q] (kd, seqkd)
             epoch, x, y = next(batches)
@@ -804,7 +852,8 @@ def train(args):
                 stats = {"rkl": reverse_kl_k3(student, teacher, task["val"]["prompts"][:16], args, log_gen)[0],
                          **stats}
             log(step_line(step, loss, stats, lr, progress["tokens"] * world, time.time() - t_start, args))
-    finish_run(args, student, optimizer, step, tokenizer, metrics, state, progress, t_start, rank, world, log)
+    samples = rollout_state.get("samples", 0) * world + task.get("teacher_samples", 0)  # responses sampled
+    finish_run(args, student, optimizer, step, tokenizer, metrics, state, progress, t_start, samples, rank, world, log)
     return best_path
 
 # -----------------------------------------------------------------------------
@@ -1101,14 +1150,15 @@ def clear_run(folder, keep_cache):
 
 
 def run_summary(folder):
-    """(steps run, step of best.pt, seconds) of a finished run, from its log.txt ("done: N steps in Xs; best.pt is
-    step B"); None for a folder without one (a checkpoint that was given, not trained here)."""
+    """(steps run, step of best.pt, seconds, responses sampled) of a finished run, from its log.txt ("done: N steps
+    in Xs; best.pt is step B; S responses sampled"); None for a folder without one (a checkpoint that was given, not
+    trained here)."""
     path = os.path.join(folder, "log.txt")
     done = [line for line in open(path) if line.startswith("done:")] if os.path.isfile(path) else []
     if not done:
         return None
-    m = re.match(r"done: (\d+) steps in (\d+)s; best.pt is step (\d+)", done[-1])
-    return int(m[1]), int(m[3]), float(m[2])
+    m = re.match(r"done: (\d+) steps in (\d+)s; best.pt is step (\d+)(?:; (\d+) responses sampled)?", done[-1])
+    return int(m[1]), int(m[3]), float(m[2]), int(m[4] or 0)
 
 
 def run_state(progress, t_start, device, log_gen, rollouts, world):
@@ -1159,14 +1209,15 @@ def save_step(args, student, optimizer, step, tokenizer, metrics, state, rank, s
         raise Stopped(f"SIGTERM at step {step}: {args.out}/step-{step:06d}.pt written; --resume goes on from it")
 
 
-def finish_run(args, student, optimizer, step, tokenizer, metrics, state, progress, t_start, rank, world, log):
+def finish_run(args, student, optimizer, step, tokenizer, metrics, state, progress, t_start, samples, rank, world,
+               log):
     """The end of a run: hf/ (best.pt for transformers), the done line, last.pt (the run is finished)."""
     best_path = os.path.join(args.out, "best.pt")
     if rank == 0:
         seconds = time.time() - t_start
         save_pretrained(load_checkpoint(best_path)[0], os.path.join(args.out, "hf"), args.eos_id)
-        log(f"done: {step} steps in {seconds:.0f}s; best.pt is step {progress['best_step']} -> {best_path} "
-            f"(and {args.out}/hf)")
+        log(f"done: {step} steps in {seconds:.0f}s; best.pt is step {progress['best_step']}; {samples} responses "
+            f"sampled -> {best_path} (and {args.out}/hf)")
         save_checkpoint(os.path.join(args.out, "last.pt"), student, optimizer, step, args, tokenizer, metrics, state)
     if world > 1:
         dist.barrier()  # the checkpoints exist before any process returns
@@ -1234,8 +1285,14 @@ def set_method_defaults(args):
 def load_models(args, device):
     """The model to train (--init, or a fresh --model) and, for kd, seqkd and minillm, the teacher (--teacher),
     with the name of their shared tokenizer. Every mismatch stops here, before any training."""
-    if args.method == "minillm" and not args.init:
-        raise InputError("--method minillm needs --init STUDENT_CKPT (Algorithm 1 starts from the SFT student)")
+    if args.method in ("minillm", "onpolicy") and not args.init:
+        raise InputError(f"--method {args.method} needs --init STUDENT_CKPT (Algorithm 1 starts from the SFT student)")
+    if args.method == "onpolicy" and args.divergence != "rkl" and args.chunk:
+        raise InputError(f"--chunk computes the reverse KL a chunk at a time: not --divergence {args.divergence}")
+    if not 0 <= args.beta <= 1:
+        raise InputError(f"--beta {args.beta}: the JSD's beta lies in [0, 1]")
+    if not (args.single_step or args.long_term):
+        raise InputError("--no_single_step with --no_long_term leaves MiniLLM no loss")
     if args.method != "sft" and not args.teacher:
         raise InputError(f"--method {args.method} needs --teacher CKPT")
     tokenizer = args.tokenizer if args.tokenizer != "auto" else "builtin" if args.data == "builtin" else "gpt2"
@@ -1294,10 +1351,11 @@ def load_data(args, student, teacher, tokenizer, start):
     longest = min(args.max_prompt_length, block - args.max_new_tokens)  # a prompt that leaves room to answer
     train_pairs, dropped = data.tokenize(splits["train"], enc, template, max_length, args.max_prompt_length)
     prompts = [p for p, _ in train_pairs if len(p) <= longest]
-    if args.method == "minillm" and len(prompts) < args.rollout_size:
-        raise data.DataError(f"{args.data}: {len(prompts)} usable training prompts, fewer than --rollout_size "
-                             f"{args.rollout_size}")
-    if args.method != "minillm" and len(train_pairs) < args.batch_size:
+    need, flag = (args.rollout_size, "--rollout_size") if args.method == "minillm" else (args.batch_size,
+                                                                                           "--batch_size")
+    if args.method in ("minillm", "onpolicy") and len(prompts) < need:
+        raise data.DataError(f"{args.data}: {len(prompts)} usable training prompts, fewer than {flag} {need}")
+    if args.method not in ("minillm", "onpolicy") and len(train_pairs) < args.batch_size:
         raise data.DataError(f"{args.data}: {len(train_pairs)} usable training examples, fewer than one batch "
                              f"of {args.batch_size}")
     val_rows, val_prompts = data.encode_prompts(splits["valid"], enc, template, longest)
@@ -1330,13 +1388,14 @@ def seqkd_data(teacher, task, args, log, rank, world):
         dist.barrier()
     task["train_pairs"], task["dropped"] = data.tokenize(rows, enc, task["template"], task["max_length"],
                                                          args.max_prompt_length)
+    task["teacher_samples"] = n
     if len(task["train_pairs"]) < args.batch_size:
         raise data.DataError(f"seqkd: the teacher ended {len(task['train_pairs'])} responses with EOS, fewer than "
                              f"one batch of {args.batch_size} (raise --max_new_tokens?)")
 
 
 def log_data(args, task, log):
-    if args.method == "minillm":
+    if args.method in ("minillm", "onpolicy"):
         log(f"data {args.data}: {len(task['prompts'])} train prompts (longer than {task['longest']} tokens dropped) / "
             f"{len(task['val']['pairs'])} valid examples")
     else:
@@ -1499,9 +1558,10 @@ def get_args(argv=None):
         "their table). A flag applies to every stage it means something for; those marked 'pipeline:' set the "
         "stage they name, and a typed flag always wins over the pipeline's own setting."))
     # what to run
-    ap.add_argument("--method", choices=["sft", "kd", "seqkd", "minillm"],
-                    help="sft: fine-tuning on ground truth; kd, seqkd: the baselines; minillm: reverse-KL distillation "
-                         "(none: minillm, and on the built-in task the whole pipeline, training what is not given)")
+    ap.add_argument("--method", choices=["sft", "kd", "seqkd", "onpolicy", "minillm"],
+                    help="sft: fine-tuning on ground truth; kd, seqkd, onpolicy: the baselines; minillm: reverse-KL "
+                         "distillation (none: minillm, and on the built-in task the whole pipeline, training what is "
+                         "not given)")
     ap.add_argument("--teacher", help="kd, seqkd, minillm: the teacher checkpoint")
     ap.add_argument("--model", default="student", choices=sorted(MODEL_SIZES),
                     help="size to train from scratch (pipeline: the SFT student's)")
@@ -1534,6 +1594,10 @@ def get_args(argv=None):
             here = "" if default is None else f" (default {default})"
             ap.add_argument(f"--{name}", type=type(paper), default=default,
                             help=f"{meaning}{here} [paper: {paper}]{pipeline}")
+    ap.add_argument("--divergence", choices=["rkl", "fkl", "jsd"], default="rkl",
+                    help="onpolicy: the token-level divergence on the student's samples: reverse KL (through the "
+                         "kernel), forward KL, or the generalized JSD with --beta")
+    ap.add_argument("--beta", type=float, default=0.5, help="--divergence jsd: 0 is the forward KL, 1 the reverse KL")
     ap.add_argument("--shard_teacher", action="store_true",
                     help="torchrun: each process keeps 1/N of the teacher's weights (FSDP) instead of all of them")
     ap.add_argument("--chunk", type=int, default=0,

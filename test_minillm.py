@@ -846,7 +846,7 @@ def eos_teacher(enc, p_eos=0.3):
     return model
 
 
-@pytest.mark.parametrize("method", ["sft", "kd", "seqkd", "minillm"])
+@pytest.mark.parametrize("method", ["sft", "kd", "seqkd", "onpolicy", "minillm"])
 def test_every_method_runs_in_the_same_loop(tmp_path, monkeypatch, method):
     monkeypatch.chdir(tmp_path)
     enc = data.get_encoding("builtin")
@@ -859,6 +859,7 @@ def test_every_method_runs_in_the_same_loop(tmp_path, monkeypatch, method):
     best = minillm.train(minillm.get_args(argv))
     log = open(tmp_path / "run" / "log.txt").read()
     fields = {"sft": ["ce", "L_PT"], "kd": ["rkl", "ce", "fkl", "L_PT"], "seqkd": ["rkl", "ce", "fkl", "L_PT"],
+              "onpolicy": ["rkl", "token_rkl", "len", "L_PT"],
               "minillm": ["rkl", "reward", "single", "long", "clip", "w", "len", "L_PT"]}[method]
     step_lines = [line for line in log.splitlines() if line.startswith("step") and "| loss" in line]
     assert len(step_lines) == 3 and all("tok/s" in line and "ETA" in line for line in step_lines)
@@ -867,6 +868,10 @@ def test_every_method_runs_in_the_same_loop(tmp_path, monkeypatch, method):
     model, ckpt = minillm.load_checkpoint(best)
     assert set(ckpt["metrics"]) == ({"loss"} if method == "sft" else {"loss", "rkl", "valid"})
     assert minillm.load_checkpoint(str(tmp_path / "run" / "last.pt"))[1]["step"] == 6
+    # the responses each method sampled: seqkd the teacher's 6 x 4, minillm one round of 8 (4 epochs of 2 mini-batches),
+    # on-policy a fresh batch of 4 every step
+    samples = {"sft": 0, "kd": 0, "seqkd": 24, "onpolicy": 24, "minillm": 8}[method]
+    assert minillm.run_summary(str(tmp_path / "run"))[3] == samples
     if method == "seqkd":  # the teacher's responses: generated once, in the Dolly schema, reused by a second run
         rows = data.read_examples(str(tmp_path / "run" / "teacher_responses_24.jsonl"))
         assert 0 < len(rows) < 24  # some had no EOS within 8 tokens and were dropped
@@ -876,6 +881,46 @@ def test_every_method_runs_in_the_same_loop(tmp_path, monkeypatch, method):
         minillm.train(minillm.get_args(argv + ["--resume"]))
         log = open(tmp_path / "run" / "log.txt").read()
         assert "step-000003.pt (step 3)" in log and "reusing the teacher's responses" in log
+
+
+def test_generalized_jsd_by_hand_and_its_ends_are_the_two_kls():
+    q = torch.tensor([[0.9, 0.1], [0.5, 0.5]], dtype=torch.float64).log()  # logits = log-probabilities
+    p = torch.tensor([[0.5, 0.5], [0.2, 0.8]], dtype=torch.float64).log()
+    for beta in (0.5, 0.3):
+        Q, P = q.exp(), p.exp()
+        M = beta * P + (1 - beta) * Q
+        by_hand = beta * (P * (P / M).log()).sum(-1) + (1 - beta) * (Q * (Q / M).log()).sum(-1)
+        assert torch.allclose(minillm.generalized_jsd(q, p, beta), by_hand.float())  # (computed in fp32)
+    forward = (p.exp() * (p - q)).sum(-1)  # KL[p || q]
+    reverse = (q.exp() * (q - p)).sum(-1)  # KL[q || p]
+    assert torch.allclose(minillm.generalized_jsd(q, p, 0.0), forward.float())  # TRL's ends: 0 forward, 1 reverse
+    assert torch.allclose(minillm.generalized_jsd(q, p, 1.0), reverse.float())
+    assert minillm.generalized_jsd(q, q, 0.5).abs().max() < 1e-6
+    p_masked = torch.tensor([[0.0, float("-inf")]], dtype=torch.float64)  # the teacher never emits token 1
+    assert torch.isfinite(minillm.generalized_jsd(q[:1], p_masked, 0.5)).all()
+
+
+def test_onpolicy_reverse_kl_has_the_single_step_terms_gradient():
+    """--method onpolicy --divergence rkl on a batch of pure student samples takes the gradient of MiniLLM's
+    single-step term alone (w_t = 1, --no_long_term) on the same samples."""
+    student, teacher = estimator_models(seed=3)
+    args = argparse.Namespace(chunk=0, divergence="rkl", beta=0.5, clip_eps=0.2, single_step=True, long_term=False,
+                              length_norm=True, gamma=1.0, whiten=False)
+    batch = minillm.rollout(student, teacher, [[0, 1], [2], [1, 2, 0]] * 4, 6, 3, 0.0, torch.Generator().manual_seed(0))
+    batch = minillm.score_round(batch, args)
+    batch["w"] = torch.ones_like(batch["w"])  # q_old / p_mix = 1 with alpha 0, up to rounding
+    grads = []
+    for loss_fn in (minillm.onpolicy_loss, minillm.minillm_loss):
+        student.zero_grad()
+        loss_fn(student, teacher, batch, args, torch.enable_grad())[0].backward()
+        grads.append([p.grad.clone() for p in student.parameters()])
+    assert any(g.abs().max() > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        assert_close(a, b, 1e-6, "onpolicy rkl vs the single-step term")
+    for div in ("fkl", "jsd"):  # the other divergences run and differ from the reverse KL
+        other = argparse.Namespace(**{**vars(args), "divergence": div})
+        loss, stats = minillm.onpolicy_loss(student, teacher, batch, other, torch.no_grad())
+        assert torch.isfinite(loss) and f"token_{div}" in stats
 
 # -----------------------------------------------------------------------------
 # eval.py
@@ -989,20 +1034,30 @@ def test_table1_trains_each_row_from_the_sft_student_and_reuses_finished_runs(tm
         minillm.save_checkpoint(str(tmp_path / "pipe" / name / "best.pt"), model, None, 0, None, "builtin", {})
         (tmp_path / "pipe" / name / "log.txt").write_text("done: 7 steps in 3s; best.pt is step 5 -> best.pt\n")
     small = " --max_steps 4 --eval_interval 2 --n_train 70 --n_valid 14 --n_test 14 --max_new_tokens 8 --batch_size 4"
-    monkeypatch.setattr(ev, "TABLE1", {"kd": "--method kd" + small,
+    monkeypatch.setattr(ev, "TABLE1", {"kd": "--method kd" + small, "on-policy rkl": "--method onpolicy" + small,
                                        "minillm, alpha 0": "--method minillm --alpha 0 --rollout_size 8" + small})
     argv = ["--table1", "--pipeline_out", str(tmp_path / "pipe"), "--out", str(tmp_path / "t1"), "--n_test", "14",
-            "--seeds", "1", "--max_new_tokens", "8", "--exposure_len", "4"]
+            "--seeds", "1", "--max_new_tokens", "8", "--exposure_len", "4", "--train_seeds", "1", "2"]
     ev.main(argv)
     first = capsys.readouterr().out
-    assert "training kd" in first and "training minillm, alpha 0" in first
+    assert "training kd, seed 2" in first and "training minillm, alpha 0, seed 1" in first
     results = json.load(open(tmp_path / "t1" / "results.json"))
-    assert [r["label"] for r in results] == ["teacher", "sft", "kd", "minillm, alpha 0"]
+    assert [r["label"] for r in results] == ["teacher", "sft", "kd", "on-policy rkl", "minillm, alpha 0"]
     assert results[0]["steps"] == [7.0, 0.0] and results[2]["steps"] == [4.0, 0.0]
-    assert "'alpha': 0.2" in open(tmp_path / "t1" / "kd" / "log.txt").read()
-    assert "'alpha': 0.0" in open(tmp_path / "t1" / "minillm-alpha-0" / "log.txt").read()
+    assert [r["samples"][0] for r in results] == [0.0, 0.0, 0.0, 16.0, 8.0]  # on-policy: 4 steps x 4 fresh samples
+    assert "'alpha': 0.2" in open(tmp_path / "t1" / "kd-seed1" / "log.txt").read()
+    assert "'alpha': 0.0" in open(tmp_path / "t1" / "minillm-alpha-0-seed2" / "log.txt").read()
+    # a row is the mean over its training seeds of each run's mean over the sampling seeds, ± their std
+    runs = [json.load(open(tmp_path / "t1" / f"on-policy-rkl-seed{s}" / "best-eval.json")) for s in (1, 2)]
+    means = [r["rkl"][0] for r in runs]
+    assert results[3]["rkl"] == [sum(means) / 2, minillm.std(means)] and results[3]["train_seeds"] == 2
+    logs = [training_lines(log_of(tmp_path / "t1" / f"on-policy-rkl-seed{s}")) for s in (1, 2)]
+    assert logs[0] != logs[1]  # the seeds trained differently (their best.pt may both be the SFT student)
+    table = [line for line in first.splitlines() if line.startswith("| ")]
+    assert len(table) == 6 and all(" ± " in line for line in table[3:])  # every distillation row with its spread
+    assert os.path.getsize(tmp_path / "t1" / "validity_vs_minutes.png") > 0
     ev.main(argv)
-    assert capsys.readouterr().out.count("reusing") == 2
+    assert capsys.readouterr().out.count("reusing") == 6
 
 
 def test_eval_on_a_local_jsonl_file(tmp_path, capsys):
