@@ -392,6 +392,8 @@ def get_args(argv=None):
     ap.add_argument("--patience", type=int, default=5, help="--table1: evaluations without improvement to stop")
     ap.add_argument("--train_seeds", type=int, nargs="+", default=[1337, 1338, 1339],
                     help="--table1: one training run of each distillation row per seed")
+    ap.add_argument("--rows", nargs="+", help="--table1: only these rows of eval.TABLE1 (default: all), e.g. kd "
+                                              "'on-policy rkl' minillm")
     ap.add_argument("--bench", choices=["generate", "minillm", "tokenizers"],
                     help="run a benchmark instead (--bench minillm also takes minillm.py's flags: --max_steps, "
                          "--rollout_size, --batch_size, --chunk, ...)")
@@ -470,8 +472,13 @@ def table1(args):
     if not (os.path.isfile(teacher) and os.path.isfile(sft)):
         print(f"no teacher / SFT student in {base}/: running the built-in pipeline first (python minillm.py)")
         minillm.main(["--out", base])
+    unknown = sorted(set(args.rows or []) - set(TABLE1))
+    if unknown:
+        raise minillm.InputError(f"--rows {unknown[0]!r}: not a row of Table 1 ({', '.join(TABLE1)})")
     runs = {"teacher": [os.path.dirname(teacher)], "sft": [os.path.dirname(sft)]}
     for name, flags in TABLE1.items():
+        if args.rows and name not in args.rows:
+            continue
         runs[name] = []
         for seed in args.train_seeds:
             folder = os.path.join(args.out, name.replace(", ", "-").replace(" ", "-") + f"-seed{seed}")

@@ -1056,8 +1056,10 @@ def test_table1_trains_each_row_from_the_sft_student_and_reuses_finished_runs(tm
     table = [line for line in first.splitlines() if line.startswith("| ")]
     assert len(table) == 6 and all(" ± " in line for line in table[3:])  # every distillation row with its spread
     assert os.path.getsize(tmp_path / "t1" / "validity_vs_minutes.png") > 0
-    ev.main(argv)
-    assert capsys.readouterr().out.count("reusing") == 6
+    ev.main(argv + ["--rows", "kd"])  # a subset of the rows, each run reused
+    assert capsys.readouterr().out.count("reusing") == 2
+    with pytest.raises(SystemExit, match="not a row of Table 1"):
+        ev.main(argv + ["--rows", "nope"])
 
 
 def test_eval_on_a_local_jsonl_file(tmp_path, capsys):
