@@ -1284,7 +1284,15 @@ def test_more_bad_inputs_are_one_clear_line(tmp_path):
              (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--max_new_tokens",
                "8", "--pt_data", str(tmp_path / "missing.txt")], "missing.txt: no such file"),
              (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--max_new_tokens",
-               "8", "--shard_teacher"], "--shard_teacher needs a teacher and torchrun with 2 or more processes")]
+               "8", "--shard_teacher"], "--shard_teacher needs a teacher and torchrun with 2 or more processes"),
+             (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--no_single_step",
+               "--no_long_term"], "--no_single_step with --no_long_term leaves MiniLLM no loss"),
+             (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--method",
+               "onpolicy", "--divergence", "jsd", "--beta", "1.5"], "--beta 1.5: the JSD's beta lies in [0, 1]"),
+             (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"), "--method",
+               "onpolicy", "--divergence", "fkl", "--chunk", "64"], "not --divergence fkl"),
+             (["--teacher", str(tmp_path / "teacher.pt"), "--method", "onpolicy"],
+              "--method onpolicy needs --init STUDENT_CKPT")]
     if not torch.cuda.is_available():
         cases.append((["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"),
                        "--device", "cuda"], "--device cuda was asked for, but no CUDA GPU is available"))
