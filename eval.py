@@ -3,7 +3,8 @@ Evaluation as the paper does it, and the built-in Table 1.
 
     python eval.py out/student-sft/best.pt out/minillm/best.pt --teacher out/teacher/best.pt
     python eval.py CKPT --data dolly --seeds 10 20 30 --out out/eval
-    python eval.py --table1                  # train SFT, KD, SeqKD, MiniLLM and its ablations, then evaluate them
+    python eval.py --table1                  # train KD, SeqKD, on-policy, MiniLLM and its ablations (3 training
+                                             # seeds each) from the SFT student, then evaluate them all
     python eval.py --bench generate          # generation: KV cache vs recomputing the prefix
     python eval.py --bench minillm [minillm.py flags]    # MiniLLM steps at GPT-2 scale (a GPU), per loss path
     python eval.py --bench tokenizers        # the built-in task: byte-level vs word-level tokens

@@ -371,12 +371,13 @@ def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=
     """Samples one response per prompt from p_mix. Returns a dict of (B, n) tensors, n <= max_new_tokens:
     tokens (padded with eos_id after each row's EOS), mask (True on response tokens, EOS included, False after),
     logq_old = log q_old(y_t) (the student at rollout time), logp = log p(y_t), log_pmix = log p_mix(y_t);
-    and prompt_idx, prompt_valid: the left-padded prompts (B, Tp)."""
+    and prompt_idx, prompt_valid: the left-padded prompts (B, Tp). teacher None (with alpha 0): pure student samples
+    without running the teacher (on-policy distillation scores them later), logp = log q_old."""
     device = next(student.parameters()).device
     idx, valid = left_pad(prompts, eos_id, device)
     V = student.config.vocab_size
     s_cache, s_logits = prefill(student, idx, valid, max_new_tokens)
-    t_cache, t_logits = prefill(teacher, idx, valid, max_new_tokens)
+    t_cache, t_logits = prefill(teacher, idx, valid, max_new_tokens) if teacher is not None else (None, None)
     B = idx.size(0)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = []
@@ -385,7 +386,8 @@ def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=
             token = torch.full((B, 1), eos_id, device=device)
         else:
             log_q = F.log_softmax(s_logits, -1)             # (B, V)
-            log_p = F.log_softmax(t_logits[:, :V], -1)      # (B, V); a teacher padded past V is sliced
+            log_p = log_q if teacher is None else F.log_softmax(t_logits[:, :V], -1)  # (B, V); a teacher padded
+                                                                                       # past V is sliced
             p_mix = alpha * log_p.exp() + (1 - alpha) * log_q.exp()  # Eq. 4
             token = sample(p_mix, generator)  # (B, 1)
             live = ~done
@@ -397,7 +399,8 @@ def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=
             dist.all_reduce(finished, op=dist.ReduceOp.MIN)
         if finished or t == max_new_tokens - 1:
             break
-        s_logits, t_logits = decode(student, s_cache, token[:, 0]), decode(teacher, t_cache, token[:, 0])
+        s_logits = decode(student, s_cache, token[:, 0])
+        t_logits = decode(teacher, t_cache, token[:, 0]) if teacher is not None else None
     tokens, mask, logq_old, logp, log_pmix = (torch.stack(x, 1) for x in zip(*steps))  # (B, n) each
     zero = torch.zeros((), device=device)
     return {"prompt_idx": idx, "prompt_valid": valid, "tokens": tokens, "mask": mask,
@@ -769,10 +772,11 @@ def train(args):
     if args.method == "seqkd":  # the training responses are the teacher's
         seqkd_data(teacher, task, args, log, rank, world)
     rollout_state = ckpt["state"]["ranks"][rank]["rollouts"] if ckpt else {}  # (minillm; kept up to date)
-    if args.method in ("minillm", "onpolicy"):  # rounds of scored rollouts, in mini-batches; on-policy: each step
+    if args.method in ("minillm", "onpolicy"):  # rounds of scored rollouts, in mini-batches
         fresh = {"alpha": 0.0, "rollout_size": args.batch_size, "ppo_epochs": 1} if args.method == "onpolicy" else {}
-        batches = rollout_batches(student, teacher, task["prompts"], argparse.Namespace(**{**vars(args), **fresh}),
-                                  device, rank, world, rollout_state)  # a new round of pure student samples
+        batches = rollout_batches(student, None if fresh else teacher, task["prompts"],  # (on-policy: every step a
+                                  argparse.Namespace(**{**vars(args), **fresh}),         # fresh batch of student
+                                  device, rank, world, rollout_state)                    # samples, no teacher)
     else:  # (epoch, x, y): shuffled, length-bucketed batches of the instruction data
         batches = data.batches(task["train_pairs"], args.batch_size, args.seed, skip=start)
     log_data(args, task, log)

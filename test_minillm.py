@@ -906,7 +906,10 @@ def test_onpolicy_reverse_kl_has_the_single_step_terms_gradient():
     student, teacher = estimator_models(seed=3)
     args = argparse.Namespace(chunk=0, divergence="rkl", beta=0.5, clip_eps=0.2, single_step=True, long_term=False,
                               length_norm=True, gamma=1.0, whiten=False)
-    batch = minillm.rollout(student, teacher, [[0, 1], [2], [1, 2, 0]] * 4, 6, 3, 0.0, torch.Generator().manual_seed(0))
+    prompts = [[0, 1], [2], [1, 2, 0]] * 4
+    batch = minillm.rollout(student, teacher, prompts, 6, 3, 0.0, torch.Generator().manual_seed(0))
+    alone = minillm.rollout(student, None, prompts, 6, 3, 0.0, torch.Generator().manual_seed(0))  # as onpolicy samples
+    assert torch.equal(alone["tokens"], batch["tokens"]) and torch.equal(alone["logq_old"], batch["logq_old"])
     batch = minillm.score_round(batch, args)
     batch["w"] = torch.ones_like(batch["w"])  # q_old / p_mix = 1 with alpha 0, up to rounding
     grads = []
