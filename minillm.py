@@ -575,33 +575,6 @@ def onpolicy_loss(student, teacher, batch, args, ctx):
     loss = (div * mask).sum() / mask.sum().clamp(min=1)
     return loss, {f"token_{args.divergence}": loss.detach(), "len": mask.sum(1).float().mean()}
 
-
-@torch.no_grad()
-def teacher_responses(teacher, rows, enc, template, args, path, log):
-    """SeqKD's training data: one response sampled from the teacher (T = 1, as the paper samples) for each
-    training prompt; generated once and cached in the run folder as JSONL in the Dolly schema (readable, and
-    reused by a later run in the same folder). Responses that reach max_new_tokens without EOS are dropped."""
-    if os.path.isfile(path):
-        log(f"reusing the teacher's responses in {path}")
-        return data.read_examples(path)
-    gen = torch.Generator(device=next(teacher.parameters()).device).manual_seed(args.seed)
-    rows, prompts = data.encode_prompts(rows, enc, template, teacher.config.block_size - args.max_new_tokens)
-    out, dropped, t0, chunk = [], 0, time.time(), 256
-    for i in range(0, len(rows), chunk):
-        batch = generate(teacher, prompts[i:i + chunk], args.max_new_tokens, args.eos_id, generator=gen).tolist()
-        for r, toks in zip(rows[i:i + chunk], batch):
-            response = enc.decode(toks[:toks.index(args.eos_id)]) if args.eos_id in toks else ""
-            if response.strip():
-                out.append({**r, "response": response})
-            else:
-                dropped += 1  # no EOS within max_new_tokens, or an empty response
-        if (i // chunk) % 20 == 0 or i + chunk >= len(rows):
-            done = min(i + chunk, len(rows))
-            log(f"seqkd: the teacher answered {done}/{len(rows)} training prompts ({time.time() - t0:.0f}s)")
-    data.write_jsonl_splits({os.path.basename(path)[:-len(".jsonl")]: out}, os.path.dirname(path))  # atomic
-    log(f"seqkd: {len(out)} teacher responses ({dropped} without EOS or empty, dropped) -> {path}")
-    return out
-
 # -----------------------------------------------------------------------------
 # The rollout buffer: rounds of scored rollouts, served in shuffled mini-batches (Algorithm 1, step 2)
 
@@ -740,13 +713,12 @@ def get_lr(step, args, elapsed=0.0):
 
 
 # -----------------------------------------------------------------------------
-# Training: one loop for the four methods. They share the data, optimizer, schedule, logging, validation and
+# Training: one loop for the five methods. They share the data, optimizer, schedule, logging, validation and
 # checkpoints, and differ only in the loss of a step, so that the comparison between them is fair:
-#   sft      cross-entropy on the ground-truth responses (Algorithm 1, step 1: the student's initialization; also
-#            how the teacher is made)
-#   kd       (1 - kd_ratio) CE + kd_ratio KL[p || q] per response token, on the ground-truth responses
-#   seqkd    the same loss on responses that the teacher sampled for the training prompts
-#   minillm  Eq. 7 on mini-batches of scored rollouts from p_mix, plus lm_coef * L_PT (Algorithm 1, step 2)
+#   sft       cross-entropy on the ground-truth responses (Algorithm 1, step 1: the student's initialization)
+#   kd, seqkd (1 - kd_ratio) CE + kd_ratio KL[p || q] per token of the ground-truth / the teacher's responses
+#   onpolicy  a token-level divergence to the teacher on fresh student samples
+#   minillm   Eq. 7 on mini-batches of scored rollouts from p_mix, plus lm_coef * L_PT (Algorithm 1, step 2)
 
 
 def train(args):
@@ -1396,6 +1368,33 @@ def seqkd_data(teacher, task, args, log, rank, world):
     if len(task["train_pairs"]) < args.batch_size:
         raise data.DataError(f"seqkd: the teacher ended {len(task['train_pairs'])} responses with EOS, fewer than "
                              f"one batch of {args.batch_size} (raise --max_new_tokens?)")
+
+
+@torch.no_grad()
+def teacher_responses(teacher, rows, enc, template, args, path, log):
+    """SeqKD's training data: one response sampled from the teacher (T = 1, as the paper samples) for each
+    training prompt; generated once and cached in the run folder as JSONL in the Dolly schema (readable, and
+    reused by a later run in the same folder). Responses that reach max_new_tokens without EOS are dropped."""
+    if os.path.isfile(path):
+        log(f"reusing the teacher's responses in {path}")
+        return data.read_examples(path)
+    gen = torch.Generator(device=next(teacher.parameters()).device).manual_seed(args.seed)
+    rows, prompts = data.encode_prompts(rows, enc, template, teacher.config.block_size - args.max_new_tokens)
+    out, dropped, t0, chunk = [], 0, time.time(), 256
+    for i in range(0, len(rows), chunk):
+        batch = generate(teacher, prompts[i:i + chunk], args.max_new_tokens, args.eos_id, generator=gen).tolist()
+        for r, toks in zip(rows[i:i + chunk], batch):
+            response = enc.decode(toks[:toks.index(args.eos_id)]) if args.eos_id in toks else ""
+            if response.strip():
+                out.append({**r, "response": response})
+            else:
+                dropped += 1  # no EOS within max_new_tokens, or an empty response
+        if (i // chunk) % 20 == 0 or i + chunk >= len(rows):
+            done = min(i + chunk, len(rows))
+            log(f"seqkd: the teacher answered {done}/{len(rows)} training prompts ({time.time() - t0:.0f}s)")
+    data.write_jsonl_splits({os.path.basename(path)[:-len(".jsonl")]: out}, os.path.dirname(path))  # atomic
+    log(f"seqkd: {len(out)} teacher responses ({dropped} without EOS or empty, dropped) -> {path}")
+    return out
 
 
 def log_data(args, task, log):
