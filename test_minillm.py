@@ -1233,13 +1233,17 @@ def test_two_processes_with_gloo_take_the_single_process_step(tmp_path):
     kd = [os.path.join(HERE, "minillm.py"), "--method", "kd", "--teacher", str(tmp_path / "teacher.pt"), "--init",
           str(tmp_path / "student.pt"), "--max_steps", "2", "--batch_size", "8", "--max_new_tokens", "6", "--n_train",
           "350", "--n_valid", "35", "--n_test", "35", "--device", "cpu"]
-    for name, extra in (("kd", []), ("kd-sharded", ["--shard_teacher"])):
-        r = subprocess.run(torchrun + kd + ["--out", str(tmp_path / name)] + extra, cwd=tmp_path, capture_output=True,
-                           text=True, timeout=240, env=env)
-        assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(torchrun + kd + ["--out", str(tmp_path / "kd-sharded"), "--shard_teacher"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    try:  # the same KD run in one process, whole teacher (in this process: a torchrun costs 5 s of start-up)
+        os.chdir(tmp_path)
+        minillm.train(minillm.get_args(kd[1:] + ["--out", str(tmp_path / "kd")]))
+    finally:
+        os.chdir(cwd)
     whole, sharded = (minillm.read_checkpoint(str(tmp_path / name / "last.pt"))["model"] for name in ("kd", "kd-sharded"))
     for name in whole:
-        assert_close(sharded[name], whole[name], 1e-6, f"{name}: kd, sharded teacher vs whole")
+        assert_close(sharded[name], whole[name], 5e-6, f"{name}: kd, 2 processes with a sharded teacher vs 1 process")
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
