@@ -1105,9 +1105,10 @@ def find_resume(args):
         except InputError as e:  # truncated by a crash, or damaged since: the one before it
             warnings.append(f"warning: {e}; falling back to the checkpoint before it")
             continue
-        for k in sorted((set(ckpt["args"]) | set(vars(args))) - NOT_SETTINGS):
-            if ckpt["args"].get(k) != vars(args).get(k):
-                raise InputError(f"{args.out}: holds a run made with --{k} {ckpt['args'].get(k)}, not "
+        made = {**vars(get_args([])), **ckpt["args"]}  # (a flag newer than the run: it ran with the default)
+        for k in sorted((set(made) | set(vars(args))) - NOT_SETTINGS):
+            if made.get(k) != vars(args).get(k):
+                raise InputError(f"{args.out}: holds a run made with --{k} {made.get(k)}, not "
                                  f"{vars(args).get(k)}: --overwrite replaces it")
         if name == "best.pt":  # stopped before its first step-N.pt
             break

@@ -370,10 +370,10 @@ def test_pretrain_loaders_on_local_files(tmp_path):
 
 def test_sft_run_learns_and_checkpoint_round_trips(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the built-in data cache goes to ./builtin_data
-    args = minillm.get_args(["--method", "sft", "--model", "student", "--out", str(tmp_path / "run"),
-                             "--max_steps", "200", "--eval_interval", "100", "--log_interval", "50", "--lr", "1e-2",
-                             "--warmup_steps", "5", "--n_train", "700", "--n_valid", "70", "--n_test", "70"])
-    best = minillm.train(args)
+    argv = ["--method", "sft", "--model", "student", "--out", str(tmp_path / "run"), "--max_steps", "200",
+            "--eval_interval", "100", "--log_interval", "50", "--lr", "1e-2", "--warmup_steps", "5", "--n_train", "700",
+            "--n_valid", "70", "--n_test", "70"]
+    best = minillm.train(minillm.get_args(argv))
     log = open(tmp_path / "run" / "log.txt").read()
     vals = [float(l.split("val loss ")[1].split()[0]) for l in log.splitlines() if "| val loss" in l]
     assert len(vals) == 3 and vals[-1] < 0.6 * vals[0], vals
@@ -386,6 +386,13 @@ def test_sft_run_learns_and_checkpoint_round_trips(tmp_path, monkeypatch):
     x = torch.randint(0, model.config.vocab_size, (2, 8))
     assert torch.equal(model(x)[0], last(x)[0])  # best == last here: the final step had the best val loss
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "run").iterdir())
+    # a run made before a flag existed ran with its default: --resume reuses it, unless the flag is now set otherwise
+    older = minillm.read_checkpoint(str(tmp_path / "run" / "last.pt"))
+    del older["args"]["beta"]
+    torch.save(older, str(tmp_path / "run" / "last.pt"))
+    assert minillm.train(minillm.get_args(argv + ["--resume"])) == best
+    with pytest.raises(minillm.InputError, match="made with --beta 0.5, not 0.3"):
+        minillm.train(minillm.get_args(argv + ["--resume", "--beta", "0.3"]))
 
 
 def test_refuses_pickled_code(tmp_path):
