@@ -42,11 +42,13 @@ second (`python eval.py --bench tokenizers`; the measurement is in the README).
 """
 import argparse
 import functools
+import hashlib
 import json
 import os
 import random
 import re
 import time
+import unicodedata
 import zlib
 
 import numpy as np
@@ -352,8 +354,12 @@ def _tiktoken():
     return tiktoken
 
 
-def get_encoding(name):
-    """'builtin' (no download) or a tiktoken name such as 'gpt2' (downloaded once by tiktoken, then cached)."""
+def get_encoding(spec):
+    """A tokenizer from what a checkpoint carries: 'builtin' (no download), a tiktoken name such as 'gpt2'
+    (downloaded once by tiktoken, then cached), or a Hugging Face checkpoint's tokenizer (a dict: hf_tokenizer)."""
+    if isinstance(spec, dict):
+        return hf_encoding(spec)
+    name = spec
     if name == "builtin":
         return builtin_encoding()
     if name == "builtin-bytes":
@@ -368,6 +374,197 @@ def get_encoding(name):
         raise DataError(f"tokenizer {name}: tiktoken fetches its file once from the internet and could not "
                         f"({type(e).__name__}): run once with the network (it is then cached), or use "
                         "--tokenizer builtin for small experiments offline") from None
+
+
+def tokenizer_name(spec):
+    return spec if isinstance(spec, str) else spec["name"]
+
+
+def same_tokenizer(a, b):
+    """Whether two checkpoints' tokenizers (names or Hugging Face dicts) tokenize alike, by content."""
+    if isinstance(a, str) and isinstance(b, str):
+        return a == b
+    return fingerprint(get_encoding(a)) == fingerprint(get_encoding(b))
+
+
+def fingerprint(enc):
+    """What a tokenizer does, as a short digest: every token's bytes in id order, and its EOS. Two checkpoints share
+    a tokenizer when these agree, whatever their names (Qwen2.5-0.5B's and Qwen2.5-7B's do)."""
+    h = hashlib.sha256(f"{enc.n_vocab} {enc.eot_token}".encode())
+    for i in range(enc.n_vocab):
+        try:
+            h.update(enc.decode_single_token_bytes(i) + b"\0")
+        except KeyError:  # an id no token has
+            h.update(b"\1")
+    return h.hexdigest()[:16]
+
+# -----------------------------------------------------------------------------
+# Tokenizers of Hugging Face checkpoints. A byte-level BPE (GPT-2, OPT, Llama-3, Qwen2/2.5/3) becomes a tiktoken
+# Encoding: its ranks are the token ids, its split pattern is read from tokenizer.json (the families differ), its
+# special tokens are tokenizer.json's added tokens. Anything else (the SentencePiece-style BPE of LLaMA, Llama-2 and
+# Mistral v0.1) goes through the `tokenizers` library behind the same surface (HFTokenizer).
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # ByteLevel's own
+
+
+def byte_decoder():
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte in tokenizer.json -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {b: b for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b], n = 256 + n, n + 1
+    return {chr(c): b for b, c in chars.items()}
+
+
+def hf_tokenizer(folder):
+    """The tokenizer of a Hugging Face model folder, as our checkpoints carry it: {name, json (tokenizer.json's
+    text; GPT-2-style vocab.json + merges.txt, as OPT ships, are converted to it), eos_token_id}; None if the
+    folder has none. EOS: tokenizer_config.json's eos_token (an instruct model's end of turn), else
+    generation_config.json's or config.json's eos_token_id (the first of a list)."""
+    path = lambda f: os.path.join(folder, f)
+    if os.path.isfile(path("tokenizer.json")):
+        with open(path("tokenizer.json"), encoding="utf-8") as f:
+            text = f.read()
+    elif os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        tok = Tokenizer(models.BPE.from_file(path("vocab.json"), path("merges.txt")))
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        made = set(byte_decoder()) | {"".join(m.split(" ", 1) if isinstance(m, str) else m)  # (lists in newer
+                                      for m in json.loads(tok.to_str())["model"]["merges"]}  # files, "a b" in older)
+        tok.add_special_tokens([t for t in tok.get_vocab() if t not in made])  # <s>, </s>, <pad>, <unk>: specials
+        text = tok.to_str()
+    else:
+        return None
+    try:
+        vocab = {**json.loads(text)["model"]["vocab"], **{t["content"]: t["id"] for t in json.loads(text).get(
+            "added_tokens", [])}}
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path('tokenizer.json')}: not a tokenizer file this reads ({type(e).__name__}: {e})") from None
+    configs = {}
+    for f in ("tokenizer_config.json", "generation_config.json", "config.json"):
+        try:
+            with open(path(f), encoding="utf-8") as fh:
+                configs[f] = json.load(fh)
+        except (OSError, ValueError):
+            configs[f] = {}
+    eos = configs["tokenizer_config.json"].get("eos_token")
+    eos = vocab.get(eos["content"] if isinstance(eos, dict) else eos) if eos else None
+    for f in ("generation_config.json", "config.json"):
+        ids = configs[f].get("eos_token_id")
+        if eos is None and ids is not None:
+            eos = ids[0] if isinstance(ids, list) else ids
+    if eos is None:
+        raise DataError(f"{folder}: no EOS token (tokenizer_config.json eos_token, or eos_token_id in "
+                        "generation_config.json or config.json)")
+    return {"name": os.path.basename(os.path.normpath(folder)), "json": text, "eos_token_id": int(eos)}
+
+
+def write_hf_tokenizer(spec, folder):
+    """tokenizer.json and tokenizer_config.json in an export folder: transformers' AutoTokenizer loads them."""
+    eos = get_encoding(spec).decode([spec["eos_token_id"]]) if isinstance(spec, dict) else None
+    files = {"tokenizer.json": spec["json"], "tokenizer_config.json": json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "clean_up_tokenization_spaces": False})}
+    for name, text in files.items():
+        with open(os.path.join(folder, name + ".tmp"), "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+
+
+_HF_ENCODINGS = {}
+
+
+def hf_encoding(spec):
+    """tiktoken Encoding (byte-level BPE) or HFTokenizer (anything else) for a hf_tokenizer dict; made once."""
+    key = hashlib.sha256(spec["json"].encode()).hexdigest() + str(spec["eos_token_id"])
+    if key not in _HF_ENCODINGS:
+        t = json.loads(spec["json"])
+        model, pre, norm = t["model"], t.get("pre_tokenizer") or {}, t.get("normalizer")
+        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        pattern = None
+        if steps[-1].get("type") == "ByteLevel" and not steps[-1].get("add_prefix_space"):
+            if len(steps) == 1 and steps[0].get("use_regex", True):
+                pattern = GPT2_PATTERN
+            elif (len(steps) == 2 and steps[0].get("type") == "Split" and "Regex" in steps[0]["pattern"]
+                  and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
+                  and not steps[1].get("use_regex", True)):
+                pattern = steps[0]["pattern"]["Regex"]
+        ranks = byte_level_ranks(model, t.get("added_tokens", [])) if pattern else None
+        if ranks is not None and (norm is None or norm.get("type") == "NFC"):
+            specials = {a["content"]: a["id"] for a in t.get("added_tokens", [])}
+            enc = hf_encoding_class()(spec["name"], pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials,
+                                      eos=spec["eos_token_id"], nfc=norm is not None)
+        else:
+            enc = HFTokenizer(spec)
+        _HF_ENCODINGS[key] = enc
+    return _HF_ENCODINGS[key]
+
+
+def byte_level_ranks(model, added):
+    """tokenizer.json's BPE vocabulary as tiktoken's ranks (token bytes -> id), or None where tiktoken would not
+    tokenize as it does: tiktoken merges the pair whose result has the lowest id, so the ids must rise with the
+    merges' order, above the single bytes."""
+    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix") or \
+            model.get("end_of_word_suffix") or model.get("dropout"):
+        return None
+    dec, vocab, specials = byte_decoder(), model["vocab"], {a["id"] for a in added}
+    try:
+        ranks = {bytes(dec[c] for c in token): i for token, i in vocab.items() if i not in specials}
+    except KeyError:  # a character outside the byte-level alphabet
+        return None
+    merged = [vocab.get("".join(m.split(" ", 1) if isinstance(m, str) else m)) for m in model["merges"]]
+    single = [i for b, i in ranks.items() if len(b) == 1]
+    if (len(single) < 256 or len(ranks) != 256 + len(merged) or None in merged or merged != sorted(merged)
+            or max(single) > min(merged, default=256)):  # (and every token is a byte or a merge's result)
+        return None
+    return ranks
+
+
+@functools.lru_cache(maxsize=None)
+def hf_encoding_class():
+    """tiktoken's Encoding with a checkpoint's EOS (an instruct model's end of turn need not be <|endoftext|>) and,
+    where tokenizer.json asks for it (Qwen2), NFC-normalized text. (Made on first use: tiktoken loads lazily.)"""
+    class HFEncoding(_tiktoken().Encoding):
+        def __init__(self, *args, eos, nfc, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.eos, self.nfc = eos, nfc
+
+        @property
+        def eot_token(self):
+            return self.eos
+
+        def encode_ordinary(self, text):
+            return super().encode_ordinary(unicodedata.normalize("NFC", text) if self.nfc else text)
+
+        def encode(self, text, **kwargs):
+            return super().encode(unicodedata.normalize("NFC", text) if self.nfc else text, **kwargs)
+    return HFEncoding
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` Tokenizer with the surface of tiktoken's Encoding that this code uses: for
+    tokenizers tiktoken cannot express (SentencePiece-style BPE with byte fallback: LLaMA, Llama-2, Mistral v0.1).
+    Text is encoded without the BOS or other tokens the tokenizer's template adds."""
+
+    def __init__(self, spec):
+        from tokenizers import Tokenizer
+        self.tok, self.name, self.eot_token = Tokenizer.from_str(spec["json"]), spec["name"], spec["eos_token_id"]
+        self.n_vocab = max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
+
+    def encode_ordinary(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text, allowed_special=(), disallowed_special=()):
+        return self.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def decode_single_token_bytes(self, i):
+        token = self.tok.id_to_token(i)
+        if token is None:
+            raise KeyError(i)
+        return token.encode()
 
 # -----------------------------------------------------------------------------
 # Loading instruction data: builtin, dolly (Hugging Face hub or a local copy), or the user's own files

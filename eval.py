@@ -136,8 +136,9 @@ def evaluate(path, teacher, rows, template, args, device):
     model, ckpt = minillm.load_checkpoint(path, device)
     enc = data.get_encoding(ckpt["tokenizer"])
     if teacher is not None:
-        if teacher[1] != ckpt["tokenizer"]:
-            raise minillm.InputError(f"{path}: tokenizer {ckpt['tokenizer']} differs from the teacher's {teacher[1]}")
+        if not data.same_tokenizer(teacher[1], ckpt["tokenizer"]):
+            raise minillm.InputError(f"{path}: tokenizer {data.tokenizer_name(ckpt['tokenizer'])} differs from the "
+                                     f"teacher's {data.tokenizer_name(teacher[1])}")
         teacher = teacher[0]
     label = os.path.splitext(os.path.basename(path))[0]  # out/kd/best.pt -> kd; other/student.pt -> student
     if label in ("best", "last"):

@@ -80,14 +80,30 @@ import kernels
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50257  # tokens in the vocabulary (GPT-2: 50257)
-    block_size: int = 1024   # longest sequence the position embedding covers
+    vocab_size: int = 50257  # rows of the token embedding (GPT-2: 50257; may exceed the tokenizer's tokens)
+    block_size: int = 1024   # longest sequence: the position table (learned) or the checkpoint's limit (rotary)
     n_layer: int = 12        # transformer blocks
     n_head: int = 12         # attention heads per block
     n_embd: int = 768        # width of the residual stream
     dropout: float = 0.0     # dropout on attention weights and residual branches (0 for fine-tuning)
-    bias: bool = True        # biases in Linear and LayerNorm layers, as GPT-2 has
-
+    bias: bool = True        # biases in every Linear and LayerNorm, as GPT-2 and OPT have
+    # The other families in a few fields (the defaults are GPT-2); from_pretrained sets them from config.json.
+    model_type: str = "gpt2"    # the Hugging Face family: gpt2, opt, llama, mistral, qwen2, qwen3 (names the export)
+    norm: str = "layernorm"     # layernorm (GPT-2, OPT) or rmsnorm (Llama, Mistral, Qwen)
+    norm_eps: float = 1e-5
+    pos: str = "learned"        # learned: a table of position embeddings (GPT-2, OPT); rope: rotary (the others)
+    pos_offset: int = 0         # learned: OPT's table starts 2 rows in
+    rope_theta: float = 10000.0
+    rope_scaling: tuple = ()    # Llama-3's: (factor, low_freq_factor, high_freq_factor, original context length)
+    mlp: str = "gelu"           # gelu (GPT-2's tanh form), relu (OPT), swiglu: silu(x W_gate) * x W_up (the others)
+    n_inner: int = 0            # MLP width; 0: 4 * n_embd
+    n_kv_head: int = 0          # key/value heads, shared by n_head / n_kv_head query heads each (GQA); 0: n_head
+    head_dim: int = 0           # 0: n_embd // n_head (Qwen3 and some Mistral models set their own)
+    qkv_bias: bool = False      # biases on q, k and v only (Qwen2)
+    qk_norm: bool = False       # RMSNorm of every head's q and k before the rotation (Qwen3)
+    tie_embeddings: bool = True  # lm_head is the token embedding (GPT-2, OPT, small Llama and Qwen models)
+    n_vocab: int = 0            # the tokenizer's tokens; embedding rows past them (padding) are never predicted;
+                                # 0: vocab_size
 
 MODEL_SIZES = {  # name -> GPTConfig maker; vocab_size and block_size may be overridden
     # the built-in task (data.py): teacher 1.03M parameters, student 0.033M (31x smaller and short of capacity:
@@ -123,52 +139,110 @@ MINILLM_OPTIONS = {
 }
 
 # -----------------------------------------------------------------------------
-# The model: GPT-2 (Radford et al. 2019) with the parameter names of Hugging Face's GPT2LMHeadModel
+# The model: GPT-2 (Radford et al. 2019) with the parameter names of Hugging Face's GPT2LMHeadModel. The fields
+# after `bias` in GPTConfig turn the same code into OPT, Llama, Mistral, Qwen2 or Qwen3; a first reading can take
+# their defaults (GPT-2) and skip every `if` on them.
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Llama, Mistral, Qwen), in fp32 as their reference code computes it."""
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def norm(config, dim):
+    return RMSNorm(dim, config.norm_eps) if config.norm == "rmsnorm" else nn.LayerNorm(dim, config.norm_eps,
+                                                                                          bias=config.bias)
+
+
+def rope_angles(config, pos, dtype):
+    """Rotary positions (Su et al. 2021): cos and sin (..., T, head_dim) of pos * theta^(-2i/d) for i < d/2, each
+    half repeated (the Hugging Face layout). Llama-3 slows the long wavelengths by `factor`, smoothly between two
+    cut-offs."""
+    d = config.head_dim or config.n_embd // config.n_head
+    freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=pos.device).float() / d)  # (d/2,)
+    if config.rope_scaling:
+        factor, low, high, old_len = config.rope_scaling
+        smooth = ((old_len * freq / (2 * math.pi) - low) / (high - low)).clamp(0, 1)  # 0: long wavelength, 1: short
+        freq = (1 - smooth) * freq / factor + smooth * freq
+    angles = pos.float()[..., None] * freq  # (..., T, d/2)
+    angles = torch.cat([angles, angles], -1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x, cos, sin):
+    """x (B, H, T, d) rotated by its positions' angles: pairs (x_i, x_{i + d/2}) turn like points in a plane."""
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.dropout = config.n_head, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v projections
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_kv_head = config.n_kv_head or config.n_head  # grouped-query attention: fewer key/value heads
+        self.head_dim = config.head_dim or config.n_embd // config.n_head
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.sizes = [q, kv, kv]
+        self.c_attn = nn.Linear(config.n_embd, q + 2 * kv, bias=config.bias or config.qkv_bias)  # q, k, v projections
+        self.c_proj = nn.Linear(q, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, config.norm_eps), RMSNorm(self.head_dim, config.norm_eps)
 
-    def forward(self, x, mask, kv):
+    def forward(self, x, mask, kv, rope):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        q, k, v = self.c_attn(x).split(self.sizes, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))  # (B, H_kv, T, hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if kv is not None:  # KV cache: write this step's keys and values, attend over everything so far
-            k_cache, v_cache, start = kv  # (B, H, T_max, hd) each
+            k_cache, v_cache, start = kv  # (B, H_kv, T_max, hd) each
             k_cache[:, :, start:start + T], v_cache[:, :, start:start + T] = k, v
-            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, H, S, hd), S = start + T
+            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, H_kv, S, hd), S = start + T
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, H * hd): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind, n_inner = config.mlp, config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, 2 * n_inner if self.kind == "swiglu" else n_inner, bias=config.bias)
+        self.c_proj = nn.Linear(n_inner, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's gelu
+        h = self.c_fc(x)
+        if self.kind == "swiglu":  # gate and up projections side by side in c_fc
+            gate, up = h.chunk(2, -1)
+            h = F.silu(gate) * up
+        else:
+            h = F.relu(h) if self.kind == "relu" else F.gelu(h, approximate="tanh")  # GPT-2's gelu
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, kv):
-        x = x + self.attn(self.ln_1(x), mask, kv)
+    def forward(self, x, mask, kv, rope):
+        x = x + self.attn(self.ln_1(x), mask, kv, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -176,15 +250,17 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        learned = config.pos == "learned"  # a table of position embeddings (rotary positions have no weights)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # position embedding
+            **{"wpe": nn.Embedding(config.block_size + config.pos_offset, config.n_embd)} if learned else {},
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=norm(config, config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
@@ -197,7 +273,12 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self):
-        return sum(p.numel() for p in self.parameters())  # wte counted once: lm_head shares it
+        return sum(p.numel() for p in self.parameters())  # wte counted once when lm_head shares it
+
+    def head_weight(self):
+        """lm_head's rows for the tokenizer's tokens: (V, C). Embedding rows past them (a checkpoint's padding,
+        e.g. Qwen2.5-0.5B's 151,936 rows for 151,665 tokens) are never predicted, so logits have V columns."""
+        return self.lm_head.weight[:self.config.n_vocab or self.config.vocab_size]
 
     def forward(self, idx, targets=None, valid=None, cache=None, last_only=False, hidden=False):
         """idx (B, T) token ids. Returns (out, loss); the ways it is called:
@@ -209,7 +290,7 @@ class GPT(nn.Module):
             model(idx, cache=cache)    idx goes after what the KV cache (new_cache) holds: prefill, then decode
             last_only=True             out = logits of the last position only, (B, 1, V)
             hidden=True                out = the final hidden states (B, T, C) instead of logits (for losses that
-                                       apply lm_head themselves, a chunk at a time)"""
+                                       apply head_weight() themselves, a chunk at a time)"""
         B, T = idx.shape
         start = 0 if cache is None else cache["len"]  # slots already in the cache
         if start + T > self.config.block_size:  # (a position never exceeds its slot)
@@ -225,9 +306,15 @@ class GPT(nn.Module):
             k_slot = torch.arange(start + T, device=idx.device)[None, :]         # (1, S)
             mask = (k_slot <= q_slot) & valid[:, None, :]  # (B, T, S) causal, and never a padding key
             mask = (mask | (k_slot == q_slot))[:, None]    # (B, 1, T, S): a padding query sees itself, so no NaN
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(pos + self.config.pos_offset)
+        else:  # rotary: q and k turned by angles of their positions in every block; (B, 1, T, hd) or (T, hd)
+            rope = tuple(a if a.dim() == 2 else a[:, None] for a in rope_angles(self.config, pos, x.dtype))
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, None if cache is None else (cache["k"][i], cache["v"][i], start))
+            x = block(x, mask, None if cache is None else (cache["k"][i], cache["v"][i], start), rope)
         if cache is not None:
             cache["len"] += T
         x = self.transformer.ln_f(x)
@@ -237,9 +324,9 @@ class GPT(nn.Module):
             return x, None
         if targets is not None:  # the loss needs logits only where there is a target (the response tokens)
             keep = targets != -100  # (B, T)
-            logits = self.lm_head(x[keep])  # (N, V), N targets
+            logits = F.linear(x[keep], self.head_weight())  # (N, V), N targets
             return logits, F.cross_entropy(logits.float(), targets[keep])
-        return self.lm_head(x), None  # (B, T, V)
+        return F.linear(x, self.head_weight()), None  # (B, T, V)
 
 # -----------------------------------------------------------------------------
 # Generation with a KV cache. prefill() and decode() are separate so that two models (student q and teacher p)
@@ -248,10 +335,10 @@ class GPT(nn.Module):
 
 
 def new_cache(model, batch_size, max_len, device):
-    """Per-layer keys and values (n_layer, B, H, max_len, hd), which slots hold real tokens, and the fill level."""
+    """Per-layer keys and values (n_layer, B, H_kv, max_len, hd), which slots hold real tokens, and the fill level."""
     c = model.config
     dtype = next(model.parameters()).dtype
-    shape = (c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head)
+    shape = (c.n_layer, batch_size, c.n_kv_head or c.n_head, max_len, c.head_dim or c.n_embd // c.n_head)
     return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device),
             "valid": torch.zeros(batch_size, max_len, dtype=torch.bool, device=device), "len": 0}
 
@@ -375,7 +462,6 @@ def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=
     without running the teacher (on-policy distillation scores them later), logp = log q_old."""
     device = next(student.parameters()).device
     idx, valid = left_pad(prompts, eos_id, device)
-    V = student.config.vocab_size
     s_cache, s_logits = prefill(student, idx, valid, max_new_tokens)
     t_cache, t_logits = prefill(teacher, idx, valid, max_new_tokens) if teacher is not None else (None, None)
     B = idx.size(0)
@@ -386,8 +472,7 @@ def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=
             token = torch.full((B, 1), eos_id, device=device)
         else:
             log_q = F.log_softmax(s_logits, -1)             # (B, V)
-            log_p = log_q if teacher is None else F.log_softmax(t_logits[:, :V], -1)  # (B, V); a teacher padded
-                                                                                       # past V is sliced
+            log_p = log_q if teacher is None else F.log_softmax(t_logits, -1)  # (B, V)
             p_mix = alpha * log_p.exp() + (1 - alpha) * log_q.exp()  # Eq. 4
             token = sample(p_mix, generator)  # (B, 1)
             live = ~done
@@ -485,13 +570,13 @@ def reverse_kl_tokens(student, teacher, batch, args, ctx):
             h_q = response_logits(student, batch, hidden=True)  # (b, n, C)
             with torch.no_grad():
                 h_p = response_logits(teacher, batch, hidden=True)
-            head = getattr(student, "module", student).lm_head.weight  # (under DistributedDataParallel: .module)
-            kl, logq, _ = kernels.reverse_kl_chunked(h_q, head, h_p, teacher.lm_head.weight, targets, args.chunk)
+            head = getattr(student, "module", student).head_weight()  # (under DistributedDataParallel: .module)
+            kl, logq, _ = kernels.reverse_kl_chunked(h_q, head, h_p, teacher.head_weight(), targets, args.chunk)
     else:
         with ctx:
             logits_q = response_logits(student, batch)  # (b, n, V)
             with torch.no_grad():
-                logits_p = response_logits(teacher, batch)[..., :logits_q.size(-1)]
+                logits_p = response_logits(teacher, batch)
         # the fused kernel, in one pass: KL(q_theta(.|y_<t) || p(.|y_<t)) over the vocabulary (Eq. 3), log q_theta(y_t)
         kl, logq, _ = kernels.reverse_kl(logits_q, logits_p, targets)
     return kl, logq
@@ -538,7 +623,7 @@ def token_loss(student, teacher, x, y, kd_ratio, ctx):
     if teacher is None or kd_ratio == 0:
         return ce, {"ce": ce.detach()}
     with torch.no_grad(), ctx:
-        logits_p = teacher(x, y)[0][:, :logits.size(-1)]  # (N, V); a teacher vocabulary padded past V is sliced
+        logits_p = teacher(x, y)[0]  # (N, V)
     fkl = forward_kl(logits, logits_p).mean()
     return (1 - kd_ratio) * ce + kd_ratio * fkl, {"ce": ce.detach(), "fkl": fkl.detach()}
 
@@ -570,7 +655,7 @@ def onpolicy_loss(student, teacher, batch, args, ctx):
         with ctx:
             logits_q = response_logits(student, batch)  # (b, n, V)
             with torch.no_grad():
-                logits_p = response_logits(teacher, batch)[..., :logits_q.size(-1)]
+                logits_p = response_logits(teacher, batch)
         div = generalized_jsd(logits_q, logits_p, 0.0 if args.divergence == "fkl" else args.beta)
     loss = (div * mask).sum() / mask.sum().clamp(min=1)
     return loss, {f"token_{args.divergence}": loss.detach(), "len": mask.sum(1).float().mean()}
@@ -638,7 +723,7 @@ def validation_loss(model, pairs, batch_size, device, ctx, chunk=8192, sigterm=F
                 h, _ = model(x, hidden=True)
                 h, y = h[y != -100], y[y != -100]  # (n, C), (n,): the response tokens
                 for j in range(0, len(y), chunk):
-                    logits = model.lm_head(h[j:j + chunk]).float()
+                    logits = F.linear(h[j:j + chunk], model.head_weight()).float()
                     total += F.cross_entropy(logits, y[j:j + chunk], reduction="sum").item()
             count += len(y)
     return total / max(count, 1)
@@ -992,18 +1077,125 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device), ckpt
 
 
-HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Hugging Face checkpoints: GPT-2, OPT, Llama, Mistral, Qwen2 and Qwen3 folders (or hub names) in and out. Our
+# parameter names are GPT-2's; the other families' q, k, v (and SwiGLU's gate, up) are concatenated into c_attn
+# (c_fc) on the way in and split on the way out.
+
+HF_LAYERS = {  # our module in block i -> the Hugging Face module(s) it is made of (several: concatenated)
+    "llama": {"ln_1": "input_layernorm", "attn.c_attn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+              "attn.c_proj": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
+              "ln_2": "post_attention_layernorm", "mlp.c_fc": ["mlp.gate_proj", "mlp.up_proj"],
+              "mlp.c_proj": "mlp.down_proj"},
+    "opt": {"ln_1": "self_attn_layer_norm", "attn.c_attn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            "attn.c_proj": "self_attn.out_proj", "ln_2": "final_layer_norm", "mlp.c_fc": "fc1", "mlp.c_proj": "fc2"},
+}
+HF_TOP = {  # family -> (prefix of the blocks, {our top-level module: theirs})
+    "llama": ("model.layers.", {"wte": "model.embed_tokens", "ln_f": "model.norm"}),
+    "opt": ("model.decoder.layers.", {"wte": "model.decoder.embed_tokens", "wpe": "model.decoder.embed_positions",
+                                      "ln_f": "model.decoder.final_layer_norm"}),
+}
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # GPT-2's Conv1D
+
+
+def hf_sources(name, c):
+    """Our parameter name -> the Hugging Face names of the tensors that, concatenated along dim 0, make it."""
+    if c.model_type == "gpt2" or name == "lm_head.weight":
+        return [name]
+    family = "opt" if c.model_type == "opt" else "llama"
+    blocks, top = HF_TOP[family]
+    parts = name.split(".")  # transformer.h.3.attn.c_attn.weight, transformer.wte.weight
+    if parts[1] != "h":
+        return [f"{top[parts[1]]}.{parts[-1]}"]
+    theirs = HF_LAYERS[family][".".join(parts[3:-1])]
+    return [f"{blocks}{parts[2]}.{m}.{parts[-1]}" for m in (theirs if isinstance(theirs, list) else [theirs])]
+
+
+def config_from_hf(hf, where):
+    """GPTConfig from a config.json dict. What this model would not compute exactly as transformers does is refused
+    with one line naming the field."""
+    def refuse(field, why):
+        raise InputError(f"{where}: config.json {field} = {hf.get(field)!r}: {why}")
+    t = hf.get("model_type")
+    if t not in ("gpt2", "opt", "llama", "mistral", "qwen2", "qwen3"):
+        refuse("model_type", "not a family this model covers (gpt2, opt, llama, mistral, qwen2, qwen3)")
+    if hf.get("is_causal") is False or hf.get("is_encoder_decoder"):
+        refuse("is_causal" if hf.get("is_causal") is False else "is_encoder_decoder", "not a causal decoder")
+    if t == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            refuse("activation_function", "GPT-2 here uses the tanh gelu")
+        for field in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if hf.get(field):
+                refuse(field, "not supported")
+        return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                         n_head=hf["n_head"], n_embd=hf["n_embd"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                         n_inner=hf.get("n_inner") or 0, tie_embeddings=hf.get("tie_word_embeddings", True))
+    common = lambda: dict(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_embd=hf["hidden_size"],
+                          n_head=hf["num_attention_heads"], model_type=t, bias=False)  # (read after the checks)
+    if t == "opt":
+        if not hf.get("do_layer_norm_before", True):
+            refuse("do_layer_norm_before", "post-norm OPT (opt-350m) is not supported")
+        if hf.get("word_embed_proj_dim", hf.get("hidden_size")) != hf.get("hidden_size"):
+            refuse("word_embed_proj_dim", "OPT's projections in and out of the embedding (opt-350m) are not supported")
+        for field, ok in (("_remove_final_layer_norm", False), ("layer_norm_elementwise_affine", True),
+                          ("activation_function", "relu")):
+            if hf.get(field, ok) != ok:
+                refuse(field, f"only {ok!r} is supported")
+        return GPTConfig(**{**common(), "bias": hf.get("enable_bias", True)}, block_size=hf["max_position_embeddings"],
+                         pos_offset=2, mlp="relu", n_inner=hf["ffn_dim"],
+                         tie_embeddings=hf.get("tie_word_embeddings", True))
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "the SwiGLU MLP here uses silu")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf.get(field) and t != "qwen2":
+            refuse(field, "biases on o_proj or the MLP are not supported")
+    rope = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1e4)}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        refuse("rope_scaling", f"rope type {kind!r}: only the default and llama3 are supported")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        refuse("partial_rotary_factor", "only full rotary embeddings are supported")
+    scaling = () if kind == "default" else (rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
+                                            rope["original_max_position_embeddings"])
+    block = hf["max_position_embeddings"]
+    window = hf.get("sliding_window") if (t == "mistral" or hf.get("use_sliding_window")) else None
+    if window:  # sequences no longer than the window: sliding and full attention agree (longer ones are refused)
+        block = min(block, window)
+    return GPTConfig(**common(), block_size=block, norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), pos="rope",
+                     rope_theta=rope.get("rope_theta", 1e4), rope_scaling=scaling, mlp="swiglu",
+                     n_inner=hf["intermediate_size"], n_kv_head=hf.get("num_key_value_heads") or 0,
+                     head_dim=hf.get("head_dim") or 0, qkv_bias=t == "qwen2", qk_norm=t == "qwen3",
+                     tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def read_hf_weights(folder):
+    """{name: tensor} from model.safetensors, sharded safetensors (model.safetensors.index.json), or the older
+    pytorch_model.bin (also sharded), the .bin files read with weights_only (no code runs)."""
+    from safetensors.torch import load_file
+    for single, index, load in (("model.safetensors", "model.safetensors.index.json", load_file),
+                                ("pytorch_model.bin", "pytorch_model.bin.index.json",
+                                 lambda f: torch.load(f, map_location="cpu", weights_only=True))):
+        files = [single] if os.path.isfile(os.path.join(folder, single)) else []
+        if not files and os.path.isfile(os.path.join(folder, index)):
+            with open(os.path.join(folder, index)) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        if files:
+            try:
+                return {k: v for f in files for k, v in load(os.path.join(folder, f)).items()}
+            except Exception as e:
+                raise InputError(f"{folder}: cannot read its weights ({type(e).__name__}: {str(e)[:150]})") from None
+    raise InputError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
 def from_pretrained(name_or_path, device="cpu"):
-    """A Hugging Face GPT-2-family model as (GPT, checkpoint dict with tokenizer 'gpt2'): a local folder with
-    config.json and model.safetensors (or pytorch_model.bin, read with weights_only=True), or a hub name such as
-    gpt2-xl (fetched through huggingface_hub; needs the network)."""
+    """A Hugging Face GPT-2, OPT, Llama, Mistral, Qwen2 or Qwen3 model as (GPT in fp32, checkpoint dict with its
+    tokenizer): a local folder with config.json and the weights, or a hub name such as Qwen/Qwen2.5-0.5B (fetched
+    through huggingface_hub; needs the network). The tokenizer: tokenizer.json (or vocab.json + merges.txt) in the
+    folder; a GPT-2 folder without one has tiktoken's gpt2; otherwise None (the weights load, a run refuses)."""
     folder = name_or_path
     if not os.path.isdir(folder):
         try:
             from huggingface_hub import snapshot_download
-            folder = snapshot_download(name_or_path, allow_patterns=["config.json", "*.safetensors"])
+            folder = snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "merges.txt"])
         except Exception as e:
             raise InputError(f"{name_or_path}: no such checkpoint file or model folder, and not a reachable hub model "
                              f"({type(e).__name__})") from None
@@ -1012,57 +1204,98 @@ def from_pretrained(name_or_path, device="cpu"):
             hf = json.load(f)
     except (OSError, ValueError) as e:
         raise InputError(f"{folder}: no readable config.json: not a Hugging Face model folder ({e})") from None
-    if hf.get("model_type") != "gpt2" or hf.get("activation_function", "gelu_new") not in ("gelu_new",
-                                                                                            "gelu_pytorch_tanh"):
-        raise InputError(f"{folder}: model_type {hf.get('model_type')!r} with {hf.get('activation_function')!r}: "
-                         "only GPT-2-family checkpoints load here")
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
-        raise InputError(f"{folder}: n_inner {hf.get('n_inner')} / layer_norm_epsilon "
-                         f"{hf.get('layer_norm_epsilon')}: this GPT has 4 x n_embd and 1e-5")
-    config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                       n_head=hf["n_head"], n_embd=hf["n_embd"])
-    weights_path = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(weights_path):
-        from safetensors.torch import load_file
-        weights = load_file(weights_path)
-    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-        weights = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    try:
+        config = config_from_hf(hf, folder)
+    except KeyError as e:
+        raise InputError(f"{folder}: config.json has no {e.args[0]!r}, which a {hf.get('model_type')} model needs") from None
+    tokenizer = data.hf_tokenizer(folder) or ("gpt2" if config.model_type == "gpt2" else None)
+    if isinstance(tokenizer, dict):  # (tiktoken's gpt2 is checked when a run loads it: it may need a download)
+        config.n_vocab = data.get_encoding(tokenizer).n_vocab
+        if config.n_vocab > config.vocab_size:
+            raise InputError(f"{folder}: its tokenizer has {config.n_vocab} tokens, more than the {config.vocab_size} "
+                             "rows of the embedding")
+    weights = read_hf_weights(folder)
+    if config.model_type == "gpt2":
+        weights = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v  # GPT2Model: no
+                   for k, v in weights.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # prefix
     else:
-        raise InputError(f"{folder}: no model.safetensors or pytorch_model.bin")
-    state = {}
-    for k, v in weights.items():
-        k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k  # GPT2Model saves no prefix
-        if k.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # the causal-mask buffers of older transformers versions
-        state[k] = v.t() if k.endswith(HF_TRANSPOSED) else v
-    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied
-    model = GPT(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise InputError(f"{folder}: weights do not match GPT-2 (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.to(device), {"config": asdict(config), "tokenizer": "gpt2", "step": 0, "metrics": {}, "args": {}}
+        weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+        if not any(k.startswith("model.") for k in weights):  # saved from the bare model (LlamaModel, OPTModel)
+            weights = {("model." + k if not k.startswith("lm_head.") else k): v for k, v in weights.items()}
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = GPT(config)
+    state, used = {}, set()
+    for name in model.state_dict():
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue
+        sources = hf_sources(name, config)
+        missing = [s for s in sources if s not in weights]
+        if missing:
+            raise InputError(f"{folder}: weights do not match its config.json: no {missing[0]}")
+        t = torch.cat([weights[s] for s in sources]).float()
+        state[name] = t.t() if config.model_type == "gpt2" and name.endswith(HF_TRANSPOSED) else t
+        used.update(sources)
+    unused = sorted(set(weights) - used - ({"lm_head.weight"} if config.tie_embeddings else set()))
+    if unused:
+        raise InputError(f"{folder}: weights this model has no place for, e.g. {unused[0]}")
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise InputError(f"{folder}: weights do not match its config.json ({str(e).splitlines()[-1][:150]})") from None
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    return model.to(device), {"config": asdict(config), "tokenizer": tokenizer, "step": 0, "metrics": {}, "args": {}}
 
 
-def save_pretrained(model, folder, eos_id=50256):
-    """Writes config.json and model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads unchanged."""
+def save_pretrained(model, folder, eos_id, tokenizer=None):
+    """config.json, model.safetensors and (for a Hugging Face tokenizer) tokenizer.json + tokenizer_config.json,
+    which transformers' AutoModelForCausalLM and AutoTokenizer load unchanged."""
     from safetensors.torch import save_file
-    c = model.config
-    if not c.bias:
-        raise InputError("save_pretrained: GPT-2 has biases; this model was made with bias=False")
+    c, eos = model.config, eos_id
+    head_dim = c.head_dim or c.n_embd // c.n_head
+    if c.model_type == "gpt2":
+        if not c.bias:
+            raise InputError("save_pretrained: GPT-2 has biases; this model was made with bias=False")
+        config = {"architectures": ["GPT2LMHeadModel"], "n_positions": c.block_size, "n_embd": c.n_embd,
+                  "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.n_inner or None,
+                  "activation_function": "gelu_new", "layer_norm_epsilon": c.norm_eps, "resid_pdrop": 0.0,
+                  "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    elif c.model_type == "opt":
+        config = {"architectures": ["OPTForCausalLM"], "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer,
+                  "num_attention_heads": c.n_head, "ffn_dim": c.n_inner, "max_position_embeddings": c.block_size,
+                  "word_embed_proj_dim": c.n_embd, "do_layer_norm_before": True, "enable_bias": c.bias,
+                  "activation_function": "relu", "dropout": 0.0}
+    else:
+        config = {"architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2":
+                  "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[c.model_type]], "hidden_size": c.n_embd,
+                  "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads":
+                  c.n_kv_head or c.n_head, "head_dim": head_dim, "intermediate_size": c.n_inner,
+                  "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps, "hidden_act": "silu",
+                  "rope_theta": c.rope_theta, "rope_scaling": None if not c.rope_scaling else dict(
+                      rope_type="llama3", factor=c.rope_scaling[0], low_freq_factor=c.rope_scaling[1],
+                      high_freq_factor=c.rope_scaling[2], original_max_position_embeddings=c.rope_scaling[3]),
+                  "attention_bias": False, "sliding_window": None, "use_sliding_window": False}
+    config.update(model_type=c.model_type, vocab_size=c.vocab_size, bos_token_id=eos, eos_token_id=eos,
+                  tie_word_embeddings=c.tie_embeddings, initializer_range=0.02)
+    state = {}
+    for name, v in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_embeddings:
+            continue
+        sources = hf_sources(name, c)
+        v = v.t() if c.model_type == "gpt2" and name.endswith(HF_TRANSPOSED) else v
+        sizes = [v.size(0) // len(sources)] * len(sources)
+        if name.endswith("c_attn.weight") or name.endswith("c_attn.bias"):
+            sizes = [c.n_head * head_dim] + [(c.n_kv_head or c.n_head) * head_dim] * 2 if len(sources) == 3 else sizes
+        for s, part in zip(sources, v.split(sizes)):
+            state[s] = part.detach().cpu().contiguous()
     os.makedirs(folder, exist_ok=True)
-    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
-              "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
-              "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": 0.02,
-              "bos_token_id": eos_id, "eos_token_id": eos_id, "tie_word_embeddings": True}
-    state = {k: (v.t() if k.endswith(HF_TRANSPOSED) else v).detach().cpu().contiguous()
-             for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
-    tmp = os.path.join(folder, "model.safetensors.tmp")
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(folder, "model.safetensors"))  # atomic, as every file written here
+    save_file(state, os.path.join(folder, "model.safetensors.tmp"), metadata={"format": "pt"})
+    os.replace(os.path.join(folder, "model.safetensors.tmp"), os.path.join(folder, "model.safetensors"))  # atomic
     with open(os.path.join(folder, "config.json.tmp"), "w") as f:
         json.dump(config, f, indent=2)
     os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
+    if isinstance(tokenizer, dict):
+        data.write_hf_tokenizer(tokenizer, folder)
 
 # -----------------------------------------------------------------------------
 # Run folders. A run writes into --out:
@@ -1192,7 +1425,7 @@ def finish_run(args, student, optimizer, step, tokenizer, metrics, state, progre
     best_path = os.path.join(args.out, "best.pt")
     if rank == 0:
         seconds = time.time() - t_start
-        save_pretrained(load_checkpoint(best_path)[0], os.path.join(args.out, "hf"), args.eos_id)
+        save_pretrained(load_checkpoint(best_path)[0], os.path.join(args.out, "hf"), args.eos_id, tokenizer)
         log(f"done: {step} steps in {seconds:.0f}s; best.pt is step {progress['best_step']}; {samples} responses "
             f"sampled -> {best_path} (and {args.out}/hf)")
         save_checkpoint(os.path.join(args.out, "last.pt"), student, optimizer, step, args, tokenizer, metrics, state)
@@ -1277,25 +1510,33 @@ def load_models(args, device):
     for role, path in (("teacher", args.teacher if args.method != "sft" else None), ("student", args.init)):
         if path:
             model, ckpt = load_checkpoint(path, device)
-            if args.tokenizer != "auto" and ckpt["tokenizer"] != args.tokenizer:
-                raise InputError(f"{path}: trained with tokenizer {ckpt['tokenizer']}; this run tokenizes with "
-                                 f"{args.tokenizer} (--tokenizer)")
-            if role == "student" and teacher is not None and ckpt["tokenizer"] != tokenizer:
-                raise InputError(f"{path}: tokenizer {ckpt['tokenizer']} differs from the teacher's {tokenizer} "
-                                 f"({args.teacher})")
+            name = ckpt["tokenizer"] and data.tokenizer_name(ckpt["tokenizer"])
+            if ckpt["tokenizer"] is None:
+                raise InputError(f"{path}: no tokenizer.json (or vocab.json + merges.txt) beside the weights: "
+                                 "nothing to tokenize the data with")
+            if args.tokenizer != "auto" and name != args.tokenizer:
+                raise InputError(f"{path}: trained with tokenizer {name}; this run tokenizes with {args.tokenizer} "
+                                 "(--tokenizer)")
+            if role == "student" and teacher is not None and not data.same_tokenizer(ckpt["tokenizer"], tokenizer):
+                raise InputError(f"{path}: its tokenizer ({name}) differs from the teacher's "
+                                 f"({data.tokenizer_name(tokenizer)}, {args.teacher}), compared token by token: "
+                                 "distillation compares their distributions over one vocabulary")
             tokenizer = ckpt["tokenizer"]
             teacher, student = (model.eval(), student) if role == "teacher" else (teacher, model)
     n_vocab = data.get_encoding(tokenizer).n_vocab
     if student is None:
         student = GPT(MODEL_SIZES[args.model](vocab_size=n_vocab, dropout=args.dropout)).to(device)
-    if student.config.vocab_size < n_vocab:
-        raise InputError(f"{args.init}: vocabulary of {student.config.vocab_size} tokens is smaller than the "
-                         f"{tokenizer} tokenizer's {n_vocab}")
+    for model, path in ((student, args.init), (teacher, args.teacher)):
+        if model is not None and model.config.vocab_size < n_vocab:
+            raise InputError(f"{path or '--model ' + args.model}: {model.config.vocab_size} embedding rows, fewer "
+                             f"than the {n_vocab} tokens of its tokenizer {data.tokenizer_name(tokenizer)}")
+        if model is not None:  # rows past the tokenizer's tokens (padding, sizes differing within a family) are
+            model.config.n_vocab = n_vocab  # never predicted: both models' logits have the tokenizer's n_vocab
     if teacher is not None and device.type == "cuda":
         teacher.to(torch.bfloat16)  # it only runs forward: bf16 weights halve its memory (the official code: fp16)
-    if teacher is not None and teacher.config.vocab_size < student.config.vocab_size:
-        raise InputError(f"{args.teacher}: vocabulary {teacher.config.vocab_size} is smaller than the student's "
-                         f"{student.config.vocab_size}")
+    if ("chunk" not in args.typed and n_vocab > 65536 and not args.shard_teacher
+            and (args.method == "minillm" or (args.method == "onpolicy" and args.divergence == "rkl"))):
+        args.chunk = 4096  # a large vocabulary: (b, n, V) logits would not fit whole (typed --chunk 0 keeps them)
     if args.shard_teacher:  # FSDP: each process keeps 1/world of every teacher weight and gathers a block's
         if int(os.environ.get("WORLD_SIZE", "1")) < 2 or teacher is None:  # weights just for its forward
             raise InputError("--shard_teacher needs a teacher and torchrun with 2 or more processes")
@@ -1435,8 +1676,13 @@ def distributed(device):
 
 def wrap_student(student, teacher, args, world, device, log):
     """What the training losses call: the student, compiled (--compile) and / or in DistributedDataParallel."""
+    shape = {k: v for k, v in asdict(student.config).items() if v != getattr(GPTConfig, k) or k in ("vocab_size",
+             "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")}  # (a family's fields where they differ)
     log(f"{args.method}: model {args.init or args.model}: {student.num_params() / 1e6:.3f}M parameters, "
-        f"{student.config}" + (f"; teacher {args.teacher}: {teacher.num_params() / 1e6:.3f}M" if teacher else ""))
+        f"GPTConfig({', '.join(f'{k}={v!r}' for k, v in shape.items())})"
+        + (f"; teacher {args.teacher}: {teacher.num_params() / 1e6:.3f}M" if teacher else "")
+        + (f"; --chunk {args.chunk} (a {student.config.n_vocab}-token vocabulary)" if "chunk" not in args.typed
+           and args.chunk else ""))
     wrapped = student
     if args.compile:
         log("compiling the model with torch.compile")

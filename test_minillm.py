@@ -10,9 +10,11 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
+import unicodedata
 
 import pytest
 import torch
@@ -511,8 +513,8 @@ def test_pipeline_checks_its_inputs_first(tmp_path, monkeypatch):
              (["--teacher", "bytes.pt"], "bytes.pt: trained with tokenizer builtin-bytes; this run tokenizes with "
                                          "builtin"),
              (["--teacher", "ok.pt", "--init", "bytes.pt"], "bytes.pt: trained with tokenizer builtin-bytes"),
-             (["--teacher", "small.pt"], "small.pt: vocabulary 1000 is smaller than the student's 1623"),
-             (["--init", "small.pt"], "small.pt: vocabulary of 1000 tokens is smaller than the builtin tokenizer's"),
+             (["--teacher", "small.pt"], "small.pt: 1000 embedding rows, fewer than the 1623 tokens of its tokenizer"),
+             (["--init", "small.pt"], "small.pt: 1000 embedding rows, fewer than the 1623 tokens of its tokenizer"),
              (["--teacher", "ok.pt", "--max_new_tokens", "64"], "leaves no room for a prompt in block_size 64"),
              (["--teacher", "ok.pt", "--max_new_tokens", "56", "--n_train", "350"],
               "0 built-in training prompts fit in 8 tokens"),
@@ -1113,7 +1115,7 @@ def test_hugging_face_gpt2_loads_with_matching_logits(tmp_path):
 def test_export_loads_in_transformers_with_the_same_logits_and_greedy_tokens(tmp_path):
     transformers, _ = hf_tiny(tmp_path)
     ours = tiny(vocab_size=97, block_size=64, seed=3)
-    minillm.save_pretrained(ours, str(tmp_path / "export"), eos_id=96)
+    minillm.save_pretrained(ours, str(tmp_path / "export"), 96)
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "export")).eval()
     x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -1125,14 +1127,238 @@ def test_export_loads_in_transformers_with_the_same_logits_and_greedy_tokens(tmp
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "export").iterdir())
 
 
-def test_not_a_gpt2_folder_is_one_clear_line(tmp_path):
-    (tmp_path / "llama").mkdir()
-    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(minillm.InputError, match="only GPT-2-family checkpoints"):
-        minillm.load_checkpoint(str(tmp_path / "llama"))
+def test_an_unsupported_folder_is_one_clear_line(tmp_path):
+    for name, config, expected in (
+            ("bert", {"model_type": "bert"}, "model_type = 'bert': not a family"),
+            ("bare", {"model_type": "llama"}, "config.json has no 'max_position_embeddings'"),
+            ("opt350", {"model_type": "opt", "do_layer_norm_before": False}, "do_layer_norm_before = False"),
+            ("yarn", {"model_type": "qwen2", "rope_scaling": {"type": "yarn"}}, "rope type 'yarn'"),
+            ("gelu", {"model_type": "llama", "hidden_act": "gelu"}, "hidden_act = 'gelu'")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        with pytest.raises(minillm.InputError, match=re.escape(expected)):
+            minillm.load_checkpoint(str(tmp_path / name))
     (tmp_path / "empty").mkdir()
     with pytest.raises(minillm.InputError, match="no readable config.json"):
         minillm.load_checkpoint(str(tmp_path / "empty"))
+
+
+# -----------------------------------------------------------------------------
+# The other families: Llama, Qwen2, Qwen3, Mistral and OPT checkpoints made by transformers (tiny, random)
+
+
+def hf_family(name, vocab_size=101, seed=0):
+    """A tiny random transformers model of a family, with grouped-query attention and rope scaling where it has them."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                 initializer_range=0.3)  # (weights large enough that every part moves the logits)
+    made = {
+        "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}, rope_theta=500000.0, tie_word_embeddings=True)),
+        "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, rope_theta=1e6)),
+        "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**shape, head_dim=16,
+                                                                               tie_word_embeddings=True)),
+        "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**shape, sliding_window=64)),
+        "opt": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=vocab_size, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, word_embed_proj_dim=32, dropout=0.0, init_std=0.3)),
+    }[name]()
+    with torch.no_grad():  # (transformers initializes biases and norms to 0 and 1: made random, so they count)
+        for n, p in made.named_parameters():
+            if n.endswith(("bias", "norm.weight", "layernorm.weight", "layer_norm.weight")):
+                p.add_(torch.randn_like(p) * 0.5)
+    return transformers, made.eval()
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "opt")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_loads_with_the_same_logits_and_greedy_tokens_and_exports_back(tmp_path, family):
+    transformers, hf = hf_family(family)
+    hf.save_pretrained(tmp_path / "hf")
+    model, ckpt = minillm.load_checkpoint(str(tmp_path / "hf"))
+    assert model.config.model_type == family and ckpt["tokenizer"] is None  # (a folder without a tokenizer)
+    x = torch.randint(3, 101, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(model(x)[0], hf(x).logits, 1e-4, f"{family} logits")
+        hf_tokens = hf.generate(x, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[:, 20:]
+    assert torch.equal(minillm.generate(model, x.tolist(), 10, None, greedy=True), hf_tokens)  # our KV cache
+    minillm.save_pretrained(model, str(tmp_path / "export"), eos_id=2)
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+    assert type(back) is type(hf)
+    with torch.no_grad():
+        assert_close(back(x).logits, hf(x).logits, 1e-5, f"{family} logits after export")
+
+
+def test_left_padded_prompts_and_the_kv_cache_agree_for_rotary_and_offset_positions(tmp_path):
+    for family in ("qwen3", "opt"):
+        _, hf = hf_family(family)
+        hf.save_pretrained(tmp_path / family)
+        model, _ = minillm.load_checkpoint(str(tmp_path / family))
+        prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+        cached = minillm.generate(model, prompts, 8, None, greedy=True)
+        assert torch.equal(cached, minillm.generate(model, prompts, 8, None, greedy=True, use_cache=False))
+        for i, p in enumerate(prompts):  # each row alone, unpadded, as transformers generates it
+            with torch.no_grad():
+                alone = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                    pad_token_id=0)[0, len(p):]
+            assert torch.equal(cached[i], alone), (family, i)
+
+
+def test_sharded_safetensors_and_bin_checkpoints_load(tmp_path):
+    _, hf = hf_family("qwen2")
+    x = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(x).logits
+    for name, kw in (("sharded", dict(max_shard_size="20KB")), ("bin", dict(safe_serialization=False))):
+        try:
+            hf.save_pretrained(tmp_path / name, **kw)
+        except TypeError:  # a transformers version without .bin writing
+            continue
+        files = os.listdir(tmp_path / name)
+        model, _ = minillm.load_checkpoint(str(tmp_path / name))
+        with torch.no_grad():
+            assert_close(model(x)[0], expected, 1e-4, f"{name}: {files}")
+    assert any(f.endswith(".index.json") for f in os.listdir(tmp_path / "sharded"))
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers of Hugging Face checkpoints: byte-level BPE as tiktoken, SentencePiece-style through `tokenizers`
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+CORPUS = ["Hello world! It's 2026, and 12345 + 678 = 13023.\n\nTabs\tand   runs of    spaces   \n",
+          "naïve café, cafe\u0301 (decomposed), 東京 and Zürich; emoji 😀🚀 <|endoftext|> after a special token.\n",
+          "A list:\n- one\n- two\r\n- three <|im_end|>\n\n\n   leading spaces and trailing ones   ",
+          "Write a long story about Anna the baker. Anna bakes bread at 5 am; she sells 42 loaves."] * 3
+
+
+def trained_tokenizer(style):
+    """A small tokenizer trained on CORPUS in a family's style, as a tokenizers.Tokenizer."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+    specials = ["<|endoftext|>", "<|im_end|>"]
+    if style == "sentencepiece":  # LLaMA / Llama-2 / Mistral v0.1: "▁" for spaces, unknown characters as bytes
+        tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False, special_tokens=["<unk>", "<s>", "</s>"] + specials
+                                      + [f"<0x{i:02X}>" for i in range(256)])
+    else:
+        tok = tokenizers.Tokenizer(models.BPE())
+        split = {"gpt2": None, "llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}[style]
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+        tok.pre_tokenizer = byte_level if split is None else pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"), byte_level])
+        tok.decoder = decoders.ByteLevel()
+        if style == "qwen2":
+            tok.normalizer = normalizers.NFC()
+        trainer = trainers.BpeTrainer(vocab_size=600, show_progress=False, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def write_tokenizer(folder, style, eos="<|endoftext|>"):
+    os.makedirs(folder, exist_ok=True)
+    trained_tokenizer(style).save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos}, f)
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama3", "qwen2", "sentencepiece"])
+def test_a_checkpoints_tokenizer_gives_the_hugging_face_ids_and_decodes_back(tmp_path, style):
+    transformers = pytest.importorskip("transformers")
+    write_tokenizer(str(tmp_path), style, eos="<|im_end|>")
+    spec = data.hf_tokenizer(str(tmp_path))
+    enc = data.get_encoding(spec)
+    assert isinstance(enc, data.HFTokenizer) == (style == "sentencepiece")  # byte-level BPE: a tiktoken Encoding
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    assert enc.eot_token == hf.convert_tokens_to_ids("<|im_end|>") == spec["eos_token_id"]
+    unseen = "Zebras 9876543 juggle\u00a0quietly\t\t→ ☃ ünïcödé\n\r\n  x"
+    for text in CORPUS[:4] + [unseen]:
+        ids = enc.encode(text, allowed_special="all")
+        assert ids == hf.encode(text, add_special_tokens=False), text
+        assert enc.decode(ids) == hf.decode(ids)
+        if style != "sentencepiece":  # byte-level: exactly the text back (NFC-normalized where the file asks)
+            assert enc.decode(ids) == (unicodedata.normalize("NFC", text) if style == "qwen2" else text)
+    assert enc.n_vocab == len(hf)
+
+
+def test_tokenizers_are_compared_by_content_and_vocab_json_merges_txt_load(tmp_path):
+    for name, style in (("a", "llama3"), ("b", "llama3"), ("c", "qwen2")):
+        write_tokenizer(str(tmp_path / name), style)
+    a, b, c = (data.hf_tokenizer(str(tmp_path / n)) for n in "abc")
+    assert a["name"] != b["name"] and data.same_tokenizer(a, b) and not data.same_tokenizer(a, c)
+    # OPT ships GPT-2-style vocab.json + merges.txt: the same tokenizer as its tokenizer.json
+    tok = trained_tokenizer("gpt2")
+    (tmp_path / "opt").mkdir()
+    tok.model.save(str(tmp_path / "opt"))  # vocab.json, merges.txt
+    with open(tmp_path / "opt" / "config.json", "w") as f:
+        json.dump({"eos_token_id": 0}, f)
+    write_tokenizer(str(tmp_path / "gpt2"), "gpt2")
+    opt, gpt2 = data.hf_tokenizer(str(tmp_path / "opt")), data.hf_tokenizer(str(tmp_path / "gpt2"))
+    assert opt["eos_token_id"] == 0 and data.same_tokenizer(opt, gpt2)
+    assert data.hf_tokenizer(str(tmp_path / "nothing")) is None
+
+
+def llama_folder(folder, vocab_size, seed, tokenizer_style="llama3", layers=2):
+    """A tiny random Llama (transformers) with a trained tokenizer, embedding rows padded to vocab_size."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    write_tokenizer(folder, tokenizer_style)
+
+
+@pytest.mark.parametrize("method", ["minillm", "kd"])
+def test_a_step_with_llama_shaped_models_whose_embeddings_are_padded_differently(tmp_path, method):
+    llama_folder(str(tmp_path / "teacher"), 640, seed=0, layers=2)
+    llama_folder(str(tmp_path / "student"), 608, seed=1, layers=1)
+    rows = [{"instruction": f"Say {i} and {i + 1}.", "context": "", "response": f"{i} and {i + 1}."}
+            for i in range(80)]
+    write_jsonl(str(tmp_path / "mine.jsonl"), rows)
+    out = tmp_path / "run"
+    args = minillm.get_args(["--method", method, "--teacher", str(tmp_path / "teacher"), "--init",
+                             str(tmp_path / "student"), "--data", str(tmp_path / "mine.jsonl"), "--n_valid", "8",
+                             "--n_test", "8", "--lm_coef", "0", "--max_steps", "2", "--batch_size", "4",
+                             "--rollout_size", "4", "--max_new_tokens", "8", "--eval_interval", "2", "--out",
+                             str(out), "--device", "cpu"])
+    minillm.train(args)
+    ckpt = minillm.read_checkpoint(str(out / "last.pt"))
+    n_vocab = data.get_encoding(data.hf_tokenizer(str(tmp_path / "teacher"))).n_vocab  # fewer than 608 and 640
+    assert ckpt["config"]["vocab_size"] == 608 and ckpt["config"]["n_vocab"] == n_vocab < 600 and ckpt["step"] == 2
+    assert data.same_tokenizer(ckpt["tokenizer"], data.hf_tokenizer(str(tmp_path / "teacher")))
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    log = (out / "log.txt").read_text()
+    assert "nan" not in log.lower()
+    transformers = pytest.importorskip("transformers")  # the export: transformers loads the model and tokenizer
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "hf")).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(out / "hf"))
+    model, _ = minillm.load_checkpoint(str(out / "best.pt"))
+    x = torch.tensor([tok.encode("Say 3 and 4.")])
+    with torch.no_grad():
+        assert_close(hf(x).logits[..., :n_vocab], model(x)[0], 1e-4, "exported logits")
+
+
+def test_a_student_with_another_tokenizer_is_refused_before_training(tmp_path):
+    llama_folder(str(tmp_path / "teacher"), 640, seed=0, tokenizer_style="llama3")
+    llama_folder(str(tmp_path / "student"), 640, seed=1, tokenizer_style="qwen2")
+    write_jsonl(str(tmp_path / "mine.jsonl"), dolly_rows(40))
+    args = minillm.get_args(["--method", "kd", "--teacher", str(tmp_path / "teacher"), "--init",
+                             str(tmp_path / "student"), "--data", str(tmp_path / "mine.jsonl"), "--out",
+                             str(tmp_path / "run"), "--device", "cpu"])
+    with pytest.raises(minillm.InputError, match="differs from the teacher's"):
+        minillm.train(args)
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_chunked_path_equals_the_whole_logits():
@@ -1287,9 +1513,9 @@ def test_more_bad_inputs_are_one_clear_line(tmp_path):
                                 tok, {})
     base = ["--method", "minillm", "--out", str(tmp_path / "o"), "--n_train", "70", "--n_valid", "14", "--n_test", "14"]
     cases = [(["--teacher", str(tmp_path / "bytes.pt"), "--init", str(tmp_path / "student.pt")],
-              "student.pt: tokenizer builtin differs from the teacher's builtin-bytes"),
+              "student.pt: its tokenizer (builtin) differs from the teacher's (builtin-bytes"),
              (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "small.pt")],
-              "small.pt: vocabulary of 1000 tokens is smaller than the builtin tokenizer's 1623"),
+              "small.pt: 1000 embedding rows, fewer than the 1623 tokens of its tokenizer builtin"),
              (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"),
                "--max_new_tokens", "64"], "--max_new_tokens 64 leaves no room for a prompt in block_size 64"),
              (["--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"),
