@@ -28,6 +28,7 @@ import csv
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -291,22 +292,36 @@ def bench_generate(device="auto", n_prompts=64, new_tokens=128, repeats=3):
     print(f"speedup {times[False] / times[True]:.1f}x")
 
 
-def bench_minillm(args):
-    """--bench minillm: MiniLLM steps at the paper's scale on a GPU (a GPT-2-XL-shaped teacher in bf16 and a
-    GPT-2-shaped student, random weights, random 64-token prompts; on a CPU the built-in sizes, as a smoke test):
-    rollout tokens/s, then args.max_steps training steps on one round of rollouts for each way of computing the
-    single-step term (the PyTorch reference, the fused kernel, the kernel with --chunk): ms per step and peak
-    memory. args: minillm.py's settings (minillm.get_args)."""
+QWEN = dict(model_type="qwen2", bias=False, norm="rmsnorm", norm_eps=1e-6, pos="rope", rope_theta=1e6, mlp="swiglu",
+            qkv_bias=True, vocab_size=151936, n_vocab=151665, block_size=32768)  # Qwen2.5: 271 padding rows
+BENCH_SHAPES = {  # --shapes: (teacher, student) on a GPU; on a CPU, small models with the same vocabulary
+    "gpt2": ((minillm.MODEL_SIZES["gpt2-xl"](), minillm.MODEL_SIZES["gpt2"]()),
+             (minillm.MODEL_SIZES["teacher"](vocab_size=1623), minillm.MODEL_SIZES["student"](vocab_size=1623))),
+    "qwen": ((minillm.GPTConfig(**QWEN, n_layer=28, n_head=12, n_kv_head=2, n_embd=1536, n_inner=8960),  # 1.5B
+              minillm.GPTConfig(**QWEN, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, n_inner=4864)),  # 0.5B
+             (minillm.GPTConfig(**QWEN, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, n_inner=128),
+              minillm.GPTConfig(**QWEN, n_layer=1, n_head=4, n_kv_head=2, n_embd=32, n_inner=64))),
+}
+
+
+def bench_minillm(args, shapes="gpt2"):
+    """--bench minillm: MiniLLM steps on a GPU at real scale, random weights, random 64-token prompts: --shapes
+    gpt2 (the paper's: a GPT-2-XL-shaped teacher in bf16, a GPT-2-shaped student) or qwen (Qwen2.5-1.5B and
+    Qwen2.5-0.5B shapes, their 151,936-row embeddings and 151,665-token vocabulary); on a CPU, small models with the
+    same vocabulary, as a smoke test. Prints rollout tokens/s, then args.max_steps training steps on one round of
+    rollouts for each way of computing the single-step term (the kernel with --chunk, the fused kernel on whole
+    logits, the PyTorch reference): ms per step and peak memory (GPU: allocated, per variant; CPU: the process's
+    peak resident memory so far). args: minillm.py's settings (minillm.get_args)."""
     device = minillm.pick_device(args.device)
     cuda = device.type == "cuda"
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     torch.manual_seed(0)
-    V = 50257 if cuda else 1623
+    teacher_config, student_config = BENCH_SHAPES[shapes][0 if cuda else 1]
     with torch.device(device):
-        teacher = minillm.GPT(minillm.MODEL_SIZES["gpt2-xl" if cuda else "teacher"](vocab_size=V)).eval()
-        student = minillm.GPT(minillm.MODEL_SIZES["gpt2" if cuda else "student"](vocab_size=V))
+        teacher, student = minillm.GPT(teacher_config).eval(), minillm.GPT(student_config)
     if cuda:
         teacher.to(torch.bfloat16)  # as load_models does on a GPU
+    V = student_config.n_vocab or student_config.vocab_size
     run = argparse.Namespace(**{**vars(args), "eos_id": V - 1, "chunk": 0})
     prompts = torch.randint(0, V - 1, (run.rollout_size, 64)).tolist()
     print(f"teacher {teacher.num_params() / 1e9:.2f}B, student {student.num_params() / 1e6:.0f}M, V {V}, "
@@ -324,8 +339,8 @@ def bench_minillm(args):
           f"({seconds:.1f}s for the round)")
     optimizer = minillm.make_optimizer(student, args)
     print(f"{'single-step term':<22}{'ms / step':>10}{'peak GiB':>10}")
-    for name, use_triton, chunk in (("reference", False, 0), ("fused kernel", None, 0),
-                                    (f"kernel, --chunk {args.chunk or 1024}", None, args.chunk or 1024)):
+    for name, use_triton, chunk in ((f"kernel, --chunk {args.chunk or 1024}", None, args.chunk or 1024),
+                                    ("fused kernel", None, 0), ("reference", False, 0)):
         kernels.USE_TRITON, run.chunk = use_triton, chunk
         if cuda:
             torch.cuda.empty_cache()
@@ -340,7 +355,8 @@ def bench_minillm(args):
             optimizer.zero_grad(set_to_none=True)
             sync()
             times.append(time.time() - t0)
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+        peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                * 1024) / 2 ** 30
         ms = 1000 * sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median after the first (warm-up)
         print(f"{name:<22}{ms:10.1f}{peak:10.2f}")
     kernels.USE_TRITON = None
@@ -396,14 +412,21 @@ def get_args(argv=None):
                     help="--table1: one training run of each distillation row per seed")
     ap.add_argument("--rows", nargs="+", help="--table1: only these rows of eval.TABLE1 (default: all), e.g. kd "
                                               "'on-policy rkl' minillm")
+    ap.add_argument("--shapes", choices=list(BENCH_SHAPES), default="gpt2",
+                    help="--bench minillm: the teacher and student shapes (gpt2: the paper's; qwen: Qwen2.5-1.5B and "
+                         "0.5B)")
     ap.add_argument("--bench", choices=["generate", "minillm", "tokenizers"],
                     help="run a benchmark instead (--bench minillm also takes minillm.py's flags: --max_steps, "
                          "--rollout_size, --batch_size, --chunk, ...)")
     argv = sys.argv[1:] if argv is None else argv
     args, rest = ap.parse_known_args(argv)
     if args.bench == "minillm":  # every other flag is minillm.py's (--device, --max_new_tokens, --max_steps, ...)
-        i = next(i for i, a in enumerate(argv) if a.startswith("--bench"))
-        args.minillm_flags = argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]
+        flags = list(argv)
+        for name in ("--bench", "--shapes"):  # eval.py's own
+            i = next((i for i, a in enumerate(flags) if a.split("=")[0] == name), None)
+            if i is not None:
+                del flags[i:i + (1 if "=" in flags[i] else 2)]
+        args.minillm_flags = flags
     elif rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     return args
@@ -418,7 +441,7 @@ def main(argv=None):
         if args.bench == "tokenizers":
             return bench_tokenizers()
         if args.bench == "minillm":
-            return bench_minillm(minillm.get_args(args.minillm_flags))
+            return bench_minillm(minillm.get_args(args.minillm_flags), args.shapes)
         if args.table1:
             return table1(args)
         if not args.checkpoints:

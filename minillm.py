@@ -1067,7 +1067,7 @@ def read_checkpoint(path, device="cpu"):
 
 
 def load_checkpoint(path, device="cpu"):
-    """Returns (model, checkpoint dict): one of our checkpoint files, or a Hugging Face GPT-2 folder or hub name
+    """Returns (model, checkpoint dict): one of our checkpoint files, or a Hugging Face model folder or hub name
     (from_pretrained). Loading cannot run code."""
     if os.path.isdir(path) or (not os.path.exists(path) and not path.endswith(".pt")):
         return from_pretrained(path, device)

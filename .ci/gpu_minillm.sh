@@ -10,3 +10,6 @@ timeout 120 python3 -m pytest test_minillm.py -q -k "chunk or kernel" 2>&1 | tai
 timeout 240 python3 eval.py --bench minillm --max_steps 50 --rollout_size 64 --batch_size 32 \
     --max_new_tokens 128 --chunk 1024 2>&1 | tee "$OUT/bench_minillm.txt"
 for c in 0 1024; do timeout 60 python3 kernels.py --memory $c; done 2>&1 | tee "$OUT/memory.txt"
+# issue 15: a Qwen2.5-1.5B-shaped teacher and a Qwen2.5-0.5B-shaped student (151,936 rows, 151,665 tokens)
+timeout 240 python3 eval.py --bench minillm --shapes qwen --max_steps 20 --rollout_size 64 --batch_size 16 \
+    --max_new_tokens 128 --chunk 4096 2>&1 | tee "$OUT/bench_minillm_qwen.txt"
