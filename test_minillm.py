@@ -1349,6 +1349,21 @@ def test_a_step_with_llama_shaped_models_whose_embeddings_are_padded_differently
         assert_close(hf(x).logits[..., :n_vocab], model(x)[0], 1e-4, "exported logits")
 
 
+def test_a_large_vocabulary_chunks_the_single_step_term_unless_chunk_is_typed(tmp_path, monkeypatch):
+    builtin = data.get_encoding("builtin")
+    large = type("Large", (), {"n_vocab": 70000, "eot_token": builtin.eot_token})()  # a 70,000-token tokenizer
+    monkeypatch.setattr(data, "get_encoding", lambda spec: large)
+    for name in ("teacher", "student"):
+        minillm.save_checkpoint(str(tmp_path / f"{name}.pt"), tiny(vocab_size=70016, n_layer=1), None, 0, None,
+                                "builtin", {})
+    for method, typed, chunk in (("minillm", [], 4096), ("onpolicy", [], 4096), ("kd", [], 0),
+                                 ("minillm", ["--chunk", "0"], 0), ("minillm", ["--chunk", "512"], 512)):
+        args = minillm.get_args(["--method", method, "--teacher", str(tmp_path / "teacher.pt"), "--init",
+                                 str(tmp_path / "student.pt"), "--device", "cpu"] + typed)
+        student, teacher, _ = minillm.load_models(args, torch.device("cpu"))
+        assert args.chunk == chunk and student.config.n_vocab == teacher.config.n_vocab == 70000, (method, typed)
+
+
 def test_a_student_with_another_tokenizer_is_refused_before_training(tmp_path):
     llama_folder(str(tmp_path / "teacher"), 640, seed=0, tokenizer_style="llama3")
     llama_folder(str(tmp_path / "student"), 640, seed=1, tokenizer_style="qwen2")
