@@ -1066,11 +1066,11 @@ def read_checkpoint(path, device="cpu"):
     return ckpt
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", dtype=torch.float32):
     """Returns (model, checkpoint dict): one of our checkpoint files, or a Hugging Face model folder or hub name
-    (from_pretrained). Loading cannot run code."""
+    (from_pretrained, its weights in dtype). Loading cannot run code."""
     if os.path.isdir(path) or (not os.path.exists(path) and not path.endswith(".pt")):
-        return from_pretrained(path, device)
+        return from_pretrained(path, device, dtype)
     ckpt = read_checkpoint(path, device)
     model = GPT(GPTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
@@ -1186,8 +1186,8 @@ def read_hf_weights(folder):
     raise InputError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def from_pretrained(name_or_path, device="cpu"):
-    """A Hugging Face GPT-2, OPT, Llama, Mistral, Qwen2 or Qwen3 model as (GPT in fp32, checkpoint dict with its
+def from_pretrained(name_or_path, device="cpu", dtype=torch.float32):
+    """A Hugging Face GPT-2, OPT, Llama, Mistral, Qwen2 or Qwen3 model as (GPT in dtype, checkpoint dict with its
     tokenizer): a local folder with config.json and the weights, or a hub name such as Qwen/Qwen2.5-0.5B (fetched
     through huggingface_hub; needs the network). The tokenizer: tokenizer.json (or vocab.json + merges.txt) in the
     folder; a GPT-2 folder without one has tiktoken's gpt2; otherwise None (the weights load, a run refuses)."""
@@ -1196,6 +1196,8 @@ def from_pretrained(name_or_path, device="cpu"):
         try:
             from huggingface_hub import snapshot_download
             folder = snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "merges.txt"])
+            if not any(f.endswith(".safetensors") for f in os.listdir(folder)):  # an older repository: .bin only
+                folder = snapshot_download(name_or_path, allow_patterns=["*.json", "*.bin", "merges.txt"])
         except Exception as e:
             raise InputError(f"{name_or_path}: no such checkpoint file or model folder, and not a reachable hub model "
                              f"({type(e).__name__})") from None
@@ -1224,7 +1226,7 @@ def from_pretrained(name_or_path, device="cpu"):
             weights = {("model." + k if not k.startswith("lm_head.") else k): v for k, v in weights.items()}
     with torch.device("meta"):  # no memory and no random init for weights about to be replaced
         model = GPT(config)
-    state, used = {}, set()
+    state = {}
     for name in model.state_dict():
         if name == "lm_head.weight" and config.tie_embeddings:
             continue
@@ -1232,10 +1234,9 @@ def from_pretrained(name_or_path, device="cpu"):
         missing = [s for s in sources if s not in weights]
         if missing:
             raise InputError(f"{folder}: weights do not match its config.json: no {missing[0]}")
-        t = torch.cat([weights[s] for s in sources]).float()
-        state[name] = t.t() if config.model_type == "gpt2" and name.endswith(HF_TRANSPOSED) else t
-        used.update(sources)
-    unused = sorted(set(weights) - used - ({"lm_head.weight"} if config.tie_embeddings else set()))
+        t = torch.cat([weights.pop(s) for s in sources]).to(dtype)  # (pop: a tensor is held once, not twice)
+        state[name] = t.t().contiguous() if config.model_type == "gpt2" and name.endswith(HF_TRANSPOSED) else t
+    unused = sorted(set(weights) - ({"lm_head.weight"} if config.tie_embeddings else set()))
     if unused:
         raise InputError(f"{folder}: weights this model has no place for, e.g. {unused[0]}")
     try:
@@ -1509,7 +1510,8 @@ def load_models(args, device):
     teacher = student = None
     for role, path in (("teacher", args.teacher if args.method != "sft" else None), ("student", args.init)):
         if path:
-            model, ckpt = load_checkpoint(path, device)
+            bf16 = role == "teacher" and device.type == "cuda"  # (a Hugging Face teacher is read in bf16 at once)
+            model, ckpt = load_checkpoint(path, device, torch.bfloat16 if bf16 else torch.float32)
             name = ckpt["tokenizer"] and data.tokenizer_name(ckpt["tokenizer"])
             if ckpt["tokenizer"] is None:
                 raise InputError(f"{path}: no tokenizer.json (or vocab.json + merges.txt) beside the weights: "
