@@ -568,14 +568,14 @@ def reverse_kl_tokens(student, teacher, batch, args, ctx):
     if args.chunk:  # (b, n, V) logits never whole: lm_head and the kernel applied --chunk rows at a time
         with ctx:
             h_q = response_logits(student, batch, hidden=True)  # (b, n, C)
-            with torch.no_grad():
+            with torch.no_grad(), timed("teacher"):
                 h_p = response_logits(teacher, batch, hidden=True)
             head = getattr(student, "module", student).head_weight()  # (under DistributedDataParallel: .module)
             kl, logq, _ = kernels.reverse_kl_chunked(h_q, head, h_p, teacher.head_weight(), targets, args.chunk)
     else:
         with ctx:
             logits_q = response_logits(student, batch)  # (b, n, V)
-            with torch.no_grad():
+            with torch.no_grad(), timed("teacher"):
                 logits_p = response_logits(teacher, batch)
         # the fused kernel, in one pass: KL(q_theta(.|y_<t) || p(.|y_<t)) over the vocabulary (Eq. 3), log q_theta(y_t)
         kl, logq, _ = kernels.reverse_kl(logits_q, logits_p, targets)
@@ -622,7 +622,7 @@ def token_loss(student, teacher, x, y, kd_ratio, ctx):
         logits, ce = student(x, y)  # (N, V): the logits at the N targets, and their mean cross-entropy
     if teacher is None or kd_ratio == 0:
         return ce, {"ce": ce.detach()}
-    with torch.no_grad(), ctx:
+    with torch.no_grad(), ctx, timed("teacher"):
         logits_p = teacher(x, y)[0]  # (N, V)
     fkl = forward_kl(logits, logits_p).mean()
     return (1 - kd_ratio) * ce + kd_ratio * fkl, {"ce": ce.detach(), "fkl": fkl.detach()}
@@ -654,7 +654,7 @@ def onpolicy_loss(student, teacher, batch, args, ctx):
     else:
         with ctx:
             logits_q = response_logits(student, batch)  # (b, n, V)
-            with torch.no_grad():
+            with torch.no_grad(), timed("teacher"):
                 logits_p = response_logits(teacher, batch)
         div = generalized_jsd(logits_q, logits_p, 0.0 if args.divergence == "fkl" else args.beta)
     loss = (div * mask).sum() / mask.sum().clamp(min=1)
@@ -683,9 +683,10 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
         state["round"] = {k: v.to(device) for k, v in state["round"].items()}
     while True:
         if not state.get("minibatches"):  # a new round
-            with evaluating(student):  # q_old without dropout noise
+            with evaluating(student), timed("rollout"):  # q_old without dropout noise
                 batch = rollout(student, teacher, rng.sample(prompts, size), args.max_new_tokens, args.eos_id,
                                 args.alpha, gen)
+            PHASES["rollout tokens"] = PHASES.get("rollout tokens", 0) + int(batch["mask"].sum())
             orders = [torch.randperm(size, generator=shuffle) for _ in range(args.ppo_epochs)]
             state.update(round=score_round(batch, args), samples=state.get("samples", 0) + size,
                          minibatches=[o[i:i + batch_size] for o in orders for i in range(0, size, batch_size)],
@@ -881,6 +882,7 @@ def train(args):
         for group in optimizer.param_groups:
             group["lr"] = lr
         # the method's loss on one batch
+        t_step = clock()  # (the log splits the steps' time into rollout, teacher and student)
         if args.method in ("minillm", "onpolicy"):  # Eq. 7 on a mini-batch of the round's scored rollouts (onpolicy:
             batch = next(batches)                   # the divergence on fresh student samples)
             loss, stats = (minillm_loss if args.method == "minillm" else onpolicy_loss)(wrapped, teacher, batch, args,
@@ -907,6 +909,7 @@ def train(args):
         progress["bad_steps"] = 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        PHASES["step"] = PHASES.get("step", 0.0) + clock() - t_step
         # log: the loss terms, the reverse KL to the teacher (Eq. 1) on 16 validation prompts, speed, time left
         if step % args.log_interval == 0 and validates:
             if teacher is not None:
@@ -1023,6 +1026,26 @@ def evaluating(model):
         yield model
     finally:
         model.train(was_training)
+
+
+PHASES = {}  # where the time goes, since the last log line: seconds by phase, and the tokens rolled out
+
+
+def clock():
+    """time.perf_counter() once the GPU has done the work queued so far (a synchronisation; none on a CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+@contextmanager
+def timed(phase):
+    """Adds the block's seconds to PHASES[phase]."""
+    t0 = clock()
+    try:
+        yield
+    finally:
+        PHASES[phase] = PHASES.get(phase, 0.0) + clock() - t0
 
 # -----------------------------------------------------------------------------
 # Checkpoints: one file, written atomically, loaded without executing pickled code (weights_only=True)
@@ -1452,9 +1475,13 @@ def step_line(step, loss, stats, lr, tokens, elapsed, args):
     eta = elapsed / (step + 1) * (args.max_steps - step - 1)
     if args.max_minutes:
         eta = min(eta, args.max_minutes * 60 - elapsed)
+    times = {k: PHASES.pop(k, 0.0) for k in ("step", "rollout", "rollout tokens", "teacher")}
+    split = (f" | rollout {times['rollout']:.1f}s ({times['rollout tokens'] / times['rollout']:.0f} tok/s)"
+             if times["rollout"] else "") + (f" | teacher {times['teacher']:.1f}s" if times["teacher"] else "")
+    split += f" | student {times['step'] - times['rollout'] - times['teacher']:.1f}s" if split else ""
     return (f"step {step:5d} | loss {loss.item():.4f} | " +
             " | ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {float(v):.4f}" for k, v in stats.items()) +
-            f" | lr {lr:.2e} | {tokens / elapsed:6.0f} tok/s | ETA {eta:5.0f}s")
+            f" | lr {lr:.2e} | {tokens / elapsed:6.0f} tok/s{split} | ETA {eta:5.0f}s")
 
 
 def logger(folder):

@@ -872,7 +872,10 @@ def test_every_method_runs_in_the_same_loop(tmp_path, monkeypatch, method):
               "minillm": ["rkl", "reward", "single", "long", "clip", "w", "len", "L_PT"]}[method]
     step_lines = [line for line in log.splitlines() if line.startswith("step") and "| loss" in line]
     assert len(step_lines) == 3 and all("tok/s" in line and "ETA" in line for line in step_lines)
-    assert [f.split()[0] for f in step_lines[0].split(" | ")[2:-3] if f.split()[0] != "epoch"] == fields
+    assert [f.split()[0] for f in step_lines[0].split(" | lr ")[0].split(" | ")[2:] if f.split()[0] != "epoch"] == fields
+    phases = [f.split()[0] for f in step_lines[0].split(" tok/s | ")[1].split(" | ")[:-1]]  # where the time went
+    assert phases == (["rollout"] if method in ("minillm", "onpolicy") else []) + (
+        ["teacher", "student"] if method != "sft" else []), phases
     assert len([line for line in log.splitlines() if "| val loss" in line]) == 3  # steps 0, 3, 6
     model, ckpt = minillm.load_checkpoint(best)
     assert set(ckpt["metrics"]) == ({"loss"} if method == "sft" else {"loss", "rkl", "valid"})
