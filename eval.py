@@ -362,6 +362,91 @@ def bench_minillm(args, shapes="gpt2"):
     kernels.USE_TRITON = None
 
 
+def bench_rollout(args, shapes="gpt2", repeats=3):
+    """--bench rollout: on the same models (BENCH_SHAPES, random weights) and prompts (--rollout_size random 64-token
+    prompts, --max_new_tokens each): our two-model rollout (alpha 0.2) eager and fast (fast_decode), the student
+    alone with our generate() eager and fast and with transformers' generate() and its static cache (GPT-2 shapes);
+    tokens/s, best of `repeats` (the fast path's first call, which compiles, timed apart). Then the cost of one
+    MiniLLM training sample (a round: rollouts + --ppo_epochs passes of mini-batches of --batch_size) against one KD
+    sample (a step of --batch_size prompt + response rows of the same lengths)."""
+    device = minillm.pick_device(args.device)
+    cuda = device.type == "cuda"
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.manual_seed(0)
+    teacher_config, student_config = BENCH_SHAPES[shapes][0 if cuda else 1]
+    with torch.device(device):
+        teacher, student = minillm.GPT(teacher_config).eval(), minillm.GPT(student_config)
+    if cuda:
+        teacher.to(torch.bfloat16)
+    V = student_config.n_vocab or student_config.vocab_size
+    prompts = torch.randint(0, V - 1, (args.rollout_size, 64)).tolist()
+    n_new = args.max_new_tokens
+    print(f"teacher {teacher.num_params() / 1e6:.1f}M, student {student.num_params() / 1e6:.1f}M parameters, "
+          f"{len(prompts)} prompts of 64 tokens, {n_new} new tokens each, {device}")
+
+    def timing(name, run):
+        first, best = None, float("inf")
+        for i in range(repeats + 1):
+            sync()
+            t0 = time.time()
+            tokens = run()
+            sync()
+            first, best = (time.time() - t0, best) if i == 0 else (first, min(best, time.time() - t0))
+        print(f"{name:<42}{tokens / best:10.0f}{first:14.2f}")
+        return best
+
+    print(f"{'':<42}{'tokens/s':>10}{'first call s':>14}")
+    rollout = {}
+    for fast in (False, True):
+        rollout[fast] = timing(f"rollout, student + teacher, {'fast' if fast else 'eager'}", lambda: int(
+            minillm.rollout(student, teacher, prompts, n_new, V - 1, 0.2, fast=fast)["mask"].sum()))
+    with minillm.evaluating(student):
+        for fast in (False, True):
+            timing(f"generate, student alone, {'fast' if fast else 'eager'}", lambda: minillm.generate(
+                student, prompts, n_new, None, greedy=True, fast=fast).numel())
+        if student_config.model_type == "gpt2":
+            import tempfile
+            import transformers
+            with tempfile.TemporaryDirectory() as folder:
+                minillm.save_pretrained(student, folder, V - 1)
+                hf = transformers.AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
+            x = torch.tensor(prompts, device=device)
+            with torch.no_grad():
+                timing("transformers generate, student, static cache", lambda: hf.generate(
+                    x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, min_new_tokens=n_new,
+                    do_sample=False, cache_implementation="static", pad_token_id=0)[:, 64:].numel())
+    # one MiniLLM training sample against one KD sample
+    run = argparse.Namespace(**{**vars(args), "eos_id": V - 1, "fast_decode": rollout[True] < rollout[False]})
+    optimizer = minillm.make_optimizer(student, args)
+    batches = minillm.rollout_batches(student, teacher, prompts, run, device)
+    sync()
+    t0 = time.time()
+    for _ in range(run.ppo_epochs * (run.rollout_size // run.batch_size)):
+        loss, _ = minillm.minillm_loss(student, teacher, next(batches), run, ctx)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync()
+    minillm_sample = (time.time() - t0) / run.rollout_size
+    x = torch.randint(0, V - 1, (run.batch_size, 64 + n_new), device=device)
+    y = torch.cat([torch.full_like(x[:, :64], -100), x[:, 64:]], 1).roll(-1, 1)
+    times = []
+    for _ in range(repeats + 1):
+        sync()
+        t0 = time.time()
+        loss, _ = minillm.token_loss(student, teacher, x, y, 0.5, ctx)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.time() - t0)
+    kd_sample = min(times[1:]) / run.batch_size
+    print(f"MiniLLM {1000 * minillm_sample:.1f} ms per training sample (a round of {run.rollout_size}, "
+          f"{'fast' if run.fast_decode else 'eager'} rollouts, {run.ppo_epochs} epochs) against KD "
+          f"{1000 * kd_sample:.1f} ms: {minillm_sample / kd_sample:.1f}x")
+
+
 def bench_tokenizers(n=2000, steps=20):
     """--bench tokenizers: the built-in task tokenized byte-level and word-level, the sequence lengths and the
     teacher's training step (batch 32, length-bucketed; the choice in data.py's docstring)."""
@@ -415,12 +500,12 @@ def get_args(argv=None):
     ap.add_argument("--shapes", choices=list(BENCH_SHAPES), default="gpt2",
                     help="--bench minillm: the teacher and student shapes (gpt2: the paper's; qwen: Qwen2.5-1.5B and "
                          "0.5B)")
-    ap.add_argument("--bench", choices=["generate", "minillm", "tokenizers"],
+    ap.add_argument("--bench", choices=["generate", "minillm", "rollout", "tokenizers"],
                     help="run a benchmark instead (--bench minillm also takes minillm.py's flags: --max_steps, "
                          "--rollout_size, --batch_size, --chunk, ...)")
     argv = sys.argv[1:] if argv is None else argv
     args, rest = ap.parse_known_args(argv)
-    if args.bench == "minillm":  # every other flag is minillm.py's (--device, --max_new_tokens, --max_steps, ...)
+    if args.bench in ("minillm", "rollout"):  # every other flag is minillm.py's (--device, --max_new_tokens, ...)
         flags = list(argv)
         for name in ("--bench", "--shapes"):  # eval.py's own
             i = next((i for i, a in enumerate(flags) if a.split("=")[0] == name), None)
@@ -442,6 +527,8 @@ def main(argv=None):
             return bench_tokenizers()
         if args.bench == "minillm":
             return bench_minillm(minillm.get_args(args.minillm_flags), args.shapes)
+        if args.bench == "rollout":
+            return bench_rollout(minillm.get_args(args.minillm_flags), args.shapes)
         if args.table1:
             return table1(args)
         if not args.checkpoints:

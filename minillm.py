@@ -51,6 +51,7 @@ What this version simplifies or changes (relative to the paper and its official 
   paper chooses by validation Rouge-L, as this does on other data).
 """
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -206,8 +207,13 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(q, *rope), rotate(k, *rope)
         if kv is not None:  # KV cache: write this step's keys and values, attend over everything so far
             k_cache, v_cache, start = kv  # (B, H_kv, T_max, hd) each
-            k_cache[:, :, start:start + T], v_cache[:, :, start:start + T] = k, v
-            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, H_kv, S, hd), S = start + T
+            if torch.is_tensor(start):  # a static cache (the fast decode): write at the slot, attend over all of it
+                k_cache.index_copy_(2, start, k)  # (the slots not written yet are masked)
+                v_cache.index_copy_(2, start, v)
+                k, v = k_cache, v_cache
+            else:
+                k_cache[:, :, start:start + T], v_cache[:, :, start:start + T] = k, v
+                k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, H_kv, S, hd), S = start + T
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)
@@ -292,11 +298,16 @@ class GPT(nn.Module):
             hidden=True                out = the final hidden states (B, T, C) instead of logits (for losses that
                                        apply head_weight() themselves, a chunk at a time)"""
         B, T = idx.shape
-        start = 0 if cache is None else cache["len"]  # slots already in the cache
-        if start + T > self.config.block_size:  # (a position never exceeds its slot)
+        static = cache is not None and "slot" in cache  # the fast decode (static_decode): the slot is a tensor
+        start = cache["slot"] if static else 0 if cache is None else cache["len"]  # slots already in the cache
+        if not static and start + T > self.config.block_size:  # (a position never exceeds its slot)
             raise InputError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         if cache is None and valid is None:  # training: right padding only, plain causal attention
             pos, mask = torch.arange(T, device=idx.device), None
+        elif static:  # one token per row at the slot; every slot of the cache is a key, the empty ones masked
+            cache["valid"].index_fill_(1, start, True)
+            pos = cache["valid"].long().sum(1, keepdim=True) - 1  # (B, 1) position among real tokens
+            mask = cache["valid"][:, None, None, :]  # (B, 1, 1, T_max)
         else:
             if cache is not None:
                 cache["valid"][:, start:start + T] = True if valid is None else valid
@@ -315,7 +326,9 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask, None if cache is None else (cache["k"][i], cache["v"][i], start), rope)
-        if cache is not None:
+        if static:
+            cache["slot"].add_(1)
+        elif cache is not None:
             cache["len"] += T
         x = self.transformer.ln_f(x)
         if last_only:
@@ -353,10 +366,16 @@ def left_pad(prompts, pad_id, device):
     return idx.to(device), valid.to(device)
 
 
-def prefill(model, idx, valid, max_new_tokens):
-    """Runs the prompts through the model once; returns (cache, next-token logits (B, V))."""
-    cache = new_cache(model, idx.size(0), idx.size(1) + max_new_tokens, idx.device)
+def prefill(model, idx, valid, max_new_tokens, fast=False):
+    """Runs the prompts through the model once; returns (cache, next-token logits (B, V)). fast: a static cache for
+    fast_decode."""
+    max_len = idx.size(1) + max_new_tokens
+    cache = new_cache(model, idx.size(0), -(-max_len // 64) * 64 if fast else max_len, idx.device)
     logits, _ = model(idx, valid=valid, cache=cache, last_only=True)
+    if fast:  # from here on the slot to write is a tensor, and the cache's tensors keep their addresses
+        cache["slot"] = torch.tensor([cache["len"]], device=idx.device)
+        for t in (cache["k"], cache["v"], cache["valid"], cache["slot"]):
+            torch._dynamo.mark_static_address(t)
     return cache, logits[:, -1].float()
 
 
@@ -364,6 +383,23 @@ def decode(model, cache, token):
     """Appends one token per row (B,) to the cache; returns the next-token logits (B, V)."""
     logits, _ = model(token[:, None], cache=cache, last_only=True)
     return logits[:, -1].float()
+
+# The fast decode (fast=True; --fast_decode), as gpt-fast does it: the same step on static shapes. The cache is made
+# once per batch at a size rounded up to 64 slots, the slot to write is a tensor, and attention runs over the whole
+# cache with the slots not written yet masked; so every step is the same computation on the same shapes, which
+# torch.compile captures once (with CUDA graphs on a GPU) and replays. The loops ask whether every row has ended
+# every 8 steps instead of every step (each question waits for the GPU).
+DECODE_BACKEND = "inductor"  # torch.compile's backend for it
+
+
+def fast_decode(model, cache, token):
+    return compiled_decode(token.device.type, DECODE_BACKEND)(model, cache, token)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_decode(device_type, backend):
+    mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None  # CUDA graphs
+    return torch.compile(decode, backend=backend, mode=mode, dynamic=False)
 
 
 def next_token_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
@@ -391,11 +427,11 @@ def sample(probs, generator=None):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=0, top_p=1.0, greedy=False,
-             generator=None, use_cache=True, pad_id=None):
+             generator=None, use_cache=True, pad_id=None, fast=False):
     """Batched generation for prompts (list of token lists) of different lengths.
     Returns (B, n) new tokens, n <= max_new_tokens: each row stops at its first EOS and is padded after it
     (pad_id, default eos_id). eos_id None never stops (benchmarks). use_cache=False recomputes the whole prefix
-    every step (the reference the KV cache is tested against)."""
+    every step (the reference the KV cache is tested against); fast: fast_decode."""
     pad_id = (eos_id if eos_id is not None else 0) if pad_id is None else pad_id
     device = next(model.parameters()).device
     idx, valid = left_pad(prompts, pad_id, device)
@@ -405,7 +441,7 @@ def generate(model, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=0, t
         raise InputError(f"prompt ({idx.size(1)} tokens) + max_new_tokens ({max_new_tokens}) exceeds block_size "
                          f"{model.config.block_size}")
     if use_cache:
-        cache, logits = prefill(model, idx, valid, max_new_tokens)
+        cache, logits = prefill(model, idx, valid, max_new_tokens, fast)
     else:
         logits = model(idx, valid=valid, last_only=True)[0][:, -1].float()
     B = idx.size(0)
@@ -417,10 +453,10 @@ def generate(model, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=0, t
         out[:, t] = torch.where(done, pad_id, token)
         if eos_id is not None:
             done |= token == eos_id
-        if done.all() or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or ((not fast or t % 8 == 7) and done.all()):  # (fast: every 8 steps)
             break
         if use_cache:
-            logits = decode(model, cache, token)
+            logits = (fast_decode if fast else decode)(model, cache, token)
         else:
             idx, valid = torch.cat([idx, token[:, None]], 1), torch.cat([valid, valid.new_ones(B, 1)], 1)
             logits = model(idx, valid=valid, last_only=True)[0][:, -1].float()
@@ -454,21 +490,22 @@ def respond(model, enc, prompts, greedy=False, seed=0, max_new_tokens=96, batch_
 
 
 @torch.no_grad()
-def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=None):
+def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=None, fast=False):
     """Samples one response per prompt from p_mix. Returns a dict of (B, n) tensors, n <= max_new_tokens:
     tokens (padded with eos_id after each row's EOS), mask (True on response tokens, EOS included, False after),
     logq_old = log q_old(y_t) (the student at rollout time), logp = log p(y_t), log_pmix = log p_mix(y_t);
     and prompt_idx, prompt_valid: the left-padded prompts (B, Tp). teacher None (with alpha 0): pure student samples
-    without running the teacher (on-policy distillation scores them later), logp = log q_old."""
+    without running the teacher (on-policy distillation scores them later), logp = log q_old. fast: fast_decode."""
     device = next(student.parameters()).device
     idx, valid = left_pad(prompts, eos_id, device)
-    s_cache, s_logits = prefill(student, idx, valid, max_new_tokens)
-    t_cache, t_logits = prefill(teacher, idx, valid, max_new_tokens) if teacher is not None else (None, None)
+    s_cache, s_logits = prefill(student, idx, valid, max_new_tokens, fast)
+    t_cache, t_logits = prefill(teacher, idx, valid, max_new_tokens, fast) if teacher is not None else (None, None)
+    step = fast_decode if fast else decode
     B = idx.size(0)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = []
     for t in range(max_new_tokens):
-        if done.all():  # (a sharded teacher only: the other processes' rows are not done, and it steps with them)
+        if is_sharded(teacher) and done.all():  # the other processes' rows are not done, and it steps with them
             token = torch.full((B, 1), eos_id, device=device)
         else:
             log_q = F.log_softmax(s_logits, -1)             # (B, V)
@@ -479,13 +516,16 @@ def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=
             steps.append((torch.where(live, token[:, 0], eos_id), live, log_q.gather(1, token)[:, 0],
                           log_p.gather(1, token)[:, 0], p_mix.gather(1, token)[:, 0].log()))
             done |= token[:, 0] == eos_id
-        finished = done.all().float()
-        if is_sharded(teacher):  # every process runs each forward of a sharded teacher together
-            dist.all_reduce(finished, op=dist.ReduceOp.MIN)
-        if finished or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1:
             break
-        s_logits = decode(student, s_cache, token[:, 0])
-        t_logits = decode(teacher, t_cache, token[:, 0]) if teacher is not None else None
+        if not fast or t % 8 == 7:  # (fast: every 8 steps)
+            finished = done.all().float()
+            if is_sharded(teacher):  # every process runs each forward of a sharded teacher together
+                dist.all_reduce(finished, op=dist.ReduceOp.MIN)
+            if finished:
+                break
+        s_logits = step(student, s_cache, token[:, 0])
+        t_logits = step(teacher, t_cache, token[:, 0]) if teacher is not None else None
     tokens, mask, logq_old, logp, log_pmix = (torch.stack(x, 1) for x in zip(*steps))  # (B, n) each
     zero = torch.zeros((), device=device)
     return {"prompt_idx": idx, "prompt_valid": valid, "tokens": tokens, "mask": mask,
@@ -685,7 +725,7 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
         if not state.get("minibatches"):  # a new round
             with evaluating(student), timed("rollout"):  # q_old without dropout noise
                 batch = rollout(student, teacher, rng.sample(prompts, size), args.max_new_tokens, args.eos_id,
-                                args.alpha, gen)
+                                args.alpha, gen, args.fast_decode)
             PHASES["rollout tokens"] = PHASES.get("rollout tokens", 0) + int(batch["mask"].sum())
             orders = [torch.randperm(size, generator=shuffle) for _ in range(args.ppo_epochs)]
             state.update(round=score_round(batch, args), samples=state.get("samples", 0) + size,
@@ -845,6 +885,7 @@ def train(args):
     if ckpt:  # --resume: the run as it was when the checkpoint was written
         metrics = resume_run(ckpt, resume_path, student, optimizer, progress, log_gen, rank, world, device)
     t_start = time.time() - progress["elapsed"]
+    PHASES.clear()
     for step in range(start, args.max_steps + 1):
         # validate (every --eval_interval steps and at the end) and keep the best checkpoint in best.pt
         elapsed = time.time() - t_start
@@ -1913,6 +1954,9 @@ def get_args(argv=None):
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
+    ap.add_argument("--fast_decode", action="store_true",
+                    help="rollouts decode on a static cache, the step compiled (CUDA graphs on a GPU; see "
+                         "fast_decode); off by default: on a CPU it is slower (README)")
     args = ap.parse_args(argv)
     if args.keep < 1:
         ap.error("--keep must be at least 1")

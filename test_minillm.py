@@ -1005,9 +1005,16 @@ def test_benchmarks_print_their_tables(tmp_path, monkeypatch, capsys):
     ev.bench_tokenizers(n=64, steps=1)
     ev.main(["--bench", "minillm", "--device", "cpu", "--max_steps", "2", "--rollout_size", "8", "--batch_size", "4",
              "--max_new_tokens", "8"])
+    monkeypatch.setattr(minillm, "DECODE_BACKEND", "eager")  # (inductor would take a minute to compile here)
+    minillm.compiled_decode.cache_clear()
+    ev.bench_rollout(minillm.get_args(["--device", "cpu", "--rollout_size", "4", "--batch_size", "2",
+                                       "--max_new_tokens", "4", "--ppo_epochs", "1"]), "gpt2", repeats=1)
+    minillm.compiled_decode.cache_clear()
     out = capsys.readouterr().out
     for line in ("KV cache", "recompute", "speedup", "builtin-bytes", "rollout:", "reference", "fused kernel",
-                 "kernel, --chunk 1024", "rollouts of up to 8 tokens"):
+                 "kernel, --chunk 1024", "rollouts of up to 8 tokens", "rollout, student + teacher, eager",
+                 "rollout, student + teacher, fast", "generate, student alone, fast", "transformers generate",
+                 "ms per training sample"):
         assert line in out, line
     assert kernels.USE_TRITON is None  # the benchmark gives the dispatch back
     with pytest.raises(SystemExit):
@@ -1377,6 +1384,42 @@ def test_a_student_with_another_tokenizer_is_refused_before_training(tmp_path):
     with pytest.raises(minillm.InputError, match="differs from the teacher's"):
         minillm.train(args)
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+# -----------------------------------------------------------------------------
+# The fast decode: a static cache and a compiled step (torch.compile's eager backend here: it traces and guards as
+# inductor does, without compiling code, so that the test counts graphs in seconds)
+
+
+def counting_backend(graphs):
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
+def test_fast_decode_gives_the_eager_tokens_and_compiles_once_per_model(monkeypatch):
+    torch._dynamo.reset()
+    graphs = []
+    monkeypatch.setattr(minillm, "DECODE_BACKEND", counting_backend(graphs))
+    minillm.compiled_decode.cache_clear()
+    enc = data.get_encoding("builtin")
+    teacher, student = eos_teacher(enc), tiny(vocab_size=enc.n_vocab, block_size=64, n_layer=1)
+    rng = random.Random(0)
+    for round_ in range(3):  # rounds of different prompt lengths: nothing traced again after the first
+        prompts = [[rng.randrange(enc.n_vocab - 1) for _ in range(rng.randint(3, 12))] for _ in range(6)]
+        eager, fast = (minillm.rollout(student, teacher, prompts, 20, enc.eot_token, 0.2,
+                                       torch.Generator().manual_seed(round_), fast=f) for f in (False, True))
+        n = eager["tokens"].size(1)
+        assert fast["tokens"].size(1) >= n and torch.equal(fast["tokens"][:, :n], eager["tokens"])
+        assert torch.equal(fast["mask"][:, :n], eager["mask"]) and not fast["mask"][:, n:].any()  # ended rows
+        assert (fast["tokens"][:, n:] == enc.eot_token).all()                                       # stay padded
+        for k in ("logq_old", "logp", "log_pmix"):
+            assert_close(fast[k][:, :n], eager[k], 1e-5, k)
+        greedy = [minillm.generate(student, prompts, 16, None, greedy=True, fast=f) for f in (False, True)]
+        assert torch.equal(*greedy)
+        assert len(graphs) == 2, (round_, len(graphs))  # one graph per model (student, teacher), then replayed
+    minillm.compiled_decode.cache_clear()
 
 
 def test_chunked_path_equals_the_whole_logits():
