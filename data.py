@@ -437,8 +437,8 @@ def hf_tokenizer(folder):
     else:
         return None
     try:
-        vocab = {**json.loads(text)["model"]["vocab"], **{t["content"]: t["id"] for t in json.loads(text).get(
-            "added_tokens", [])}}
+        parsed = json.loads(text)
+        vocab = {**parsed["model"]["vocab"], **{t["content"]: t["id"] for t in parsed.get("added_tokens", [])}}
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path('tokenizer.json')}: not a tokenizer file this reads ({type(e).__name__}: {e})") from None
     configs = {}

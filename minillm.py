@@ -259,7 +259,7 @@ class GPT(nn.Module):
         learned = config.pos == "learned"  # a table of position embeddings (rotary positions have no weights)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-            **{"wpe": nn.Embedding(config.block_size + config.pos_offset, config.n_embd)} if learned else {},
+            **({"wpe": nn.Embedding(config.block_size + config.pos_offset, config.n_embd)} if learned else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=norm(config, config.n_embd),
@@ -298,7 +298,7 @@ class GPT(nn.Module):
             hidden=True                out = the final hidden states (B, T, C) instead of logits (for losses that
                                        apply head_weight() themselves, a chunk at a time)"""
         B, T = idx.shape
-        static = cache is not None and "slot" in cache  # the fast decode (static_decode): the slot is a tensor
+        static = cache is not None and "slot" in cache  # the fast decode (fast_decode): the slot is a tensor
         start = cache["slot"] if static else 0 if cache is None else cache["len"]  # slots already in the cache
         if not static and start + T > self.config.block_size:  # (a position never exceeds its slot)
             raise InputError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
