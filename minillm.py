@@ -1585,8 +1585,8 @@ def load_models(args, device):
                 raise InputError(f"{path}: no tokenizer.json (or vocab.json + merges.txt) beside the weights: "
                                  "nothing to tokenize the data with")
             if args.tokenizer != "auto" and name != args.tokenizer:
-                raise InputError(f"{path}: trained with tokenizer {name}; this run tokenizes with {args.tokenizer} "
-                                 "(--tokenizer)")
+                raise InputError(f"{path}: its tokenizer is {name}; this run tokenizes with {args.tokenizer} " + (
+                    "(--tokenizer)" if "tokenizer" in args.typed else "(the built-in task's: give --data for yours)"))
             if role == "student" and teacher is not None and not data.same_tokenizer(ckpt["tokenizer"], tokenizer):
                 raise InputError(f"{path}: its tokenizer ({name}) differs from the teacher's "
                                  f"({data.tokenizer_name(tokenizer)}, {args.teacher}), compared token by token: "

@@ -510,9 +510,9 @@ def test_pipeline_checks_its_inputs_first(tmp_path, monkeypatch):
     torch.save({"model": Evil(), "config": {}, "tokenizer": "builtin"}, str(tmp_path / "evil.pt"))
     cases = [(["--teacher", "missing.pt"], "missing.pt: no such checkpoint file"),
              (["--teacher", "evil.pt"], "evil.pt: refused: it holds pickled objects that are not tensors"),
-             (["--teacher", "bytes.pt"], "bytes.pt: trained with tokenizer builtin-bytes; this run tokenizes with "
-                                         "builtin"),
-             (["--teacher", "ok.pt", "--init", "bytes.pt"], "bytes.pt: trained with tokenizer builtin-bytes"),
+             (["--teacher", "bytes.pt"], "bytes.pt: its tokenizer is builtin-bytes; this run tokenizes with "
+                                         "builtin (the built-in task's: give --data for yours)"),
+             (["--teacher", "ok.pt", "--init", "bytes.pt"], "bytes.pt: its tokenizer is builtin-bytes"),
              (["--teacher", "small.pt"], "small.pt: 1000 embedding rows, fewer than the 1623 tokens of its tokenizer"),
              (["--init", "small.pt"], "small.pt: 1000 embedding rows, fewer than the 1623 tokens of its tokenizer"),
              (["--teacher", "ok.pt", "--max_new_tokens", "64"], "leaves no room for a prompt in block_size 64"),
