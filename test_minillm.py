@@ -1007,6 +1007,8 @@ def test_benchmarks_print_their_tables(tmp_path, monkeypatch, capsys):
              "--max_new_tokens", "8"])
     monkeypatch.setattr(minillm, "DECODE_BACKEND", "eager")  # (inductor would take a minute to compile here)
     minillm.compiled_decode.cache_clear()
+    small = minillm.GPTConfig(vocab_size=97, block_size=128, n_layer=1, n_head=2, n_embd=16)  # (quick to trace)
+    monkeypatch.setitem(ev.BENCH_SHAPES, "gpt2", (ev.BENCH_SHAPES["gpt2"][0], (small, small)))
     ev.bench_rollout(minillm.get_args(["--device", "cpu", "--rollout_size", "4", "--batch_size", "2",
                                        "--max_new_tokens", "4", "--ppo_epochs", "1"]), "gpt2", repeats=1)
     minillm.compiled_decode.cache_clear()
