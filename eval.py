@@ -6,7 +6,8 @@ Evaluation as the paper does it, and the built-in Table 1.
     python eval.py --table1                  # train KD, SeqKD, on-policy, MiniLLM and its ablations (3 training
                                              # seeds each) from the SFT student, then evaluate them all
     python eval.py --bench generate          # generation: KV cache vs recomputing the prefix
-    python eval.py --bench minillm [minillm.py flags]    # MiniLLM steps at GPT-2 scale (a GPU), per loss path
+    python eval.py --bench minillm [--shapes qwen] [minillm.py flags]  # MiniLLM steps at real scale, per loss path
+    python eval.py --bench rollout [minillm.py flags]    # rollouts eager / fast vs transformers; MiniLLM vs KD cost
     python eval.py --bench tokenizers        # the built-in task: byte-level vs word-level tokens
 
 For each checkpoint: responses sampled at T = 1, top-p 1, up to 256 new tokens, cut at EOS, for every test prompt,
