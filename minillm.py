@@ -1376,7 +1376,8 @@ def save_pretrained(model, folder, eos_id, tokenizer=None):
 STEP_FILE = re.compile(r"step-\d+\.pt")
 RUN_FILES = re.compile(STEP_FILE.pattern + r"|last\.pt|best\.pt|log\.txt|hf|teacher_responses_\d+\.jsonl")
 NOT_SETTINGS = {"out", "resume", "overwrite", "device", "compile", "max_minutes", "log_interval", "save_interval",
-                "keep", "eos_id", "teacher_steps", "student_steps", "typed"}  # a resume may change
+                "keep", "eos_id", "teacher_steps", "student_steps", "typed", "chunk", "fast_decode"}  # a resume may
+# change these (--chunk and --fast_decode change how, not what: --chunk is also set by load_models, after this check)
 
 
 def open_run(args, world):

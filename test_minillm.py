@@ -1375,6 +1375,15 @@ def test_a_large_vocabulary_chunks_the_single_step_term_unless_chunk_is_typed(tm
         student, teacher, _ = minillm.load_models(args, torch.device("cpu"))
         assert args.chunk == chunk and student.config.n_vocab == teacher.config.n_vocab == 70000, (method, typed)
 
+    # a run whose --chunk load_models set (nobody typed it) resumes: --chunk changes how the term is computed, not what
+    argv = ["--method", "minillm", "--teacher", "t.pt", "--init", "s.pt", "--out", str(tmp_path / "run")]
+    made = minillm.get_args(argv)
+    made.chunk = 4096
+    os.makedirs(tmp_path / "run")
+    minillm.save_checkpoint(str(tmp_path / "run" / "step-000100.pt"), tiny(), None, 100, made, "builtin", {})
+    path, ckpt, _ = minillm.find_resume(minillm.get_args(argv + ["--resume"]))
+    assert path.endswith("step-000100.pt") and ckpt["step"] == 100
+
 
 def test_a_student_with_another_tokenizer_is_refused_before_training(tmp_path):
     llama_folder(str(tmp_path / "teacher"), 640, seed=0, tokenizer_style="llama3")
