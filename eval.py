@@ -305,6 +305,21 @@ BENCH_SHAPES = {  # --shapes: (teacher, student) on a GPU; on a CPU, small model
 }
 
 
+def bench_models(args, shapes):
+    """The benchmarks' device, autocast context, teacher (bf16 on a GPU, as load_models puts it), student (random
+    weights, BENCH_SHAPES) and vocabulary size."""
+    device = minillm.pick_device(args.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    teacher_config, student_config = BENCH_SHAPES[shapes][0 if cuda else 1]
+    with torch.device(device):
+        teacher, student = minillm.GPT(teacher_config).eval(), minillm.GPT(student_config)
+    if cuda:
+        teacher.to(torch.bfloat16)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    return device, ctx, teacher, student, student_config.n_vocab or student_config.vocab_size
+
+
 def bench_minillm(args, shapes="gpt2"):
     """--bench minillm: MiniLLM steps on a GPU at real scale, random weights, random 64-token prompts: --shapes
     gpt2 (the paper's: a GPT-2-XL-shaped teacher in bf16, a GPT-2-shaped student) or qwen (Qwen2.5-1.5B and
@@ -313,16 +328,8 @@ def bench_minillm(args, shapes="gpt2"):
     rollouts for each way of computing the single-step term (the kernel with --chunk, the fused kernel on whole
     logits, the PyTorch reference): ms per step and peak memory (GPU: allocated, per variant; CPU: the process's
     peak resident memory so far). args: minillm.py's settings (minillm.get_args)."""
-    device = minillm.pick_device(args.device)
+    device, ctx, teacher, student, V = bench_models(args, shapes)
     cuda = device.type == "cuda"
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    torch.manual_seed(0)
-    teacher_config, student_config = BENCH_SHAPES[shapes][0 if cuda else 1]
-    with torch.device(device):
-        teacher, student = minillm.GPT(teacher_config).eval(), minillm.GPT(student_config)
-    if cuda:
-        teacher.to(torch.bfloat16)  # as load_models does on a GPU
-    V = student_config.n_vocab or student_config.vocab_size
     run = argparse.Namespace(**{**vars(args), "eos_id": V - 1, "chunk": 0})
     prompts = torch.randint(0, V - 1, (run.rollout_size, 64)).tolist()
     print(f"teacher {teacher.num_params() / 1e9:.2f}B, student {student.num_params() / 1e6:.0f}M, V {V}, "
@@ -370,17 +377,8 @@ def bench_rollout(args, shapes="gpt2", repeats=3):
     tokens/s, best of `repeats` (the fast path's first call, which compiles, timed apart). Then the cost of one
     MiniLLM training sample (a round: rollouts + --ppo_epochs passes of mini-batches of --batch_size) against one KD
     sample (a step of --batch_size prompt + response rows of the same lengths)."""
-    device = minillm.pick_device(args.device)
-    cuda = device.type == "cuda"
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    torch.manual_seed(0)
-    teacher_config, student_config = BENCH_SHAPES[shapes][0 if cuda else 1]
-    with torch.device(device):
-        teacher, student = minillm.GPT(teacher_config).eval(), minillm.GPT(student_config)
-    if cuda:
-        teacher.to(torch.bfloat16)
-    V = student_config.n_vocab or student_config.vocab_size
+    device, ctx, teacher, student, V = bench_models(args, shapes)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     prompts = torch.randint(0, V - 1, (args.rollout_size, 64)).tolist()
     n_new = args.max_new_tokens
     print(f"teacher {teacher.num_params() / 1e6:.1f}M, student {student.num_params() / 1e6:.1f}M parameters, "
@@ -406,7 +404,7 @@ def bench_rollout(args, shapes="gpt2", repeats=3):
         for fast in (False, True):
             timing(f"generate, student alone, {'fast' if fast else 'eager'}", lambda: minillm.generate(
                 student, prompts, n_new, None, greedy=True, fast=fast).numel())
-        if student_config.model_type == "gpt2":
+        if student.config.model_type == "gpt2":
             import tempfile
             import transformers
             with tempfile.TemporaryDirectory() as folder:
