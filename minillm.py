@@ -210,8 +210,8 @@ class CausalSelfAttention(nn.Module):
         if kv is not None:  # KV cache: write this step's keys and values, attend over everything so far
             k_cache, v_cache, start = kv  # (B, H_kv, T_max, hd) each
             if torch.is_tensor(start):  # a static cache (the fast decode): write at the slot, attend over all of it
-                k_cache.index_copy_(2, start, k)  # (the slots not written yet are masked)
-                v_cache.index_copy_(2, start, v)
+                k_cache.index_copy_(2, start, k.to(k_cache.dtype))  # (the slots not written yet are masked;
+                v_cache.index_copy_(2, start, v.to(v_cache.dtype))  # under autocast the cache is bf16)
                 k, v = k_cache, v_cache
             else:
                 k_cache[:, :, start:start + T], v_cache[:, :, start:start + T] = k, v
@@ -353,6 +353,8 @@ def new_cache(model, batch_size, max_len, device):
     """Per-layer keys and values (n_layer, B, H_kv, max_len, hd), which slots hold real tokens, and the fill level."""
     c = model.config
     dtype = next(model.parameters()).dtype
+    if torch.is_autocast_enabled(device.type):  # (rollouts on a GPU: bf16 autocast, the cache in bf16 too)
+        dtype = torch.get_autocast_dtype(device.type)
     shape = (c.n_layer, batch_size, c.n_kv_head or c.n_head, max_len, c.head_dim or c.n_embd // c.n_head)
     return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device),
             "valid": torch.zeros(batch_size, max_len, dtype=torch.bool, device=device), "len": 0}
@@ -706,14 +708,14 @@ def onpolicy_loss(student, teacher, batch, args, ctx):
 # The rollout buffer: rounds of scored rollouts, served in shuffled mini-batches (Algorithm 1, step 2)
 
 
-def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, state=None):
+def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, state=None, ctx=nullcontext()):
     """Endless mini-batches for MiniLLM. Each round rolls out one response from p_mix for each of args.rollout_size
     training prompts with the student of now (q_old), scores the round once (score_round), and then yields
     ppo_epochs passes over it in shuffled mini-batches of args.batch_size. Under torchrun each of the `world`
     processes makes 1/world of the round and of each mini-batch, from its own prompts and samples. `state` (a dict,
     kept up to date) holds the round, its mini-batches still to come and the random generators: saved in a
     checkpoint, it lets a resumed run go on exactly here; state["samples"] counts the responses this process rolled
-    out."""
+    out. ctx: the training's autocast (bf16 on a GPU), in which the rollouts run too."""
     seed, size, batch_size = args.seed + rank, args.rollout_size // world, max(1, args.batch_size // world)
     rng, gen = random.Random(seed), torch.Generator(device=device).manual_seed(seed)  # prompts, sampling
     shuffle = torch.Generator().manual_seed(seed)  # mini-batch order
@@ -725,7 +727,7 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
         state["round"] = {k: v.to(device) for k, v in state["round"].items()}
     while True:
         if not state.get("minibatches"):  # a new round
-            with evaluating(student), timed("rollout"):  # q_old without dropout noise
+            with evaluating(student), timed("rollout"), ctx:  # q_old without dropout noise
                 batch = rollout(student, teacher, rng.sample(prompts, size), args.max_new_tokens, args.eos_id,
                                 args.alpha, gen, args.fast_decode)
             PHASES["rollout tokens"] = PHASES.get("rollout tokens", 0) + int(batch["mask"].sum())
@@ -876,7 +878,7 @@ def train(args):
         fresh = {"alpha": 0.0, "rollout_size": args.batch_size, "ppo_epochs": 1} if args.method == "onpolicy" else {}
         batches = rollout_batches(student, None if fresh else teacher, task["prompts"],  # (on-policy: every step a
                                   argparse.Namespace(**{**vars(args), **fresh}),         # fresh batch of student
-                                  device, rank, world, rollout_state)                    # samples, no teacher)
+                                  device, rank, world, rollout_state, ctx)               # samples, no teacher)
     else:  # (epoch, x, y): shuffled, length-bucketed batches of the instruction data
         batches = data.batches(task["train_pairs"], args.batch_size, args.seed, skip=start)
     log_data(args, task, log)

@@ -1433,6 +1433,42 @@ def test_fast_decode_gives_the_eager_tokens_and_compiles_once_per_model(monkeypa
     minillm.compiled_decode.cache_clear()
 
 
+def test_rollouts_in_bf16_autocast_fast_and_eager_agree_with_the_models(monkeypatch):
+    """What a GPU run does (the training's bf16 autocast around the rollouts, the teacher's weights in bf16), on the
+    CPU's autocast: the caches are bf16, the fast path traces once per model, and both paths' log q_old(y_t) and
+    log p(y_t) are what the two models' forwards over prompt + response give for the sampled tokens."""
+    torch._dynamo.reset()
+    graphs = []
+    monkeypatch.setattr(minillm, "DECODE_BACKEND", counting_backend(graphs))
+    minillm.compiled_decode.cache_clear()
+    enc = data.get_encoding("builtin")
+    torch.manual_seed(1)  # a Qwen3-shaped student: rotary, GQA, q/k norm (their outputs are fp32 under autocast)
+    qwen = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=2, n_head=4, n_embd=32, bias=False,
+                         norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_head=2, head_dim=16, qk_norm=True)).eval()
+    teacher = eos_teacher(enc).to(torch.bfloat16)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(enc.n_vocab - 1) for _ in range(rng.randint(3, 12))] for _ in range(6)]
+    new_cache = minillm.new_cache
+    dtypes = []
+    monkeypatch.setattr(minillm, "new_cache", lambda *a: dtypes.append((c := new_cache(*a))["k"].dtype) or c)
+    for student in (tiny(vocab_size=enc.n_vocab, block_size=64, n_layer=1), qwen):
+        fp32 = minillm.rollout(student, teacher, prompts, 20, enc.eot_token, 0.2, torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for fast in (False, True):
+                b = minillm.rollout(student, teacher, prompts, 20, enc.eot_token, 0.2,
+                                    torch.Generator().manual_seed(0), fast=fast)
+                with torch.no_grad():
+                    for key, model in (("logq_old", student), ("logp", teacher)):
+                        logits = minillm.response_logits(model, b).float()
+                        forward = logits.log_softmax(-1).gather(-1, b["tokens"][..., None])[..., 0] * b["mask"]
+                        assert_close(b[key], forward, 0.03, f"{key}, fast={fast}")
+                if b["tokens"].shape == fp32["tokens"].shape and torch.equal(b["tokens"], fp32["tokens"]):
+                    assert not torch.equal(b["logq_old"], fp32["logq_old"])  # (bf16 arithmetic did run)
+    assert dtypes == ([torch.float32] + [torch.bfloat16] * 5) * 2  # (the fp32 student's cache alone is fp32)
+    assert len(graphs) == 3  # the teacher's step traced once, each student's once
+    minillm.compiled_decode.cache_clear()
+
+
 def test_chunked_path_equals_the_whole_logits():
     g = torch.Generator().manual_seed(0)
     h_q, h_p = torch.randn(3, 13, 16, generator=g), torch.randn(3, 13, 24, generator=g)
