@@ -335,7 +335,7 @@ def bench_minillm(args, shapes="gpt2"):
     print(f"teacher {teacher.num_params() / 1e9:.2f}B, student {student.num_params() / 1e6:.0f}M, V {V}, "
           f"{run.rollout_size} rollouts of up to {run.max_new_tokens} tokens, mini-batches of {run.batch_size}, "
           f"{device}")
-    batches = minillm.rollout_batches(student, teacher, prompts, run, device)
+    batches = minillm.rollout_batches(student, teacher, prompts, run, device, ctx=ctx)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     t0 = time.time()
@@ -373,8 +373,8 @@ def bench_minillm(args, shapes="gpt2"):
 def bench_rollout(args, shapes="gpt2", repeats=3):
     """--bench rollout: on the same models (BENCH_SHAPES, random weights) and prompts (--rollout_size random 64-token
     prompts, --max_new_tokens each): our two-model rollout (alpha 0.2) eager and fast (fast_decode), the student
-    alone with our generate() eager and fast and with transformers' generate() and its static cache (GPT-2 shapes);
-    tokens/s, best of `repeats` (the fast path's first call, which compiles, timed apart). Then the cost of one
+    alone with our generate() eager and fast and with transformers' generate() and its static cache (GPT-2 shapes;
+    these three in the student's fp32, the rollouts in the training's autocast: bf16 on a GPU); tokens/s, best of `repeats` (the fast path's first call, which compiles, timed apart). Then the cost of one
     MiniLLM training sample (a round: rollouts + --ppo_epochs passes of mini-batches of --batch_size) against one KD
     sample (a step of --batch_size prompt + response rows of the same lengths)."""
     device, ctx, teacher, student, V = bench_models(args, shapes)
@@ -397,9 +397,10 @@ def bench_rollout(args, shapes="gpt2", repeats=3):
 
     print(f"{'':<42}{'tokens/s':>10}{'first call s':>14}")
     rollout = {}
-    for fast in (False, True):
-        rollout[fast] = timing(f"rollout, student + teacher, {'fast' if fast else 'eager'}", lambda: int(
-            minillm.rollout(student, teacher, prompts, n_new, V - 1, 0.2, fast=fast)["mask"].sum()))
+    for fast in (False, True):  # (in the training's autocast, as rollout_batches runs them)
+        with ctx:
+            rollout[fast] = timing(f"rollout, student + teacher, {'fast' if fast else 'eager'}", lambda: int(
+                minillm.rollout(student, teacher, prompts, n_new, V - 1, 0.2, fast=fast)["mask"].sum()))
     with minillm.evaluating(student):
         for fast in (False, True):
             timing(f"generate, student alone, {'fast' if fast else 'eager'}", lambda: minillm.generate(
@@ -418,7 +419,7 @@ def bench_rollout(args, shapes="gpt2", repeats=3):
     # one MiniLLM training sample against one KD sample
     run = argparse.Namespace(**{**vars(args), "eos_id": V - 1, "fast_decode": rollout[True] < rollout[False]})
     optimizer = minillm.make_optimizer(student, args)
-    batches = minillm.rollout_batches(student, teacher, prompts, run, device)
+    batches = minillm.rollout_batches(student, teacher, prompts, run, device, ctx=ctx)
     sync()
     t0 = time.time()
     for _ in range(run.ppo_epochs * (run.rollout_size // run.batch_size)):
