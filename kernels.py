@@ -3,6 +3,7 @@ Fused log-softmax / reverse-KL: the per-token quantities of MiniLLM's objective 
 
     python kernels.py                                  # benchmark (kernel figures need a GPU)
     python kernels.py --memory 256                     # peak memory of the chunked path (0: whole logits)
+    python kernels.py --sweep                          # a GPU: block size and warps per row, timed
     python -m pytest test_minillm.py -q -k kernel      # correctness, on the CPU under TRITON_INTERPRET=1
 
 For every response token MiniLLM needs (Gu et al., ICLR 2024, section 2.2):
@@ -80,6 +81,9 @@ def reverse_kl_ref(student_logits, teacher_logits, targets=None, temperature=1.0
 #   KL = sum_F q_v (log q_v - log p_v) = A / d_s - (lse_s - lse_t) * Q_F,
 #   A = sum_F exp(s_v - m_s) (s_v - t_v),  Q_F = sum_F q_v,   F = entries finite in both.
 # A, d_s and Q_F * d_s are rescaled by exp(m_old - m_new) whenever the running max grows, so one pass suffices.
+# The kernels work in base 2: the hardware's exponential is exp2, and exp(x) = exp2(x log2 e), so the logits are
+# read once as s * log2(e) / T (one multiply that the division by T needed anyway) and every exp is a bare exp2;
+# base-2 sums, maxima and log-sum-exps turn into natural logs by one factor ln 2 per row.
 #
 # Gradient w.r.t. the student logits z, for upstream gradients g_kl (of KL) and g_lq (of log q(y)):
 #   dKL/ds_j     = sum_{v in F} [dq_v/ds_j (log q_v - log p_v) + q_v dlog q_v/ds_j]
@@ -97,22 +101,23 @@ def reverse_kl_ref(student_logits, teacher_logits, targets=None, temperature=1.0
 
 if triton is not None:
     @triton.jit
-    def _reverse_kl_fwd(S, T, Y, KL, LQ, LP, LSE_S, LSE_T, QF, stride_s, stride_t, V, inv_temp, ignore_index,
+    def _reverse_kl_fwd(S, T, Y, KL, LQ, LP, LSE_S, LSE_T, QF, stride_s, stride_t, V, scale, ignore_index,
                         HAS_TARGET: tl.constexpr, BLOCK: tl.constexpr):
+        # scale = log2(e) / T: s and t below are the logits / T in base-2 units (exp(x) = exp2(x log2 e))
         row = tl.program_id(0).to(tl.int64)
         s_row, t_row = S + row * stride_s, T + row * stride_t
-        m_s, d_s, a, qf = -float("inf"), 0.0, 0.0, 0.0  # student running max, sum, A, Q_F * d_s
+        m_s, d_s, a, qf = -float("inf"), 0.0, 0.0, 0.0  # student running max, sum, A (base 2), Q_F * d_s
         m_t, d_t = -float("inf"), 0.0                   # teacher running max, sum
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             inside = cols < V
-            s = tl.load(s_row + cols, mask=inside, other=-float("inf")).to(tl.float32) * inv_temp
-            t = tl.load(t_row + cols, mask=inside, other=-float("inf")).to(tl.float32) * inv_temp
+            s = tl.load(s_row + cols, mask=inside, other=-float("inf")).to(tl.float32) * scale
+            t = tl.load(t_row + cols, mask=inside, other=-float("inf")).to(tl.float32) * scale
             finite = (s != -float("inf")) & (t != -float("inf"))  # F
             m_new = tl.maximum(m_s, tl.max(s, 0))
             m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # an all-masked prefix: avoid -inf - -inf
-            rescale = tl.exp(m_s - m_use)  # the running sums were taken against the old max: rescale them
-            e = tl.exp(s - m_use)  # 0 where s = -inf
+            rescale = tl.exp2(m_s - m_use)  # the running sums were taken against the old max: rescale them
+            e = tl.exp2(s - m_use)  # 0 where s = -inf
             d_s = d_s * rescale + tl.sum(e, 0)
             diff = tl.where(finite, s, 0.0) - tl.where(finite, t, 0.0)  # s - t on F, 0 elsewhere: no inf - inf
             a = a * rescale + tl.sum(e * diff, 0)  # and no 0 * (-inf)
@@ -120,36 +125,38 @@ if triton is not None:
             m_s = m_new
             mt_new = tl.maximum(m_t, tl.max(t, 0))
             mt_use = tl.where(mt_new == -float("inf"), 0.0, mt_new)
-            d_t = d_t * tl.exp(m_t - mt_use) + tl.sum(tl.exp(t - mt_use), 0)
+            d_t = d_t * tl.exp2(m_t - mt_use) + tl.sum(tl.exp2(t - mt_use), 0)
             m_t = mt_new
         ds_safe, dt_safe = tl.where(d_s > 0, d_s, 1.0), tl.where(d_t > 0, d_t, 1.0)  # d = 0: a fully masked row
-        lse_s = tl.where(d_s > 0, m_s + tl.log(ds_safe), 0.0)  # then lse = 0, so that q_j = exp(-inf - 0) = 0
-        lse_t = tl.where(d_t > 0, m_t + tl.log(dt_safe), 0.0)
+        lse_s = tl.where(d_s > 0, m_s + tl.log2(ds_safe), 0.0)  # base-2 lse; 0 for a fully masked row, so that
+        lse_t = tl.where(d_t > 0, m_t + tl.log2(dt_safe), 0.0)  # q_j = exp2(-inf - 0) = 0
         q_f = qf / ds_safe
-        kl = tl.where(q_f > 0, a / ds_safe - (lse_s - lse_t) * q_f, 0.0)
+        ln2 = 0.6931471805599453
+        kl = tl.where(q_f > 0, (a / ds_safe - (lse_s - lse_t) * q_f) * ln2, 0.0)
         if HAS_TARGET:
             y = tl.load(Y + row)
             keep = y != ignore_index
             y_safe = tl.where(keep, y, 0).to(tl.int64)
-            s_y = tl.load(s_row + y_safe).to(tl.float32) * inv_temp
-            t_y = tl.load(t_row + y_safe).to(tl.float32) * inv_temp
-            tl.store(LQ + row, tl.where(keep, s_y - lse_s, 0.0))
-            tl.store(LP + row, tl.where(keep, t_y - lse_t, 0.0))
+            s_y = tl.load(s_row + y_safe).to(tl.float32) * scale
+            t_y = tl.load(t_row + y_safe).to(tl.float32) * scale
+            tl.store(LQ + row, tl.where(keep, (s_y - lse_s) * ln2, 0.0))
+            tl.store(LP + row, tl.where(keep, (t_y - lse_t) * ln2, 0.0))
             kl = tl.where(keep, kl, 0.0)
         tl.store(KL + row, kl)
-        tl.store(LSE_S + row, lse_s)
+        tl.store(LSE_S + row, lse_s)  # (base 2, for the backward)
         tl.store(LSE_T + row, lse_t)
         tl.store(QF + row, q_f)
 
     @triton.jit
-    def _reverse_kl_bwd(S, T, Y, G, KL, LSE_S, LSE_T, QF, G_KL, G_LQ, stride_s, stride_t, stride_g, V, inv_temp,
-                        ignore_index, HAS_TARGET: tl.constexpr, BLOCK: tl.constexpr):
+    def _reverse_kl_bwd(S, T, Y, G, KL, LSE_S, LSE_T, QF, G_KL, G_LQ, stride_s, stride_t, stride_g, V, scale,
+                        inv_temp, ignore_index, HAS_TARGET: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         s_row, t_row, g_row = S + row * stride_s, T + row * stride_t, G + row * stride_g
         lse_s, lse_t = tl.load(LSE_S + row), tl.load(LSE_T + row)
         kl, q_f = tl.load(KL + row), tl.load(QF + row)
         g_kl = tl.load(G_KL + row)
         g_lq = 0.0
+        ln2 = 0.6931471805599453  # (log_ratio below: on F, in natural units)
         y = -1
         if HAS_TARGET:
             y_raw = tl.load(Y + row)
@@ -160,11 +167,11 @@ if triton is not None:
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             inside = cols < V
-            s = tl.load(s_row + cols, mask=inside, other=-float("inf")).to(tl.float32) * inv_temp
-            t = tl.load(t_row + cols, mask=inside, other=-float("inf")).to(tl.float32) * inv_temp
+            s = tl.load(s_row + cols, mask=inside, other=-float("inf")).to(tl.float32) * scale  # (base 2, as in
+            t = tl.load(t_row + cols, mask=inside, other=-float("inf")).to(tl.float32) * scale  # the forward)
             finite = (s != -float("inf")) & (t != -float("inf"))
-            q = tl.exp(s - lse_s)
-            log_ratio = tl.where(finite, s - lse_s, 0.0) - tl.where(finite, t - lse_t, 0.0)  # log q - log p on F
+            q = tl.exp2(s - lse_s)
+            log_ratio = (tl.where(finite, s - lse_s, 0.0) - tl.where(finite, t - lse_t, 0.0)) * ln2  # log q - log p
             dkl = tl.where(finite, q * (log_ratio + 1.0), 0.0) - q * (kl + q_f)
             dlq = tl.where(cols == y, 1.0, 0.0) - q
             grad = (g_kl * dkl + g_lq * dlq) * inv_temp
@@ -174,16 +181,25 @@ if triton is not None:
 # Launchers
 
 
-def _block(V):
-    return min(4096, triton.next_power_of_2(V))
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+
+
+# How a row is read: BLOCK logits per step of the loop over V, by num_warps warps (32 threads each), for each dtype
+# of the logits. `python kernels.py --sweep` times the alternatives on a GPU.
+LAUNCH = {torch.float32: (4096, 4), torch.bfloat16: (4096, 4), torch.float16: (4096, 4)}  # dtype: (BLOCK, warps)
+
+
+def _launch_config(s):
+    block, warps = LAUNCH.get(s.dtype, (4096, 4))
+    return {"BLOCK": min(block, triton.next_power_of_2(s.size(1))), "num_warps": warps}
 
 
 def _launch_fwd(s, t, y, temperature, ignore_index):
     N, V = s.shape
     out = [torch.empty(N, device=s.device, dtype=torch.float32) for _ in range(6)]  # kl, lq, lp, lse_s, lse_t, q_f
     has_target = y is not None
-    _reverse_kl_fwd[(N,)](s, t, y if has_target else s, *out, s.stride(0), t.stride(0), V, 1.0 / temperature,
-                          ignore_index, HAS_TARGET=has_target, BLOCK=_block(V))
+    _reverse_kl_fwd[(N,)](s, t, y if has_target else s, *out, s.stride(0), t.stride(0), V, LOG2E / temperature,
+                          ignore_index, HAS_TARGET=has_target, **_launch_config(s))
     return out
 
 
@@ -193,8 +209,8 @@ def _launch_bwd(s, t, y, saved, g_kl, g_lq, temperature, ignore_index):
     grad = torch.empty_like(s)  # the input dtype
     has_target = y is not None
     _reverse_kl_bwd[(N,)](s, t, y if has_target else s, grad, kl, lse_s, lse_t, q_f, g_kl, g_lq,
-                          s.stride(0), t.stride(0), grad.stride(0), V, 1.0 / temperature, ignore_index,
-                          HAS_TARGET=has_target, BLOCK=_block(V))
+                          s.stride(0), t.stride(0), grad.stride(0), V, LOG2E / temperature, 1.0 / temperature,
+                          ignore_index, HAS_TARGET=has_target, **_launch_config(s))
     return grad
 
 # -----------------------------------------------------------------------------
@@ -277,10 +293,7 @@ def benchmark():
             print(f"  reference, N={N} V={V} fp32, forward+backward: {1000 * (time.time() - t0):.0f} ms")
         return
     from triton.testing import do_bench
-    copy = torch.empty(2 ** 28, device="cuda", dtype=torch.uint8)
-    copy_ms = do_bench(lambda: copy.clone())
-    copy_gbs = 2 * copy.numel() / copy_ms / 1e6
-    print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbs:.0f} GB/s")
+    copy_gbs = copy_bandwidth()
     ref_compiled = torch.compile(reverse_kl_ref)
     print(f"{'V':>7} {'dtype':>5} {'pass':>8} {'impl':>8} {'ms':>8} {'GB/s':>7} {'% copy':>7} {'peak MiB':>9} "
           f"{'x eager':>8} {'x compile':>9}")
@@ -309,6 +322,48 @@ def benchmark():
                     print(f"{V:>7} {str(dtype)[6:]:>5} {pass_name:>8} {name:>8} {ms:8.3f} {gbs:7.0f} "
                           f"{100 * gbs / copy_gbs:6.0f}% {peak:9.0f} {times['eager'] / ms:8.2f} "
                           f"{times.get('compile', ms) / ms:9.2f}")
+
+
+def copy_bandwidth():
+    """GB/s of a device-to-device copy of 256 MiB (read + write): the floor the kernels are measured against."""
+    from triton.testing import do_bench
+    copy = torch.empty(2 ** 28, device="cuda", dtype=torch.uint8)
+    gbs = 2 * copy.numel() / do_bench(lambda: copy.clone()) / 1e6
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {gbs:.0f} GB/s")
+    return gbs
+
+
+def sweep(N=8192, V=50257, blocks=(2048, 4096, 8192, 16384), warps=(4, 8, 16), device="cuda", timer=None,
+          copy_gbs=None):
+    """python kernels.py --sweep (a GPU): the kernels' time for each (BLOCK, num_warps) of LAUNCH, per dtype, forward
+    and forward + backward, as a share of copy bandwidth (minimum bytes, as in the benchmark); the best of each.
+    (timer, copy_gbs: stand-ins for do_bench and the copy, for the test on a CPU.)"""
+    from triton.testing import do_bench
+    timer, copy_gbs, default = timer or do_bench, copy_gbs or copy_bandwidth(), dict(LAUNCH)
+    print(f"N={N} V={V}: % of copy bandwidth (fwd: 2NVb bytes, fwd+bwd: 3NVb)")
+    print(f"{'dtype':>8} {'BLOCK':>6} {'warps':>6} {'fwd ms':>8} {'fwd %':>6} {'f+b ms':>8} {'f+b %':>6}")
+    for dtype in (torch.bfloat16, torch.float32):
+        s = torch.randn(N, V, device=device, dtype=dtype, requires_grad=True)
+        t, y = torch.randn(N, V, device=device, dtype=dtype), torch.randint(0, V, (N,), device=device)
+        nvb, best = N * V * s.element_size(), None
+
+        def both():
+            kl, lq, _ = reverse_kl(s, t, y)
+            (kl.sum() + lq.sum()).backward()
+            s.grad = None
+        try:
+            for block in blocks:
+                for w in warps:
+                    LAUNCH[dtype] = (block, w)
+                    fwd, fb = timer(lambda: reverse_kl(s, t, y)), timer(both)
+                    pct = (100 * 2 * nvb / fwd / 1e6 / copy_gbs, 100 * 3 * nvb / fb / 1e6 / copy_gbs)
+                    if best is None or pct[1] > best[1][1]:
+                        best = ((block, w), pct)
+                    print(f"{str(dtype)[6:]:>8} {block:>6} {w:>6} {fwd:8.3f} {pct[0]:5.0f}% {fb:8.3f} {pct[1]:5.0f}%")
+        finally:
+            LAUNCH.update(default)
+        print(f"{str(dtype)[6:]}: best (BLOCK, warps) for forward + backward {best[0]}: forward {best[1][0]:.0f}%, "
+              f"forward + backward {best[1][1]:.0f}% (LAUNCH: {default[dtype]})")
 
 
 def memory(chunk, N=2048, C=768, V=50257):
@@ -344,5 +399,7 @@ if __name__ == "__main__":
     import sys
     if len(sys.argv) > 2 and sys.argv[1] == "--memory":
         memory(int(sys.argv[2]))
+    elif sys.argv[1:] == ["--sweep"]:
+        sweep()
     else:
         benchmark()

@@ -997,8 +997,9 @@ def test_exposure_bias_is_zero_for_the_teacher_itself_and_positive_otherwise():
 
 
 def test_benchmarks_print_their_tables(tmp_path, monkeypatch, capsys):
-    """python eval.py --bench generate | minillm | tokenizers, at small sizes: each prints its whole table (the
-    numbers are timings, not checked); an unknown flag is refused except where minillm.py's flags are meant."""
+    """python eval.py --bench generate | minillm | rollout | tokenizers and kernels.py --sweep, at small sizes: each
+    prints its whole table (the numbers are timings, not checked); an unknown flag is refused except where
+    minillm.py's flags are meant."""
     import eval as ev
     monkeypatch.chdir(tmp_path)
     ev.bench_generate("cpu", n_prompts=4, new_tokens=8, repeats=1)
@@ -1012,7 +1013,11 @@ def test_benchmarks_print_their_tables(tmp_path, monkeypatch, capsys):
     ev.bench_rollout(minillm.get_args(["--device", "cpu", "--rollout_size", "4", "--batch_size", "2",
                                        "--max_new_tokens", "4", "--ppo_epochs", "1"]), "gpt2", repeats=1)
     minillm.compiled_decode.cache_clear()
+    launch = dict(kernels.LAUNCH)  # the GPU's block-size sweep, with a stand-in timer (1 ms) and copy bandwidth
+    kernels.sweep(N=2, V=100, blocks=(32, 64), warps=(4,), device=DEV, timer=lambda fn: (fn(), 1.0)[1], copy_gbs=1.0)
+    assert kernels.LAUNCH == launch
     out = capsys.readouterr().out
+    assert "bfloat16     64      4    1.000     0%    1.000     0%" in out and "best (BLOCK, warps)" in out
     for line in ("KV cache", "recompute", "speedup", "builtin-bytes", "rollout:", "reference", "fused kernel",
                  "kernel, --chunk 1024", "rollouts of up to 8 tokens", "rollout, student + teacher, eager",
                  "rollout, student + teacher, fast", "generate, student alone, fast", "transformers generate",
