@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import unicodedata
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -1474,6 +1475,42 @@ def test_rollouts_in_bf16_autocast_fast_and_eager_agree_with_the_models(monkeypa
     minillm.compiled_decode.cache_clear()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs (the fast decode on a GPU) need a GPU")
+def test_fast_decode_on_a_gpu_captures_cuda_graphs_and_gives_the_eager_tokens(device="cuda"):
+    """The real fast path (inductor, CUDA graphs): in fp32 the eager path's greedy tokens and sampled rollouts, in
+    bf16 autocast log-probs = the models' forwards; 4 graphs (student and teacher, fp32 and bf16), none traced
+    again after the first round, no CUDA-graph skipped."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    minillm.compiled_decode.cache_clear()
+    enc = data.get_encoding("builtin")
+    teacher = eos_teacher(enc).to(device)
+    student = tiny(vocab_size=enc.n_vocab, block_size=64, n_layer=1).to(device)
+    rng = random.Random(0)
+    for round_ in range(3):  # rounds of different prompt lengths
+        prompts = [[rng.randrange(enc.n_vocab - 1) for _ in range(rng.randint(3, 12))] for _ in range(6)]
+        greedy = [minillm.generate(student, prompts, 16, None, greedy=True, fast=f) for f in (False, True)]
+        assert torch.equal(*greedy)
+        for ctx in (nullcontext(), torch.autocast(device, dtype=torch.bfloat16)):
+            with ctx:
+                eager, fast = (minillm.rollout(student, teacher, prompts, 20, enc.eot_token, 0.2,
+                                               torch.Generator(device).manual_seed(round_), fast=f) for f in (0, 1))
+                n = eager["tokens"].size(1)
+                if isinstance(ctx, nullcontext):  # fp32: the same tokens
+                    assert torch.equal(fast["tokens"][:, :n], eager["tokens"]) and not fast["mask"][:, n:].any()
+                    for k in ("logq_old", "logp", "log_pmix"):
+                        assert_close(fast[k][:, :n], eager[k], 1e-4, k)
+                with torch.no_grad():
+                    for key, model in (("logq_old", student), ("logp", teacher)):
+                        logits = minillm.response_logits(model, fast).float()
+                        forward = logits.log_softmax(-1).gather(-1, fast["tokens"][..., None])[..., 0] * fast["mask"]
+                        assert_close(fast[key], forward, 0.03, f"{key}, {ctx}")
+        assert counters["stats"]["unique_graphs"] == 4, (round_, dict(counters["stats"]))
+        assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    minillm.compiled_decode.cache_clear()
+
+
 def test_chunked_path_equals_the_whole_logits():
     g = torch.Generator().manual_seed(0)
     h_q, h_p = torch.randn(3, 13, 16, generator=g), torch.randn(3, 13, 24, generator=g)
@@ -1873,7 +1910,6 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path, 
 
 
 def test_no_nan_from_empty_responses_masked_batches_and_extreme_logits():
-    from contextlib import nullcontext
     enc = data.get_encoding("builtin")
     teacher, student = eos_teacher(enc, p_eos=1 - 1e-7), eos_teacher(enc, p_eos=1 - 1e-7)  # EOS first: empty answers
     student.train()
