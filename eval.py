@@ -396,11 +396,15 @@ def bench_rollout(args, shapes="gpt2", repeats=3):
         return best
 
     print(f"{'':<42}{'tokens/s':>10}{'first call s':>14}")
+    from torch._dynamo.utils import counters  # did the fast path compile once per model, and (GPU) keep its graphs?
+    counters.clear()
     rollout = {}
     for fast in (False, True):  # (in the training's autocast, as rollout_batches runs them)
         with ctx:
             rollout[fast] = timing(f"rollout, student + teacher, {'fast' if fast else 'eager'}", lambda: int(
                 minillm.rollout(student, teacher, prompts, n_new, V - 1, 0.2, fast=fast)["mask"].sum()))
+    print(f"{'':<42}(fast: {counters['stats']['unique_graphs']} graphs traced, "
+          f"{counters['inductor']['cudagraph_skips']} skipped CUDA graphs; TORCH_LOGS=perf_hints says why)")
     with minillm.evaluating(student):
         for fast in (False, True):
             timing(f"generate, student alone, {'fast' if fast else 'eager'}", lambda: minillm.generate(

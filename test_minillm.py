@@ -1021,7 +1021,8 @@ def test_benchmarks_print_their_tables(tmp_path, monkeypatch, capsys):
     assert "bfloat16     64      4    1.000     0%    1.000     0%" in out and "best (BLOCK, warps)" in out
     for line in ("KV cache", "recompute", "speedup", "builtin-bytes", "rollout:", "reference", "fused kernel",
                  "kernel, --chunk 1024", "rollouts of up to 8 tokens", "rollout, student + teacher, eager",
-                 "rollout, student + teacher, fast", "generate, student alone, fast", "transformers generate",
+                 "rollout, student + teacher, fast", "(fast: 2 graphs traced, 0 skipped CUDA graphs",
+                 "generate, student alone, fast", "transformers generate",
                  "ms per training sample"):
         assert line in out, line
     assert kernels.USE_TRITON is None  # the benchmark gives the dispatch back

@@ -13,6 +13,3 @@ for c in 0 1024; do timeout 60 python3 kernels.py --memory $c; done 2>&1 | tee "
 # issue 15: a Qwen2.5-1.5B-shaped teacher and a Qwen2.5-0.5B-shaped student (151,936 rows, 151,665 tokens)
 timeout 240 python3 eval.py --bench minillm --shapes qwen --max_steps 20 --rollout_size 64 --batch_size 16 \
     --max_new_tokens 128 --chunk 4096 2>&1 | tee "$OUT/bench_minillm_qwen.txt"
-# issue 16: rollouts eager vs fast (static cache, CUDA graphs) vs transformers' generate, and MiniLLM/KD per sample
-timeout 300 python3 eval.py --bench rollout --rollout_size 64 --batch_size 32 --max_new_tokens 128 \
-    2>&1 | tee "$OUT/bench_rollout.txt"
