@@ -388,9 +388,9 @@ def same_tokenizer(a, b):
 
 
 def fingerprint(enc):
-    """What a tokenizer does, as a short digest: every token's bytes in id order, and its EOS. Two checkpoints share
+    """What a tokenizer does, as a short digest: every token's bytes in id order, its EOS and BOS. Two checkpoints share
     a tokenizer when these agree, whatever their names (Qwen2.5-0.5B's and Qwen2.5-7B's do)."""
-    h = hashlib.sha256(f"{enc.n_vocab} {enc.eot_token}".encode())
+    h = hashlib.sha256(f"{enc.n_vocab} {enc.eot_token}{' bos %d' % enc.bos if bos_ids(enc) else ''}".encode())
     for i in range(enc.n_vocab):
         try:
             h.update(enc.decode_single_token_bytes(i) + b"\0")
@@ -421,18 +421,32 @@ def hf_tokenizer(folder):
     """The tokenizer of a Hugging Face model folder, as our checkpoints carry it: {name, json (tokenizer.json's
     text; GPT-2-style vocab.json + merges.txt, as OPT ships, are converted to it), eos_token_id}; None if the
     folder has none. EOS: tokenizer_config.json's eos_token (an instruct model's end of turn), else
-    generation_config.json's or config.json's eos_token_id (the first of a list)."""
+    generation_config.json's or config.json's eos_token_id (the first of a list). BOS: as transformers decides,
+    tokenizer.json's post-processor (template_bos); vocab.json + merges.txt: tokenizer_config.json's add_bos_token
+    and bos_token, written into the converted file as that post-processor."""
     path = lambda f: os.path.join(folder, f)
+    configs = {}
+    for f in ("tokenizer_config.json", "generation_config.json", "config.json"):
+        try:
+            with open(path(f), encoding="utf-8") as fh:
+                configs[f] = json.load(fh)
+        except (OSError, ValueError):
+            configs[f] = {}
     if os.path.isfile(path("tokenizer.json")):
         with open(path("tokenizer.json"), encoding="utf-8") as f:
             text = f.read()
     elif os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
         tok = Tokenizer(models.BPE.from_file(path("vocab.json"), path("merges.txt")))
         tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
         made = set(byte_decoder()) | {"".join(m.split(" ", 1) if isinstance(m, str) else m)  # (lists in newer
                                       for m in json.loads(tok.to_str())["model"]["merges"]}  # files, "a b" in older)
         tok.add_special_tokens([t for t in tok.get_vocab() if t not in made])  # <s>, </s>, <pad>, <unk>: specials
+        bos = configs["tokenizer_config.json"].get("bos_token")
+        bos = bos["content"] if isinstance(bos, dict) else bos
+        if configs["tokenizer_config.json"].get("add_bos_token") and tok.token_to_id(bos or "") is not None:
+            tok.post_processor = processors.TemplateProcessing(  # (OPT: </s> before every text)
+                single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
         text = tok.to_str()
     else:
         return None
@@ -441,13 +455,6 @@ def hf_tokenizer(folder):
         vocab = {**parsed["model"]["vocab"], **{t["content"]: t["id"] for t in parsed.get("added_tokens", [])}}
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path('tokenizer.json')}: not a tokenizer file this reads ({type(e).__name__}: {e})") from None
-    configs = {}
-    for f in ("tokenizer_config.json", "generation_config.json", "config.json"):
-        try:
-            with open(path(f), encoding="utf-8") as fh:
-                configs[f] = json.load(fh)
-        except (OSError, ValueError):
-            configs[f] = {}
     eos = configs["tokenizer_config.json"].get("eos_token")
     eos = vocab.get(eos["content"] if isinstance(eos, dict) else eos) if eos else None
     for f in ("generation_config.json", "config.json"):
@@ -458,6 +465,23 @@ def hf_tokenizer(folder):
         raise DataError(f"{folder}: no EOS token (tokenizer_config.json eos_token, or eos_token_id in "
                         "generation_config.json or config.json)")
     return {"name": os.path.basename(os.path.normpath(folder)), "json": text, "eos_token_id": int(eos)}
+
+
+def template_bos(parsed):
+    """The token a tokenizer.json's post-processor puts before every text, or None: Llama-3's <|begin_of_text|>,
+    LLaMA / Llama-2 / Mistral's <s>, OPT's </s> (a TemplateProcessing whose single-text template starts with a
+    special token); GPT-2 and Qwen put none."""
+    post = parsed.get("post_processor") or {}
+    for p in post.get("processors", []) if post.get("type") == "Sequence" else [post]:
+        first = (p.get("single") or [{}])[0] if p.get("type") == "TemplateProcessing" else {}
+        if "SpecialToken" in first:
+            return p["special_tokens"][first["SpecialToken"]["id"]]["ids"][0]
+    return None
+
+
+def bos_ids(enc):
+    """[BOS] for a tokenizer that starts every text with one (a Hugging Face checkpoint's, template_bos), else []."""
+    return [enc.bos] if getattr(enc, "bos", None) is not None else []
 
 
 def write_hf_tokenizer(spec, folder):
@@ -493,7 +517,7 @@ def hf_encoding(spec):
         if ranks is not None and (norm is None or norm.get("type") == "NFC"):
             specials = {a["content"]: a["id"] for a in t.get("added_tokens", [])}
             enc = hf_encoding_class()(spec["name"], pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials,
-                                      eos=spec["eos_token_id"], nfc=norm is not None)
+                                      eos=spec["eos_token_id"], nfc=norm is not None, bos=template_bos(t))
         else:
             enc = HFTokenizer(spec)
         _HF_ENCODINGS[key] = enc
@@ -522,12 +546,13 @@ def byte_level_ranks(model, added):
 
 @functools.lru_cache(maxsize=None)
 def hf_encoding_class():
-    """tiktoken's Encoding with a checkpoint's EOS (an instruct model's end of turn need not be <|endoftext|>) and,
-    where tokenizer.json asks for it (Qwen2), NFC-normalized text. (Made on first use: tiktoken loads lazily.)"""
+    """tiktoken's Encoding with a checkpoint's EOS (an instruct model's end of turn need not be <|endoftext|>), its
+    BOS (bos_ids) and, where tokenizer.json asks for it (Qwen2), NFC-normalized text. (Made on first use: tiktoken
+    loads lazily.)"""
     class HFEncoding(_tiktoken().Encoding):
-        def __init__(self, *args, eos, nfc, **kwargs):
+        def __init__(self, *args, eos, nfc, bos, **kwargs):
             super().__init__(*args, **kwargs)
-            self.eos, self.nfc = eos, nfc
+            self.eos, self.nfc, self.bos = eos, nfc, bos
 
         @property
         def eot_token(self):
@@ -544,11 +569,13 @@ def hf_encoding_class():
 class HFTokenizer:
     """A Hugging Face `tokenizers` Tokenizer with the surface of tiktoken's Encoding that this code uses: for
     tokenizers tiktoken cannot express (SentencePiece-style BPE with byte fallback: LLaMA, Llama-2, Mistral v0.1).
-    Text is encoded without the BOS or other tokens the tokenizer's template adds."""
+    Text is encoded without the BOS or other tokens the tokenizer's template adds (bos_ids puts BOS where it
+    belongs)."""
 
     def __init__(self, spec):
         from tokenizers import Tokenizer
         self.tok, self.name, self.eot_token = Tokenizer.from_str(spec["json"]), spec["name"], spec["eos_token_id"]
+        self.bos = template_bos(json.loads(spec["json"]))
         self.n_vocab = max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
 
     def encode_ordinary(self, text):
@@ -705,7 +732,7 @@ def write_jsonl_splits(splits, folder):
         os.replace(tmp, os.path.join(folder, f"{split}.jsonl"))  # atomic: a crash never leaves half a file
 
 # -----------------------------------------------------------------------------
-# Tokenizing: prompt + response + EOS, prompt tokens masked out of the loss (label -100)
+# Tokenizing: [BOS] + prompt + response + EOS, prompt tokens masked out of the loss (label -100)
 
 
 def prompt_text(example, template):
@@ -715,9 +742,10 @@ def prompt_text(example, template):
 
 
 def encode_prompts(rows, enc, template, longest=None):
-    """(rows, prompts): each row's prompt as a token list, without the rows whose prompt is longer than `longest`
-    tokens (one that leaves no room for a response in the context)."""
-    pairs = [(r, enc.encode_ordinary(prompt_text(r, template))) for r in rows]
+    """(rows, prompts): each row's prompt as a token list (after the tokenizer's BOS if it has one, as the model was
+    trained: bos_ids), without the rows whose prompt is longer than `longest` tokens (one that leaves no room for a
+    response in the context)."""
+    pairs = [(r, bos_ids(enc) + enc.encode_ordinary(prompt_text(r, template))) for r in rows]
     pairs = [(r, p) for r, p in pairs if longest is None or len(p) <= longest]
     return [r for r, _ in pairs], [p for _, p in pairs]
 
@@ -727,7 +755,7 @@ def tokenize(rows, enc, template, max_length, max_prompt_length):
     prompt + response <= max_length; prompts longer than max_prompt_length are dropped (and counted)."""
     eot, out, dropped = enc.eot_token, [], 0
     for ex in rows:
-        prompt = enc.encode_ordinary(prompt_text(ex, template))
+        prompt = bos_ids(enc) + enc.encode_ordinary(prompt_text(ex, template))
         if len(prompt) > max_prompt_length or len(prompt) >= max_length:
             dropped += 1
             continue
@@ -771,7 +799,8 @@ def batches(pairs, batch_size, seed, bucket=64, skip=0):
         epoch += 1
 
 # -----------------------------------------------------------------------------
-# The pretraining stream for L_PT: documents joined with EOS, packed into chunks of block + 1 tokens
+# The pretraining stream for L_PT: documents joined with EOS (each after a BOS where the tokenizer has one), packed
+# into chunks of block + 1 tokens
 
 
 def pretrain_texts(spec, seed):
@@ -806,7 +835,7 @@ def pretrain_batches(spec, enc, batch_size, block, seed, skip=0):
     buf, docs, n = [], pretrain_texts(spec, seed), batch_size * (block + 1)
     while True:
         while len(buf) < n:
-            buf += enc.encode_ordinary(next(docs)) + [enc.eot_token]
+            buf += bos_ids(enc) + enc.encode_ordinary(next(docs)) + [enc.eot_token]
         chunk, buf = buf[:n], buf[n:]
         if skip:
             skip -= 1

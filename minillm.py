@@ -1321,6 +1321,7 @@ def save_pretrained(model, folder, eos_id, tokenizer=None):
     which transformers' AutoModelForCausalLM and AutoTokenizer load unchanged."""
     from safetensors.torch import save_file
     c, eos = model.config, eos_id
+    bos = (data.bos_ids(data.get_encoding(tokenizer)) or [eos])[0] if isinstance(tokenizer, dict) else eos
     head_dim = c.head_dim or c.n_embd // c.n_head
     if c.model_type == "gpt2":
         if not c.bias:
@@ -1344,7 +1345,7 @@ def save_pretrained(model, folder, eos_id, tokenizer=None):
                       rope_type="llama3", factor=c.rope_scaling[0], low_freq_factor=c.rope_scaling[1],
                       high_freq_factor=c.rope_scaling[2], original_max_position_embeddings=c.rope_scaling[3]),
                   "attention_bias": False, "sliding_window": None, "use_sliding_window": False}
-    config.update(model_type=c.model_type, vocab_size=c.vocab_size, bos_token_id=eos, eos_token_id=eos,
+    config.update(model_type=c.model_type, vocab_size=c.vocab_size, bos_token_id=bos, eos_token_id=eos,
                   tie_word_embeddings=c.tie_embeddings, initializer_range=0.02)
     state = {}
     for name, v in model.state_dict().items():

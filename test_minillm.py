@@ -1284,9 +1284,17 @@ def trained_tokenizer(style):
     return tok
 
 
-def write_tokenizer(folder, style, eos="<|endoftext|>"):
+def write_tokenizer(folder, style, eos="<|endoftext|>", bos=None):
+    """tokenizer.json and tokenizer_config.json; bos: a token put before every text, as Llama's tokenizer.json says
+    (Llama-3.1's way: a Sequence of ByteLevel and TemplateProcessing)."""
+    from tokenizers import processors
     os.makedirs(folder, exist_ok=True)
-    trained_tokenizer(style).save(os.path.join(folder, "tokenizer.json"))
+    tok = trained_tokenizer(style)
+    if bos:
+        tok.add_special_tokens([bos])
+        tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])])
+    tok.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos}, f)
 
@@ -1327,15 +1335,54 @@ def test_tokenizers_are_compared_by_content_and_vocab_json_merges_txt_load(tmp_p
     assert data.hf_tokenizer(str(tmp_path / "nothing")) is None
 
 
+def test_a_tokenizer_that_starts_texts_with_bos_puts_it_where_transformers_does(tmp_path):
+    """Llama-3 (<|begin_of_text|>), LLaMA / Llama-2 / Mistral (<s>) and OPT (</s>, from tokenizer_config.json's
+    add_bos_token) put a BOS before every text: before each prompt and each pretraining document, never before a
+    response; the same ids as transformers; and a tokenizer differs from itself without its BOS."""
+    transformers = pytest.importorskip("transformers")
+    row = {"instruction": "Write a long story about Anna.", "context": "", "response": "Anna bakes bread."}
+    (tmp_path / "docs.txt").write_text("First document.\n\nSecond one, longer.\n\nThird.")
+    tok = trained_tokenizer("gpt2")  # OPT: GPT-2-style vocab.json + merges.txt, tokenizer_config.json's BOS
+    (tmp_path / "opt").mkdir()
+    tok.model.save(str(tmp_path / "opt"))
+    with open(tmp_path / "opt" / "tokenizer_config.json", "w") as f:
+        json.dump({"add_bos_token": True, "bos_token": "<|im_end|>", "eos_token": "<|endoftext|>"}, f)
+    for style, bos in (("llama3", "<|begin_of_text|>"), ("sentencepiece", "<s>"), ("opt", "<|im_end|>")):
+        folder = str(tmp_path / style)
+        if style != "opt":
+            write_tokenizer(folder, style, bos=bos)
+            hf = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+        else:
+            hf = transformers.GPT2Tokenizer.from_pretrained(folder)
+        enc = data.get_encoding(data.hf_tokenizer(folder))
+        bos_id = hf.convert_tokens_to_ids(bos)
+        assert data.bos_ids(enc) == [bos_id], style
+        _, (prompt,) = data.encode_prompts([row], enc, "dolly")
+        assert prompt[0] == bos_id and prompt == hf.encode(data.prompt_text(row, "dolly")), style
+        ((p, r),), _ = data.tokenize([row], enc, "dolly", 256, 256)
+        assert p == prompt and bos_id not in r and r[-1] == enc.eot_token
+        x, y = next(data.pretrain_batches(str(tmp_path / "docs.txt"), enc, 1, 40, 0))
+        stream = torch.cat([x[0], y[0, -1:]]).tolist()
+        assert stream[0] == bos_id and [stream[i + 1] for i, t in enumerate(stream[:-1]) if t == enc.eot_token] == \
+            [bos_id] * stream[:-1].count(enc.eot_token), style  # after every EOS a new document's BOS
+    plain, with_bos = str(tmp_path / "plain"), str(tmp_path / "sentencepiece")  # (the same vocabulary)
+    write_tokenizer(plain, "sentencepiece")
+    tokens = data.get_encoding(data.hf_tokenizer(plain))
+    assert tokens.n_vocab == data.get_encoding(data.hf_tokenizer(with_bos)).n_vocab
+    assert data.bos_ids(tokens) == [] and not data.same_tokenizer(data.hf_tokenizer(plain),
+                                                                   data.hf_tokenizer(with_bos))
+
+
 def llama_folder(folder, vocab_size, seed, tokenizer_style="llama3", layers=2):
-    """A tiny random Llama (transformers) with a trained tokenizer, embedding rows padded to vocab_size."""
+    """A tiny random Llama (transformers) with a trained tokenizer that starts every text with <|begin_of_text|>,
+    embedding rows padded to vocab_size."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=256, tie_word_embeddings=False)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    write_tokenizer(folder, tokenizer_style)
+    write_tokenizer(folder, tokenizer_style, bos="<|begin_of_text|>")
 
 
 @pytest.mark.parametrize("method", ["minillm", "kd"])
@@ -1363,7 +1410,8 @@ def test_a_step_with_llama_shaped_models_whose_embeddings_are_padded_differently
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "hf")).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(out / "hf"))
     model, _ = minillm.load_checkpoint(str(out / "best.pt"))
-    x = torch.tensor([tok.encode("Say 3 and 4.")])
+    x = torch.tensor([tok.encode("Say 3 and 4.")])  # (after <|begin_of_text|>, as our prompts were)
+    assert x[0, 0] == hf.config.bos_token_id == tok.convert_tokens_to_ids("<|begin_of_text|>")
     with torch.no_grad():
         assert_close(hf(x).logits[..., :n_vocab], model(x)[0], 1e-4, "exported logits")
 
