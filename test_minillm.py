@@ -765,7 +765,7 @@ def test_clipping_only_outside_the_trust_region():
 
 def test_rollout_masks_and_tokens_after_eos_change_nothing():
     student, teacher = estimator_models(seed=3)
-    batch = minillm.rollout(student, teacher, [[0, 1], [2], [1, 2, 0]] * 20, 6, 3, 0.2,
+    batch = minillm.rollout(student, teacher, [[0, 1], [2], [1, 2, 0]] * 6, 6, 3, 0.2,
                             torch.Generator().manual_seed(1))
     mask, tokens = batch["mask"], batch["tokens"]
     ended = (tokens == 3) & mask
@@ -1292,8 +1292,9 @@ def write_tokenizer(folder, style, eos="<|endoftext|>", bos=None):
     tok = trained_tokenizer(style)
     if bos:
         tok.add_special_tokens([bos])
-        tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])])
+        template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                 special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), template])
     tok.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos}, f)
@@ -1616,25 +1617,9 @@ def test_rollout_batches_advantages_plain_and_whitened():
 
 
 def test_two_processes_with_gloo_take_the_single_process_step(tmp_path):
-    common = [os.path.join(HERE, "minillm.py"), "--model", "student", "--max_steps", "1", "--eval_interval", "1",
-              "--n_train", "350", "--n_valid", "35", "--n_test", "35", "--batch_size", "8", "--lr", "1e-2",
-              "--warmup_steps", "1", "--device", "cpu"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = {**USER_ENV, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(torchrun + common + ["--method", "sft", "--out", str(tmp_path / "ddp")], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=240, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
     cwd = os.getcwd()
-    try:  # the one-process run in this process (its data cache in tmp_path, as the subprocess's)
-        os.chdir(tmp_path)
-        minillm.train(minillm.get_args(common[1:] + ["--method", "sft", "--out", str(tmp_path / "single")]))
-    finally:
-        os.chdir(cwd)
-    single, _ = minillm.load_checkpoint(str(tmp_path / "single" / "last.pt"))
-    ddp, _ = minillm.load_checkpoint(str(tmp_path / "ddp" / "last.pt"))
-    for (name, a), b in zip(single.state_dict().items(), ddp.state_dict().values()):
-        assert_close(b, a, 5e-6, f"{name} after one step, 2 processes vs 1")  # (float noise; unweighted: 0.02)
-    assert "2 processes (gloo)" in open(tmp_path / "ddp" / "log.txt").read()
     # MiniLLM under torchrun: each process rolls out half of each round; process 0 writes the checkpoints
     enc = data.get_encoding("builtin")  # models that say EOS often: the processes' rollouts end at different steps
     for name, p_eos in (("teacher", 0.6), ("student", 0.4)):
@@ -1664,7 +1649,7 @@ def test_two_processes_with_gloo_take_the_single_process_step(tmp_path):
         assert_close(sharded[name], whole[name], 1e-6, f"{name}: sharded teacher vs whole")
     kd = [os.path.join(HERE, "minillm.py"), "--method", "kd", "--teacher", str(tmp_path / "teacher.pt"), "--init",
           str(tmp_path / "student.pt"), "--max_steps", "2", "--batch_size", "8", "--max_new_tokens", "6", "--n_train",
-          "350", "--n_valid", "35", "--n_test", "35", "--device", "cpu"]
+          "350", "--n_valid", "35", "--n_test", "35", "--device", "cpu", "--lr", "1e-2"]
     r = subprocess.run(torchrun + kd + ["--out", str(tmp_path / "kd-sharded"), "--shard_teacher"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -1674,8 +1659,9 @@ def test_two_processes_with_gloo_take_the_single_process_step(tmp_path):
     finally:
         os.chdir(cwd)
     whole, sharded = (minillm.read_checkpoint(str(tmp_path / name / "last.pt"))["model"] for name in ("kd", "kd-sharded"))
-    for name in whole:
+    for name in whole:  # (DistributedDataParallel's average, each process's rows weighted: unweighted, 3e-4 off)
         assert_close(sharded[name], whole[name], 5e-6, f"{name}: kd, 2 processes with a sharded teacher vs 1 process")
+    assert "2 processes (gloo)" in open(tmp_path / "kd-sharded" / "log.txt").read()
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
