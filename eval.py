@@ -374,9 +374,10 @@ def bench_rollout(args, shapes="gpt2", repeats=3):
     """--bench rollout: on the same models (BENCH_SHAPES, random weights) and prompts (--rollout_size random 64-token
     prompts, --max_new_tokens each): our two-model rollout (alpha 0.2) eager and fast (fast_decode), the student
     alone with our generate() eager and fast and with transformers' generate() and its static cache (GPT-2 shapes;
-    these three in the student's fp32, the rollouts in the training's autocast: bf16 on a GPU); tokens/s, best of `repeats` (the fast path's first call, which compiles, timed apart). Then the cost of one
-    MiniLLM training sample (a round: rollouts + --ppo_epochs passes of mini-batches of --batch_size) against one KD
-    sample (a step of --batch_size prompt + response rows of the same lengths)."""
+    these three in the student's fp32, the rollouts in the training's autocast: bf16 on a GPU); tokens/s, best of
+    `repeats` (the fast path's first call, which compiles, timed apart). Then the cost of one MiniLLM training sample
+    (a round: rollouts + --ppo_epochs passes of mini-batches of --batch_size) against one KD sample (a step of
+    --batch_size prompt + response rows of the same lengths)."""
     device, ctx, teacher, student, V = bench_models(args, shapes)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     prompts = torch.randint(0, V - 1, (args.rollout_size, 64)).tolist()
