@@ -1690,7 +1690,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         minillm.train(minillm.get_args(argv[:5] + [str(tmp_path / "run2")] + argv[6:] + ["--max_steps", "20"]))
 
 
-def test_more_bad_inputs_are_one_clear_line(tmp_path):
+def test_more_bad_inputs_are_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # (the data cache)
     enc = data.get_encoding("builtin")
     for name, tok, vocab, block in (("teacher", "builtin", enc.n_vocab, 64), ("student", "builtin", enc.n_vocab, 64),
                                     ("bytes", "builtin-bytes", 300, 64), ("small", "builtin", 1000, 64)):
