@@ -375,9 +375,9 @@ def bench_rollout(args, shapes="gpt2", repeats=3):
     prompts, --max_new_tokens each): our two-model rollout (alpha 0.2) eager and fast (fast_decode), the student
     alone with our generate() eager and fast and with transformers' generate() and its static cache (GPT-2 shapes;
     these three in the student's fp32, the rollouts in the training's autocast: bf16 on a GPU); tokens/s, best of
-    `repeats` (the fast path's first call, which compiles, timed apart). Then the cost of one MiniLLM training sample
-    (a round: rollouts + --ppo_epochs passes of mini-batches of --batch_size) against one KD sample (a step of
-    --batch_size prompt + response rows of the same lengths)."""
+    `repeats` (the fast path's first call, which compiles, timed apart). Then a MiniLLM round (rollouts, then
+    --ppo_epochs passes of mini-batches of --batch_size) against KD steps on rows of the same lengths, per training
+    row (the round over its ppo_epochs x rollout_size rows) and per response sampled (over rollout_size)."""
     device, ctx, teacher, student, V = bench_models(args, shapes)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     prompts = torch.randint(0, V - 1, (args.rollout_size, 64)).tolist()
@@ -421,35 +421,45 @@ def bench_rollout(args, shapes="gpt2", repeats=3):
                 timing("transformers generate, student, static cache", lambda: hf.generate(
                     x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, min_new_tokens=n_new,
                     do_sample=False, cache_implementation="static", pad_token_id=0)[:, 64:].numel())
-    # one MiniLLM training sample against one KD sample
+    # one MiniLLM training sample against one KD sample: a round (its rollouts, then ppo_epochs passes of mini-batches)
     run = argparse.Namespace(**{**vars(args), "eos_id": V - 1, "fast_decode": rollout[True] < rollout[False]})
     optimizer = minillm.make_optimizer(student, args)
-    batches = minillm.rollout_batches(student, teacher, prompts, run, device, ctx=ctx)
-    sync()
-    t0 = time.time()
-    for _ in range(run.ppo_epochs * (run.rollout_size // run.batch_size)):
-        loss, _ = minillm.minillm_loss(student, teacher, next(batches), run, ctx)
+
+    def train_step(loss):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    batches = minillm.rollout_batches(student, teacher, prompts, run, device, ctx=ctx)
     sync()
-    minillm_sample = (time.time() - t0) / run.rollout_size
+    t0 = time.time()
+    minibatches = [next(batches)]  # (the first next() rolls out the round)
+    sync()
+    rollout_s = time.time() - t0
+    minibatches += [next(batches) for _ in range(run.ppo_epochs * (run.rollout_size // run.batch_size) - 1)]
+    train_step(minillm.minillm_loss(student, teacher, minibatches[0], run, ctx)[0])  # (warm-up: the kernel compiles)
+    sync()
+    t0 = time.time()
+    for batch in minibatches:
+        train_step(minillm.minillm_loss(student, teacher, batch, run, ctx)[0])
+    sync()
+    round_s = rollout_s + time.time() - t0
     x = torch.randint(0, V - 1, (run.batch_size, 64 + n_new), device=device)
     y = torch.cat([torch.full_like(x[:, :64], -100), x[:, 64:]], 1).roll(-1, 1)
     times = []
     for _ in range(repeats + 1):
         sync()
         t0 = time.time()
-        loss, _ = minillm.token_loss(student, teacher, x, y, 0.5, ctx)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(minillm.token_loss(student, teacher, x, y, 0.5, ctx)[0])
         sync()
         times.append(time.time() - t0)
-    kd_sample = min(times[1:]) / run.batch_size
-    print(f"MiniLLM {1000 * minillm_sample:.1f} ms per training sample (a round of {run.rollout_size}, "
-          f"{'fast' if run.fast_decode else 'eager'} rollouts, {run.ppo_epochs} epochs) against KD "
-          f"{1000 * kd_sample:.1f} ms: {minillm_sample / kd_sample:.1f}x")
+    kd_row = min(times[1:]) / run.batch_size
+    per_response, per_row = round_s / run.rollout_size, round_s / (run.rollout_size * run.ppo_epochs)
+    print(f"MiniLLM round: {run.rollout_size} {'fast' if run.fast_decode else 'eager'} rollouts {rollout_s:.2f}s + "
+          f"{len(minibatches)} steps of {run.batch_size} rows {round_s - rollout_s:.2f}s; KD {1000 * kd_row:.2f} ms "
+          f"per row (a step of {run.batch_size})")
+    print(f"MiniLLM per training row (the rollouts amortized over the round's {run.ppo_epochs} epochs) "
+          f"{1000 * per_row:.2f} ms: {per_row / kd_row:.1f}x KD; per response sampled {1000 * per_response:.2f} ms: "
+          f"{per_response / kd_row:.1f}x KD")
 
 
 def bench_tokenizers(n=2000, steps=20):

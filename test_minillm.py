@@ -1023,7 +1023,7 @@ def test_benchmarks_print_their_tables(tmp_path, monkeypatch, capsys):
                  "kernel, --chunk 1024", "rollouts of up to 8 tokens", "rollout, student + teacher, eager",
                  "rollout, student + teacher, fast", "(fast: 2 graphs traced, 0 skipped CUDA graphs",
                  "generate, student alone, fast", "transformers generate",
-                 "ms per training sample"):
+                 "MiniLLM per training row", "per response sampled"):
         assert line in out, line
     assert kernels.USE_TRITON is None  # the benchmark gives the dispatch back
     with pytest.raises(SystemExit):
