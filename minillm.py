@@ -108,6 +108,14 @@ class GPTConfig:
     n_vocab: int = 0            # the tokenizer's tokens; embedding rows past them (padding) are never predicted;
                                 # 0: vocab_size
 
+    @property
+    def kv_heads(self):  # key/value heads (n_kv_head, 0 meaning n_head)
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self):  # width of one head (head_dim, 0 meaning n_embd / n_head)
+        return self.head_dim or self.n_embd // self.n_head
+
 MODEL_SIZES = {  # name -> GPTConfig maker; vocab_size and block_size may be overridden
     # the built-in task (data.py): teacher 1.03M parameters, student 0.033M (31x smaller and short of capacity:
     # one layer cannot copy a variable-length sequence in order, 16 dims cannot hold every fact)
@@ -167,7 +175,7 @@ def rope_angles(config, pos, dtype):
     """Rotary positions (Su et al. 2021): cos and sin (..., T, head_dim) of pos * theta^(-2i/d) for i < d/2, each
     half repeated (the Hugging Face layout). Llama-3 slows the long wavelengths by `factor`, smoothly between two
     cut-offs."""
-    d = config.head_dim or config.n_embd // config.n_head
+    d = config.head_size
     freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=pos.device).float() / d)  # (d/2,)
     if config.rope_scaling:
         factor, low, high, old_len = config.rope_scaling
@@ -188,8 +196,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.dropout = config.n_head, config.dropout
-        self.n_kv_head = config.n_kv_head or config.n_head  # grouped-query attention: fewer key/value heads
-        self.head_dim = config.head_dim or config.n_embd // config.n_head
+        self.n_kv_head = config.kv_heads  # grouped-query attention: fewer key/value heads than query heads
+        self.head_dim = config.head_size
         q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         self.sizes = [q, kv, kv]
         self.c_attn = nn.Linear(config.n_embd, q + 2 * kv, bias=config.bias or config.qkv_bias)  # q, k, v projections
@@ -355,7 +363,7 @@ def new_cache(model, batch_size, max_len, device):
     dtype = next(model.parameters()).dtype
     if torch.is_autocast_enabled(device.type):  # (rollouts on a GPU: bf16 autocast, the cache in bf16 too)
         dtype = torch.get_autocast_dtype(device.type)
-    shape = (c.n_layer, batch_size, c.n_kv_head or c.n_head, max_len, c.head_dim or c.n_embd // c.n_head)
+    shape = (c.n_layer, batch_size, c.kv_heads, max_len, c.head_size)
     return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device),
             "valid": torch.zeros(batch_size, max_len, dtype=torch.bool, device=device), "len": 0}
 
@@ -1322,7 +1330,7 @@ def save_pretrained(model, folder, eos_id, tokenizer=None):
     from safetensors.torch import save_file
     c, eos = model.config, eos_id
     bos = (data.bos_ids(data.get_encoding(tokenizer)) or [eos])[0] if isinstance(tokenizer, dict) else eos
-    head_dim = c.head_dim or c.n_embd // c.n_head
+    head_dim = c.head_size
     if c.model_type == "gpt2":
         if not c.bias:
             raise InputError("save_pretrained: GPT-2 has biases; this model was made with bias=False")
@@ -1339,7 +1347,7 @@ def save_pretrained(model, folder, eos_id, tokenizer=None):
         config = {"architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2":
                   "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[c.model_type]], "hidden_size": c.n_embd,
                   "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads":
-                  c.n_kv_head or c.n_head, "head_dim": head_dim, "intermediate_size": c.n_inner,
+                  c.kv_heads, "head_dim": head_dim, "intermediate_size": c.n_inner,
                   "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps, "hidden_act": "silu",
                   "rope_theta": c.rope_theta, "rope_scaling": None if not c.rope_scaling else dict(
                       rope_type="llama3", factor=c.rope_scaling[0], low_freq_factor=c.rope_scaling[1],
@@ -1355,7 +1363,7 @@ def save_pretrained(model, folder, eos_id, tokenizer=None):
         v = v.t() if c.model_type == "gpt2" and name.endswith(HF_TRANSPOSED) else v
         sizes = [v.size(0) // len(sources)] * len(sources)
         if name.endswith("c_attn.weight") or name.endswith("c_attn.bias"):
-            sizes = [c.n_head * head_dim] + [(c.n_kv_head or c.n_head) * head_dim] * 2 if len(sources) == 3 else sizes
+            sizes = [c.n_head * head_dim] + [c.kv_heads * head_dim] * 2 if len(sources) == 3 else sizes
         for s, part in zip(sources, v.split(sizes)):
             state[s] = part.detach().cpu().contiguous()
     os.makedirs(folder, exist_ok=True)
