@@ -64,6 +64,7 @@ import shutil
 import signal
 import sys
 import time
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
@@ -357,13 +358,18 @@ class GPT(nn.Module):
 # teacher-mixed sampling needs: p_mix = alpha * p + (1 - alpha) * q at every step.
 
 
-def new_cache(model, batch_size, max_len, device):
-    """Per-layer keys and values (n_layer, B, H_kv, max_len, hd), which slots hold real tokens, and the fill level."""
+def cache_layout(model, batch_size, max_len, device):
+    """The shape (n_layer, B, H_kv, max_len, hd) and dtype of a model's keys and values."""
     c = model.config
     dtype = next(model.parameters()).dtype
     if torch.is_autocast_enabled(device.type):  # (rollouts on a GPU: bf16 autocast, the cache in bf16 too)
         dtype = torch.get_autocast_dtype(device.type)
-    shape = (c.n_layer, batch_size, c.kv_heads, max_len, c.head_size)
+    return (c.n_layer, batch_size, c.kv_heads, max_len, c.head_size), dtype
+
+
+def new_cache(model, batch_size, max_len, device):
+    """Per-layer keys and values (n_layer, B, H_kv, max_len, hd), which slots hold real tokens, and the fill level."""
+    shape, dtype = cache_layout(model, batch_size, max_len, device)
     return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device),
             "valid": torch.zeros(batch_size, max_len, dtype=torch.bool, device=device), "len": 0}
 
@@ -378,16 +384,29 @@ def left_pad(prompts, pad_id, device):
     return idx.to(device), valid.to(device)
 
 
+STATIC_CACHES = weakref.WeakKeyDictionary()  # model -> the static cache of its fast decode (gone with the model)
+
+
 def prefill(model, idx, valid, max_new_tokens, fast=False):
-    """Runs the prompts through the model once; returns (cache, next-token logits (B, V)). fast: a static cache for
-    fast_decode."""
-    max_len = idx.size(1) + max_new_tokens
-    cache = new_cache(model, idx.size(0), -(-max_len // 64) * 64 if fast else max_len, idx.device)
+    """Runs the prompts through the model once; returns (cache, next-token logits (B, V)). fast: the static cache of
+    fast_decode (STATIC_CACHES)."""
+    B, max_len = idx.size(0), idx.size(1) + max_new_tokens
+    if fast:  # the model's static cache, made once per shape and reused round after round: its tensors keep their
+        max_len = -(-max_len // 64) * 64  # addresses, which CUDA graphs are recorded against
+        kept = STATIC_CACHES.get(model)
+        if kept is None or kept["k"].device != idx.device or \
+                (kept["k"].shape, kept["k"].dtype) != cache_layout(model, B, max_len, idx.device):
+            kept = STATIC_CACHES[model] = {**new_cache(model, B, max_len, idx.device),
+                                           "slot": torch.zeros(1, dtype=torch.long, device=idx.device)}
+            for t in (kept["k"], kept["v"], kept["valid"], kept["slot"]):
+                torch._dynamo.mark_static_address(t)
+        kept["valid"].zero_()  # (keys and values left from the last round are masked until written again)
+        cache = {"k": kept["k"], "v": kept["v"], "valid": kept["valid"], "len": 0}
+    else:
+        cache = new_cache(model, B, max_len, idx.device)
     logits, _ = model(idx, valid=valid, cache=cache, last_only=True)
-    if fast:  # from here on the slot to write is a tensor, and the cache's tensors keep their addresses
-        cache["slot"] = torch.tensor([cache["len"]], device=idx.device)
-        for t in (cache["k"], cache["v"], cache["valid"], cache["slot"]):
-            torch._dynamo.mark_static_address(t)
+    if fast:  # from here on the slot to write is a tensor
+        cache["slot"] = kept["slot"].fill_(cache["len"])
     return cache, logits[:, -1].float()
 
 
@@ -397,15 +416,18 @@ def decode(model, cache, token):
     return logits[:, -1].float()
 
 # The fast decode (fast=True; --fast_decode), as gpt-fast does it: the same step on static shapes. The cache is made
-# once per batch at a size rounded up to 64 slots, the slot to write is a tensor, and attention runs over the whole
-# cache with the slots not written yet masked; so every step is the same computation on the same shapes, which
-# torch.compile captures once (with CUDA graphs on a GPU) and replays. The loops ask whether every row has ended
-# every 8 steps instead of every step (each question waits for the GPU).
+# once per model at a size rounded up to 64 slots and kept for the next rounds, the slot to write is a tensor, and
+# attention runs over the whole cache with the slots not written yet masked; so every step is the same computation
+# on the same shapes and the same memory, which torch.compile captures once (with CUDA graphs on a GPU) and replays.
+# The loops ask whether every row has ended every 8 steps instead of every step (each question waits for the GPU).
 DECODE_BACKEND = "inductor"  # torch.compile's backend for it
 
 
 def fast_decode(model, cache, token):
-    return compiled_decode(token.device.type, DECODE_BACKEND)(model, cache, token)
+    if token.is_cuda:  # each call its own replay of the model's graph, not one step of a long recorded sequence
+        torch.compiler.cudagraph_mark_step_begin()
+    logits = compiled_decode(token.device.type, DECODE_BACKEND)(model, cache, token)
+    return logits.clone()  # (a CUDA graph's output lives in memory that its next replay writes)
 
 
 @functools.lru_cache(maxsize=None)
