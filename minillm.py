@@ -531,6 +531,8 @@ def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=
     and prompt_idx, prompt_valid: the left-padded prompts (B, Tp). teacher None (with alpha 0): pure student samples
     without running the teacher (on-policy distillation scores them later), logp = log q_old. fast: fast_decode."""
     device = next(student.parameters()).device
+    if fast and teacher is student:  # (each model has one static cache)
+        raise InputError("rollout(fast=True) needs a teacher other than the student")
     idx, valid = left_pad(prompts, eos_id, device)
     s_cache, s_logits = prefill(student, idx, valid, max_new_tokens, fast)
     t_cache, t_logits = prefill(teacher, idx, valid, max_new_tokens, fast) if teacher is not None else (None, None)

@@ -1489,6 +1489,8 @@ def test_fast_decode_gives_the_eager_tokens_and_compiles_once_per_model(monkeypa
         kept = [minillm.STATIC_CACHES[m][k].data_ptr() for m in (student, teacher) for k in ("k", "v", "valid", "slot")]
         assert round_ == 0 or kept == addresses  # the same memory every round (which CUDA graphs are recorded on)
         addresses = kept
+    with pytest.raises(minillm.InputError, match="a teacher other than the student"):
+        minillm.rollout(student, student, prompts, 4, enc.eot_token, 0.2, fast=True)
     minillm.compiled_decode.cache_clear()
 
 
