@@ -1,8 +1,9 @@
 #!/bin/bash
-# GPU, issue 16, in one call of at most 9 minutes (run it with timeout_s 600): the fast decode (static cache, CUDA graphs) against the eager one
-# and transformers' generate, MiniLLM against KD per training sample; the fast decode's GPU test; the fused
-# kernel's block size / warps sweep in bf16 and fp32; and, where Nsight Compute can read the counters, why the bf16
-# kernel runs where it does. Logs go to $OUT (one file per part).
+# GPU, issue 16, in one call of at most 9 minutes (run it with timeout_s 600): the fast decode (static cache, CUDA
+# graphs) against the eager one and transformers' generate, MiniLLM against KD per training row and per response;
+# where an eager step's time goes; the fast decode's GPU test; the fused kernel's block size / warps sweep in bf16
+# and fp32; and, where Nsight Compute can read the counters, why the bf16 kernel runs where it does. Logs go to
+# $OUT (one file per part).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_fast}; mkdir -p "$OUT"
