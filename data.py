@@ -519,7 +519,7 @@ def hf_encoding(spec):
             enc = hf_encoding_class()(spec["name"], pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials,
                                       eos=spec["eos_token_id"], nfc=norm is not None, bos=template_bos(t))
         else:
-            enc = HFTokenizer(spec)
+            enc = HFTokenizer(spec, bos=template_bos(t))
         _HF_ENCODINGS[key] = enc
     return _HF_ENCODINGS[key]
 
@@ -572,10 +572,10 @@ class HFTokenizer:
     Text is encoded without the BOS or other tokens the tokenizer's template adds (bos_ids puts BOS where it
     belongs)."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, bos):
         from tokenizers import Tokenizer
         self.tok, self.name, self.eot_token = Tokenizer.from_str(spec["json"]), spec["name"], spec["eos_token_id"]
-        self.bos = template_bos(json.loads(spec["json"]))
+        self.bos = bos
         self.n_vocab = max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
 
     def encode_ordinary(self, text):

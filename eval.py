@@ -336,12 +336,9 @@ def bench_minillm(args, shapes="gpt2"):
           f"{run.rollout_size} rollouts of up to {run.max_new_tokens} tokens, mini-batches of {run.batch_size}, "
           f"{device}")
     batches = minillm.rollout_batches(student, teacher, prompts, run, device, ctx=ctx)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    t0 = time.time()
+    t0 = minillm.clock()  # (clock: the time once the GPU has done what is queued)
     buffer = [next(batches)]  # the first next() makes the round of rollouts
-    sync()
-    seconds = time.time() - t0
+    seconds = minillm.clock() - t0
     buffer += [next(batches) for _ in range(run.rollout_size // run.batch_size - 1)]
     print(f"rollout: {run.rollout_size * buffer[0]['tokens'].size(1) / seconds:.0f} tokens/s "
           f"({seconds:.1f}s for the round)")
@@ -355,14 +352,12 @@ def bench_minillm(args, shapes="gpt2"):
             torch.cuda.reset_peak_memory_stats()
         times = []
         for step in range(args.max_steps):
-            sync()
-            t0 = time.time()
+            t0 = minillm.clock()
             loss, _ = minillm.minillm_loss(student, teacher, buffer[step % len(buffer)], run, ctx)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            sync()
-            times.append(time.time() - t0)
+            times.append(minillm.clock() - t0)
         peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 * 1024) / 2 ** 30
         ms = 1000 * sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median after the first (warm-up)
@@ -379,7 +374,6 @@ def bench_rollout(args, shapes="gpt2", repeats=3):
     --ppo_epochs passes of mini-batches of --batch_size) against KD steps on rows of the same lengths, per training
     row (the round over its ppo_epochs x rollout_size rows) and per response sampled (over rollout_size)."""
     device, ctx, teacher, student, V = bench_models(args, shapes)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     prompts = torch.randint(0, V - 1, (args.rollout_size, 64)).tolist()
     n_new = args.max_new_tokens
     print(f"teacher {teacher.num_params() / 1e6:.1f}M, student {student.num_params() / 1e6:.1f}M parameters, "
@@ -388,11 +382,10 @@ def bench_rollout(args, shapes="gpt2", repeats=3):
     def timing(name, run):
         first, best = None, float("inf")
         for i in range(repeats + 1):
-            sync()
-            t0 = time.time()
+            t0 = minillm.clock()  # (clock: the time once the GPU has done what is queued)
             tokens = run()
-            sync()
-            first, best = (time.time() - t0, best) if i == 0 else (first, min(best, time.time() - t0))
+            seconds = minillm.clock() - t0
+            first, best = (seconds, best) if i == 0 else (first, min(best, seconds))
         print(f"{name:<42}{tokens / best:10.0f}{first:14.2f}")
         return best
 
@@ -430,28 +423,22 @@ def bench_rollout(args, shapes="gpt2", repeats=3):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     batches = minillm.rollout_batches(student, teacher, prompts, run, device, ctx=ctx)
-    sync()
-    t0 = time.time()
+    t0 = minillm.clock()
     minibatches = [next(batches)]  # (the first next() rolls out the round)
-    sync()
-    rollout_s = time.time() - t0
+    rollout_s = minillm.clock() - t0
     minibatches += [next(batches) for _ in range(run.ppo_epochs * (run.rollout_size // run.batch_size) - 1)]
     train_step(minillm.minillm_loss(student, teacher, minibatches[0], run, ctx)[0])  # (warm-up: the kernel compiles)
-    sync()
-    t0 = time.time()
+    t0 = minillm.clock()
     for batch in minibatches:
         train_step(minillm.minillm_loss(student, teacher, batch, run, ctx)[0])
-    sync()
-    round_s = rollout_s + time.time() - t0
+    round_s = rollout_s + minillm.clock() - t0
     x = torch.randint(0, V - 1, (run.batch_size, 64 + n_new), device=device)
     y = torch.cat([torch.full_like(x[:, :64], -100), x[:, 64:]], 1).roll(-1, 1)
     times = []
     for _ in range(repeats + 1):
-        sync()
-        t0 = time.time()
+        t0 = minillm.clock()
         train_step(minillm.token_loss(student, teacher, x, y, 0.5, ctx)[0])
-        sync()
-        times.append(time.time() - t0)
+        times.append(minillm.clock() - t0)
     kd_row = min(times[1:]) / run.batch_size
     per_response, per_row = round_s / run.rollout_size, round_s / (run.rollout_size * run.ppo_epochs)
     print(f"MiniLLM round: {run.rollout_size} {'fast' if run.fast_decode else 'eager'} rollouts {rollout_s:.2f}s + "
@@ -513,8 +500,8 @@ def get_args(argv=None):
     ap.add_argument("--rows", nargs="+", help="--table1: only these rows of eval.TABLE1 (default: all), e.g. kd "
                                               "'on-policy rkl' minillm")
     ap.add_argument("--shapes", choices=list(BENCH_SHAPES), default="gpt2",
-                    help="--bench minillm: the teacher and student shapes (gpt2: the paper's; qwen: Qwen2.5-1.5B and "
-                         "0.5B)")
+                    help="--bench minillm / rollout: the teacher and student shapes (gpt2: the paper's; qwen: "
+                         "Qwen2.5-1.5B and 0.5B)")
     ap.add_argument("--bench", choices=["generate", "minillm", "rollout", "tokenizers"],
                     help="run a benchmark instead (--bench minillm also takes minillm.py's flags: --max_steps, "
                          "--rollout_size, --batch_size, --chunk, ...)")

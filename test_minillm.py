@@ -1494,6 +1494,16 @@ def test_fast_decode_gives_the_eager_tokens_and_compiles_once_per_model(monkeypa
     minillm.compiled_decode.cache_clear()
 
 
+@torch.no_grad()
+def assert_rollout_log_probs_are_the_forwards(batch, student, teacher, what, atol=0.03):
+    """A rollout's log q_old(y_t) and log p(y_t) = what each model's forward over prompt + response gives for the
+    sampled tokens (atol: bf16 rounding)."""
+    for key, model in (("logq_old", student), ("logp", teacher)):
+        logits = minillm.response_logits(model, batch).float()
+        forward = logits.log_softmax(-1).gather(-1, batch["tokens"][..., None])[..., 0] * batch["mask"]
+        assert_close(batch[key], forward, atol, f"{key}, {what}")
+
+
 def test_rollouts_in_bf16_autocast_fast_and_eager_agree_with_the_models(monkeypatch):
     """What a GPU run does (the training's bf16 autocast around the rollouts, the teacher's weights in bf16), on the
     CPU's autocast: the caches are bf16, the fast path traces once per model, and both paths' log q_old(y_t) and
@@ -1519,11 +1529,7 @@ def test_rollouts_in_bf16_autocast_fast_and_eager_agree_with_the_models(monkeypa
             for fast in (False, True):
                 b = minillm.rollout(student, teacher, prompts, 20, enc.eot_token, 0.2,
                                     torch.Generator().manual_seed(0), fast=fast)
-                with torch.no_grad():
-                    for key, model in (("logq_old", student), ("logp", teacher)):
-                        logits = minillm.response_logits(model, b).float()
-                        forward = logits.log_softmax(-1).gather(-1, b["tokens"][..., None])[..., 0] * b["mask"]
-                        assert_close(b[key], forward, 0.03, f"{key}, fast={fast}")
+                assert_rollout_log_probs_are_the_forwards(b, student, teacher, f"fast={fast}")
                 if b["tokens"].shape == fp32["tokens"].shape and torch.equal(b["tokens"], fp32["tokens"]):
                     assert not torch.equal(b["logq_old"], fp32["logq_old"])  # (bf16 arithmetic did run)
     assert {d for d, autocast in dtypes if autocast} == {torch.bfloat16} and len(dtypes) == 11  # (the teacher's
@@ -1558,11 +1564,7 @@ def test_fast_decode_on_a_gpu_captures_cuda_graphs_and_gives_the_eager_tokens(de
                     assert torch.equal(fast["tokens"][:, :n], eager["tokens"]) and not fast["mask"][:, n:].any()
                     for k in ("logq_old", "logp", "log_pmix"):
                         assert_close(fast[k][:, :n], eager[k], 1e-4, k)
-                with torch.no_grad():
-                    for key, model in (("logq_old", student), ("logp", teacher)):
-                        logits = minillm.response_logits(model, fast).float()
-                        forward = logits.log_softmax(-1).gather(-1, fast["tokens"][..., None])[..., 0] * fast["mask"]
-                        assert_close(fast[key], forward, 0.03, f"{key}, {ctx}")
+                assert_rollout_log_probs_are_the_forwards(fast, student, teacher, str(ctx))
         assert counters["stats"]["unique_graphs"] == 4, (round_, dict(counters["stats"]))
         assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     minillm.compiled_decode.cache_clear()
