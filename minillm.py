@@ -44,9 +44,9 @@ Data and tokenizers live in data.py, the fused reverse-KL kernel in kernels.py, 
 What this version simplifies or changes (relative to the paper and its official code):
 - The built-in task is a small procedurally generated instruction world (data.py) so that the whole method runs
   on a 2-core CPU in minutes; GPT-2 shapes are available by name for real runs.
-- Where the official code departs from the paper (the return includes step t, a discount of 0.95, whitened and
-  scaled advantages, no importance weight on the single-step term), this follows the paper; --gamma and --whiten
-  give the official discount and whitening.
+- Where the official code departs from the paper (the return includes step t, a discount of 0.95, scaled and
+  clipped rewards, advantages whitened per mini-batch, no importance weight on the single-step term), this follows
+  the paper; --recipe official gives the official code's loss, each difference a switch (RECIPES).
 - The teacher's logits are recomputed for each mini-batch instead of being stored with the rollouts (memory over
   time; the teacher forward is cheap next to the rollouts).
 - On the built-in task the distilled checkpoint is chosen by the validity of sampled validation responses (the
@@ -143,11 +143,27 @@ MINILLM_OPTIONS = {
                                 "uses R_t, step t included (Eq. 2; ablation)"),
     "long_term": (True, True, "the long-term term of Eq. 7; --no_long_term: the single-step term alone, on MiniLLM's "
                               "own rollouts (ablation)"),
-    "gamma": (1.0, 1.0, "discount of the long-term return (the official code: 0.95)"),
-    "whiten": (False, False, "whiten the advantages over each round (the official code)"),
     "lm_coef": (1.0, None, "weight of L_PT (default: 1 for minillm, 0 for the other methods)"),
     "kd_ratio": (0.5, None, "kd, seqkd: the forward-KL share of the loss (default 0.5); minillm: the soft "
-                            "cross-entropy share of L_PT (default 0, the paper's pure LM loss; the official code 0.5)"),
+                            "cross-entropy share of L_PT (default: 0, the paper's pure LM loss; --recipe official: "
+                            "0.5)"),
+}
+
+# The two recipes of MiniLLM's loss: `paper` is Eq. 7 as the paper writes it (the default), `official` the loss of
+# the official code (microsoft/LMOps, minillm/minillm/), which differs from Eq. 7 by these switches and nothing
+# else. --recipe sets them all; a typed switch (--gamma 1, --no_whiten, ...) wins. Each is used where it acts:
+# score_round (the first four) and minillm_loss (the last two). switch: (paper, official, what and where)
+RECIPES = {
+    "include_t": (False, True, "the long-term return includes step t: R_t / (T - t + 1) instead of R^Norm_{t+1} "
+                               "(losses.py 39-49: rw_t = r_t + gamma rw_{t+1}, divided by the valid steps from t on)"),
+    "gamma": (1.0, 0.95, "discount of the long-term return (losses.py 45; 0.95 in the official scripts)"),
+    "reward_scaling": (1.0, 0.5, "the rewards r_t are divided by this (sampler.py run_sample: rewards / "
+                                 "reward_scaling)"),
+    "reward_clip": (0.0, 100.0, "the rewards are clipped to +-this, 0: not (sampler.py run_sample: cliprange_reward)"),
+    "whiten": (False, True, "the advantages whitened per mini-batch over every entry of the (b, max_new_tokens) "
+                            "response tensor, its padding's zeros included (losses.py 53, utils.py whiten)"),
+    "w_single": (True, False, "the single-step term weighted by w_t, as Eq. 7 (losses.py 98-108: the official "
+                              "single-step term has no w_t)"),
 }
 
 # -----------------------------------------------------------------------------
@@ -607,17 +623,34 @@ def returns(r, mask, length_norm=True, gamma=1.0, include_t=False):
 
 def score_round(batch, args):
     """Adds to a round of rollouts (rollout()'s dict) the rewards r, advantages A and importance weights w, (B, n)
-    each. The paper's choices; ../shared/MINILLM.md section 5 lists where the official code differs (a return
-    including step t, no w_t on the single-step term, ...): --gamma and --whiten give its discount and whitening."""
+    each. --recipe paper: Eq. 2, 5, 6 as the paper writes them; official: the rewards scaled and clipped, the return
+    R_t including step t and discounted (RECIPES). The official whitening is per mini-batch: minillm_loss."""
     mask = batch["mask"]
-    batch["r"] = batch["logp"] - batch["logq_old"]                    # Eq. 2: r_t = log p(y_t) - log q_old(y_t)
-    A = returns(batch["r"], mask, args.length_norm, args.gamma,       # Eq. 6: A_t = R^Norm_{t+1}
-                include_t=not args.single_step)                       # (ablation: R_t, no single-step term)
-    if args.whiten and mask.sum() > 1:                                 # the official code: whitened per round
-        A = torch.where(mask, (A - A[mask].mean()) / (A[mask].std() + 1e-8), 0.0)
-    batch["A"] = A
-    batch["w"] = torch.exp(batch["logq_old"] - batch["log_pmix"])    # Eq. 5: w_t = q_old(y_t) / p_mix(y_t)
+    r = (batch["logp"] - batch["logq_old"]) / args.reward_scaling      # Eq. 2: r_t = log p(y_t) - log q_old(y_t)
+    if args.reward_clip:                                               # (official: r_t / 0.5, clipped to +-100)
+        r = r.clamp(-args.reward_clip, args.reward_clip)
+    include_t = args.include_t or not args.single_step  # official, and the ablation without the single-step term
+    batch["r"] = r
+    batch["A"] = returns(r, mask, args.length_norm, args.gamma, include_t)  # Eq. 6: A_t = R^Norm_{t+1} (or R_t)
+    batch["w"] = torch.exp(batch["logq_old"] - batch["log_pmix"])          # Eq. 5: w_t = q_old(y_t) / p_mix(y_t)
     return batch
+
+
+def whiten(A, mask, width):
+    """The official code's whitening of a mini-batch's advantages (losses.py 53, utils.py whiten): (A - mean) / std
+    over every entry of its (b, width) response tensor, padded to width = max_new_tokens with zeros that count (so
+    short responses keep part of their mean), with the population variance of its distributed statistics (over every
+    process's rows under torchrun). Entries outside the mask stay 0 (the loss masks them anyway)."""
+    A = A * mask
+    entries = A.size(0) * width
+    stats = torch.stack([A.sum(), torch.tensor(float(entries), device=A.device)])  # sum, count
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    mean = stats[0] / stats[1]
+    sq = ((A - mean) ** 2 * mask).sum() + (entries - mask.sum()) * mean ** 2  # (each zero: (0 - mean)^2)
+    if dist.is_initialized():
+        dist.all_reduce(sq)
+    return (A - mean) * torch.rsqrt(sq / stats[1] + 1e-8) * mask
 
 # -----------------------------------------------------------------------------
 # The loss: Eq. 7 per response token, the long-term term clipped as in PPO (Algorithm 1)
@@ -661,16 +694,22 @@ def reverse_kl_tokens(student, teacher, batch, args, ctx):
 def minillm_loss(student, teacher, batch, args, ctx):
     """Eq. 7 on a mini-batch of scored rollouts: the single-step term plus the PPO-clipped long-term term, each a
     mean over the mini-batch's response tokens (the mask: nothing after EOS). Returns (loss, {name: value} for the
-    log)."""
+    log): the terms, and PPO's diagnostics of how far q_theta has moved from the q_old that sampled the round."""
     mask = batch["mask"]
     kl, logq = reverse_kl_tokens(student, teacher, batch, args, ctx)  # (b, n) each
-    single, long_term = minillm_terms(logq, kl, batch["logq_old"], batch["A"], batch["w"], batch["w"], args.clip_eps)
+    A = whiten(batch["A"], mask, args.max_new_tokens) if args.whiten else batch["A"]  # (official: per mini-batch)
+    w_single = batch["w"] if args.w_single else 1.0  # (official: no w_t on the single-step term)
+    single, long_term = minillm_terms(logq, kl, batch["logq_old"], A, w_single, batch["w"], args.clip_eps)
     n = mask.sum().clamp(min=1)
-    loss_single, loss_long = (single * mask).sum() / n, (long_term * mask).sum() / n
-    rho = torch.exp(logq.detach() - batch["logq_old"]) * batch["w"]
-    stats = {"reward": (batch["r"] * mask).sum() / n, "single": loss_single.detach(), "long": loss_long.detach(),
-             "clip": (((rho - 1).abs() > args.clip_eps) & mask).sum() / n, "w": (batch["w"] * mask).sum() / n,
-             "len": mask.sum(1).float().mean()}
+    mean = lambda x: (x * mask).sum() / n  # over the mini-batch's response tokens
+    loss_single, loss_long = mean(single), mean(long_term)
+    log_ratio = (logq.detach() - batch["logq_old"]) * mask  # log q_theta(y_t) / q_old(y_t)
+    stats = {"reward": mean(batch["r"]), "single": loss_single.detach(), "long": loss_long.detach(),
+             "adv": mean(A),  # the mean advantage
+             "kl_old": mean(log_ratio.exp() - 1 - log_ratio),  # approximate KL(q_old || q_theta) on these tokens (k3)
+             "clip": mean(((log_ratio.exp() - 1).abs() > args.clip_eps).float()),  # share of q_theta/q_old outside
+             "ent": mean(-logq.detach()),  # -log q_theta(y_t): the student's entropy, estimated on its samples
+             "w": mean(batch["w"]), "len": mask.sum(1).float().mean()}
     # Eq. 7: grad L = E_{y ~ p_mix} sum_t [ w_t grad KL_t (single-step) + w_t R^Norm_{t+1} grad log q_theta(y_t)
     # (long-term, clipped) ]: the gradient of this sum (ablations: --no_single_step, --no_long_term, one term alone)
     return (loss_single if args.single_step else 0) + (loss_long if args.long_term else 0), stats
@@ -918,6 +957,7 @@ def train(args):
     wrapped = wrap_student(student, teacher, args, world, device, log)  # what the losses call: compiled, DDP
     progress = {"best": -math.inf, "best_step": 0, "tokens": 0, "bad_steps": 0, "validated": True, "elapsed": 0.0}
     metrics, log_gen = {}, torch.Generator(device=device).manual_seed(args.seed + 1)  # (the logged rkl's samples)
+    interval = {}  # the sums of the loss and its stats since the last log line
     if ckpt:  # --resume: the run as it was when the checkpoint was written
         metrics = resume_run(ckpt, resume_path, student, optimizer, progress, log_gen, rank, world, device)
     t_start = time.time() - progress["elapsed"]
@@ -987,12 +1027,20 @@ def train(args):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         PHASES["step"] = PHASES.get("step", 0.0) + clock() - t_step
-        # log: the loss terms, the reverse KL to the teacher (Eq. 1) on 16 validation prompts, speed, time left
+        # log: the loss terms and diagnostics averaged over the steps since the last line, the reverse KL to the
+        # teacher (Eq. 1) on 16 validation prompts, speed, time left
+        for k, v in {"loss": loss.detach(), **stats}.items():
+            interval[k] = v if isinstance(v, int) else interval.get(k, 0) + v.detach()  # (an epoch: the last)
+        interval["steps"] = interval.get("steps", 0) + 1
         if step % args.log_interval == 0 and validates:
+            n = interval.pop("steps")
+            stats = {k: v if isinstance(v, int) else v / n for k, v in interval.items()}
             if teacher is not None:
                 stats = {"rkl": reverse_kl_k3(student, teacher, task["val"]["prompts"][:16], args, log_gen)[0],
                          **stats}
-            log(step_line(step, loss, stats, lr, progress["tokens"] * world, time.time() - t_start, args))
+            log(step_line(step, stats.pop("loss"), stats, lr, progress["tokens"] * world, time.time() - t_start,
+                          args))
+            interval.clear()
     samples = rollout_state.get("samples", 0) * world + task.get("teacher_samples", 0)  # responses sampled
     finish_run(args, student, optimizer, step, tokenizer, metrics, state, progress, t_start, samples, rank, world, log)
     return best_path
@@ -1550,7 +1598,8 @@ def skip_step(step, loss, stats, progress, optimizer, args, log):
 
 
 def step_line(step, loss, stats, lr, tokens, elapsed, args):
-    """The log line of a training step: loss and its terms, learning rate, tokens/s, time left."""
+    """The log line at a step: loss and its terms (means over the steps since the last line), learning rate,
+    tokens/s, time left."""
     eta = elapsed / (step + 1) * (args.max_steps - step - 1)
     if args.max_minutes:
         eta = min(eta, args.max_minutes * 60 - elapsed)
@@ -1558,7 +1607,7 @@ def step_line(step, loss, stats, lr, tokens, elapsed, args):
     split = (f" | rollout {times['rollout']:.1f}s ({times['rollout tokens'] / times['rollout']:.0f} tok/s)"
              if times["rollout"] else "") + (f" | teacher {times['teacher']:.1f}s" if times["teacher"] else "")
     split += f" | student {times['step'] - times['rollout'] - times['teacher']:.1f}s" if split else ""
-    return (f"step {step:5d} | loss {loss.item():.4f} | " +
+    return (f"step {step:5d} | loss {float(loss):.4f} | " +
             " | ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {float(v):.4f}" for k, v in stats.items()) +
             f" | lr {lr:.2e} | {tokens / elapsed:6.0f} tok/s{split} | ETA {eta:5.0f}s")
 
@@ -1591,8 +1640,9 @@ def start_log(args, rank, resume_path, lines):
 
 def set_method_defaults(args):
     """The flags whose default depends on the method (None: not typed)."""
-    if args.kd_ratio is None:  # kd / seqkd: the paper's 0.5; L_PT of minillm: the paper's pure LM loss
-        args.kd_ratio = 0.5 if args.method in ("kd", "seqkd") else 0.0
+    if args.kd_ratio is None:  # kd / seqkd: the paper's 0.5; L_PT of minillm: the paper's pure LM loss, or the
+        official = args.method == "minillm" and args.recipe == "official"  # official 0.5 LM + 0.5 soft cross-
+        args.kd_ratio = 0.5 if args.method in ("kd", "seqkd") or official else 0.0  # entropy (losses.py pt_loss)
     if args.lm_coef is None:  # L_PT belongs to MiniLLM; --lm_coef adds it to the other methods too
         args.lm_coef = 1.0 if args.method == "minillm" else 0.0
     if args.pt_data is None and args.data == "builtin":
@@ -1952,6 +2002,18 @@ def get_args(argv=None):
             here = "" if default is None else f" (default {default})"
             ap.add_argument(f"--{name}", type=type(paper), default=default,
                             help=f"{meaning}{here} [paper: {paper}]{pipeline}")
+    ap.add_argument("--recipe", choices=["paper", "official"], default="paper",
+                    help="minillm: the loss as the paper writes it (Eq. 7), or the official code's: the switches below "
+                         "(RECIPES), which a typed one overrides")
+    for name, (paper, official, meaning) in RECIPES.items():  # default None: set by --recipe (below)
+        if isinstance(paper, bool):
+            on = lambda x: "on" if x else "off"
+            ap.add_argument(f"--{name}", action="store_true", default=None,
+                            help=f"{meaning} [paper: {on(paper)}; official: {on(official)}]; --no_{name}: off")
+            ap.add_argument(f"--no_{name}", dest=name, action="store_false", default=None, help=argparse.SUPPRESS)
+        else:
+            ap.add_argument(f"--{name}", type=float, default=None, help=f"{meaning} [paper: {paper:g}; official: "
+                                                                          f"{official:g}]")
     ap.add_argument("--divergence", choices=["rkl", "fkl", "jsd"], default="rkl",
                     help="onpolicy: the token-level divergence on the student's samples: reverse KL (through the "
                          "kernel), forward KL, or the generalized JSD with --beta")
@@ -1996,6 +2058,9 @@ def get_args(argv=None):
                     help="rollouts decode on a static cache, the step compiled (CUDA graphs on a GPU; see "
                          "fast_decode); off by default: on a CPU it is slower (README)")
     args = ap.parse_args(argv)
+    for name, values in RECIPES.items():  # the recipe's value of each switch not typed
+        if getattr(args, name) is None:
+            setattr(args, name, values[args.recipe == "official"])
     if args.keep < 1:
         ap.error("--keep must be at least 1")
     for action in ap._actions:  # parsed again without defaults: the flags that were typed, which the pipeline

@@ -870,7 +870,8 @@ def test_every_method_runs_in_the_same_loop(tmp_path, monkeypatch, method):
     log = open(tmp_path / "run" / "log.txt").read()
     fields = {"sft": ["ce", "L_PT"], "kd": ["rkl", "ce", "fkl", "L_PT"], "seqkd": ["rkl", "ce", "fkl", "L_PT"],
               "onpolicy": ["rkl", "token_rkl", "len", "L_PT"],
-              "minillm": ["rkl", "reward", "single", "long", "clip", "w", "len", "L_PT"]}[method]
+              "minillm": ["rkl", "reward", "single", "long", "adv", "kl_old", "clip", "ent", "w", "len",
+                          "L_PT"]}[method]
     step_lines = [line for line in log.splitlines() if line.startswith("step") and "| loss" in line]
     assert len(step_lines) == 3 and all("tok/s" in line and "ETA" in line for line in step_lines)
     assert [f.split()[0] for f in step_lines[0].split(" | lr ")[0].split(" | ")[2:] if f.split()[0] != "epoch"] == fields
@@ -917,8 +918,7 @@ def test_onpolicy_reverse_kl_has_the_single_step_terms_gradient():
     """--method onpolicy --divergence rkl on a batch of pure student samples takes the gradient of MiniLLM's
     single-step term alone (w_t = 1, --no_long_term) on the same samples."""
     student, teacher = estimator_models(seed=3)
-    args = argparse.Namespace(chunk=0, divergence="rkl", beta=0.5, clip_eps=0.2, single_step=True, long_term=False,
-                              length_norm=True, gamma=1.0, whiten=False)
+    args = minillm.get_args(["--no_long_term", "--max_new_tokens", "6"])  # (--divergence rkl, --chunk 0)
     prompts = [[0, 1], [2], [1, 2, 0]] * 4
     batch = minillm.rollout(student, teacher, prompts, 6, 3, 0.0, torch.Generator().manual_seed(0))
     alone = minillm.rollout(student, None, prompts, 6, 3, 0.0, torch.Generator().manual_seed(0))  # as onpolicy samples
@@ -1610,19 +1610,149 @@ def test_minillm_loss_with_chunk_equals_without():
         assert_close(a, b, 1e-6, "gradient")
 
 
-def test_rollout_batches_advantages_plain_and_whitened():
-    student, teacher = estimator_models(seed=7)
-    for whiten in (False, True):
-        args = minillm.get_args(["--rollout_size", "12", "--batch_size", "12", "--max_new_tokens", "5"] +
-                                (["--whiten"] if whiten else []))
-        args.eos_id = 3
-        mb = next(minillm.rollout_batches(student, teacher, [[0, 1], [2], [1, 2, 0]] * 4, args, "cpu"))
-        mask, A = mb["mask"], mb["A"]
-        assert mb["tokens"].shape[0] == 12 and (A[~mask] == 0).all()
-        if whiten:  # the official code's whitening: zero mean, unit spread over the round's response tokens
-            assert abs(A[mask].mean()) < 1e-5 and abs(A[mask].std() - 1) < 1e-4
+def official_loss(logits_q, logits_p, batch, alpha, width, gamma=0.95, reward_scaling=0.5, cliprange_reward=100.0,
+                  use_whitening=True, cliprange=0.2):
+    """The official code's MiniLLM loss on one mini-batch, transcribed from its source (microsoft/LMOps,
+    minillm/minillm/) without minillm.py's functions: the rollout's tensors padded to `width` (its responses are
+    (B, max_length - max_prompt_length)); sampler.py run_sample (rewards, w), losses.py _get_advantages_and_returns,
+    _pg_loss, _reg_loss and ppo_loss, utils.py whiten (the distributed path its launcher always takes: population
+    variance). logits_q: (B, n, V) with gradient, logits_p: (B, n, V)."""
+    pad = lambda x: F.pad(x, (0, width - x.size(1)))
+    mask = pad(batch["mask"].float())
+    # sampler.py: t_rewards = log p(y_t) (reward.py: centred logits minus their logsumexp), ent_rewards = -logprobs
+    # (the student at sampling time), both 0 after the end; w = q / ((1 - alpha) q + alpha p)
+    logq_old, logp = pad(batch["logq_old"]) * mask, pad(batch["logp"]) * mask
+    w = torch.exp(logq_old - torch.log((1 - alpha) * logq_old.exp() + alpha * logp.exp()))
+    rewards = torch.clip((logp + -logq_old) / reward_scaling, -cliprange_reward, cliprange_reward)
+    # losses.py _get_advantages_and_returns
+    lens = torch.cumsum(mask, dim=-1)
+    lens = mask - lens + lens[:, -1:None]
+    lens = torch.masked_fill(lens, lens == 0, 1)
+    last_rw, rw_reversed = 0, []
+    for t in reversed(range(width)):
+        last_rw = rewards[:, t] + gamma * last_rw
+        rw_reversed.append(last_rw)
+    advantages = torch.stack(rw_reversed[::-1], dim=1) / lens
+    if use_whitening:  # utils.py whiten -> get_global_statistics
+        mean = advantages.sum() / advantages.numel()
+        var = ((advantages - mean) ** 2).sum() / advantages.numel()
+        advantages = (advantages - mean) * torch.rsqrt(var + 1e-8)
+    # losses.py _pg_loss, with utils.py get_log_probs
+    logprobs = pad(F.log_softmax(logits_q, dim=-1).gather(-1, batch["tokens"].unsqueeze(-1)).squeeze(-1)) * mask
+    n = mask.sum()
+    ratio = torch.exp((logprobs - logq_old) * mask) * w
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = torch.sum(torch.max(pg_loss1, pg_loss2) * mask) / n
+    # losses.py _reg_loss: cross-entropy to the teacher minus the student's entropy, no w
+    probs, m = F.softmax(logits_q, dim=-1), batch["mask"].float()
+    xent = -torch.sum(probs * F.log_softmax(logits_p, dim=-1), dim=-1) * m
+    ent = -torch.sum(probs * F.log_softmax(logits_q, dim=-1), dim=-1) * m
+    return pg_loss + torch.sum(xent - ent) / m.sum()  # ppo_loss: pg_loss + the single-step term
+
+
+def paper_loss(logits_q, logits_p, batch, clip_eps=0.2):
+    """Eq. 7 written out by loops: w_t KL(q_theta || p)_t + max(-A_t rho_t, -A_t clip(rho_t)) with A_t = R^Norm_{t+1}
+    the mean of the rewards r_t' = log p(y_t') - log q_old(y_t') over the valid steps t' > t, rho_t = q_theta / p_mix,
+    w_t = q_old / p_mix: the mean over the response tokens."""
+    log_q, log_p = F.log_softmax(logits_q, -1), F.log_softmax(logits_p, -1)
+    total, count = 0.0, 0
+    for b in range(batch["tokens"].size(0)):
+        T = int(batch["mask"][b].sum())
+        r = [(batch["logp"][b, t] - batch["logq_old"][b, t]).item() for t in range(T)]
+        for t in range(T):
+            A = sum(r[t + 1:]) / (T - t - 1) if t < T - 1 else 0.0
+            w = torch.exp(batch["logq_old"][b, t] - batch["log_pmix"][b, t])
+            kl = (log_q[b, t].exp() * (log_q[b, t] - log_p[b, t])).sum()
+            rho = torch.exp(log_q[b, t, batch["tokens"][b, t]] - batch["logq_old"][b, t]) * w
+            total = total + w * kl + torch.max(-A * rho, -A * rho.clamp(1 - clip_eps, 1 + clip_eps))
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("recipe", [["--recipe", "paper"], ["--recipe", "official"],
+                                    ["--recipe", "official", "--gamma", "1", "--no_whiten", "--reward_clip", "0.5"]])
+def test_recipes_take_the_gradient_of_eq7_and_of_the_official_code(recipe, monkeypatch):
+    """On one scored round, several PPO steps apart from q_old: --recipe paper takes the gradient of Eq. 7, --recipe
+    official that of the transcribed official loss (and its own switches, gamma, whitening and reward scaling, act)."""
+    monkeypatch.setattr(kernels, "USE_TRITON", False)  # (the kernel has its own tests)
+    student, teacher = estimator_models(seed=6)
+    args = minillm.get_args(["--rollout_size", "16", "--batch_size", "8", "--max_new_tokens", "7"] + recipe)
+    args.eos_id = 3
+    mb = next(minillm.rollout_batches(student, teacher, [[0, 1], [2], [1, 2, 0], [2, 2]] * 4, args, "cpu"))
+    assert len(set(mb["mask"].sum(1).tolist())) > 2  # responses of several lengths
+    width = args.max_new_tokens = 10  # as if every response had ended before the limit: padding beyond the round
+    with torch.no_grad():  # q_theta a step away from q_old, so that the ratio and its clipping act
+        for p in student.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    grads = []
+    for loss_fn in ("ours", "reference"):
+        student.zero_grad()
+        if loss_fn == "ours":
+            loss, stats = minillm.minillm_loss(student, teacher, mb, args, nullcontext())
         else:
-            assert torch.equal(A, minillm.returns(mb["r"], mask))
+            logits_q = minillm.response_logits(student, mb)
+            with torch.no_grad():
+                logits_p = minillm.response_logits(teacher, mb)
+            if args.recipe == "paper":
+                loss = paper_loss(logits_q, logits_p, mb)
+            else:
+                loss = official_loss(logits_q, logits_p, mb, args.alpha, width, args.gamma, args.reward_scaling,
+                                     args.reward_clip, args.whiten)
+        loss.backward()
+        grads.append((loss.detach(), torch.cat([p.grad.flatten() for p in student.parameters()])))
+    assert stats["clip"] > 0  # some ratios q_theta / q_old outside the trust region
+    assert_close(grads[0][0], grads[1][0], 1e-5, f"{recipe}: loss")
+    assert grads[1][1].abs().max() > 1e-3
+    assert_close(grads[0][1], grads[1][1], 1e-5, f"{recipe}: gradient")
+
+
+def test_recipe_switches_default_from_the_recipe_and_a_typed_one_wins():
+    paper, official = minillm.get_args([]), minillm.get_args(["--recipe", "official"])
+    for name, (p, o, _) in minillm.RECIPES.items():
+        assert getattr(paper, name) == p and getattr(official, name) == o, name
+    mixed = minillm.get_args(["--recipe", "official", "--no_whiten", "--gamma", "1", "--w_single"])
+    assert (mixed.whiten, mixed.gamma, mixed.w_single, mixed.include_t) == (False, 1.0, True, True)
+    assert minillm.get_args(["--whiten"]).whiten is True
+    for recipe, kd_ratio in (("paper", 0.0), ("official", 0.5)):  # L_PT: the official 0.5 LM + 0.5 soft CE
+        args = minillm.get_args(["--method", "minillm", "--recipe", recipe])
+        minillm.set_method_defaults(args)
+        assert args.kd_ratio == kd_ratio
+
+
+def test_rollout_batches_advantages_and_the_official_whitening():
+    student, teacher = estimator_models(seed=7)
+    args = minillm.get_args(["--rollout_size", "12", "--batch_size", "6", "--max_new_tokens", "5"])
+    args.eos_id = 3
+    mb = next(minillm.rollout_batches(student, teacher, [[0, 1], [2], [1, 2, 0]] * 4, args, "cpu"))
+    mask, A = mb["mask"], mb["A"]
+    assert mb["tokens"].shape[0] == 6 and (A[~mask] == 0).all()
+    assert torch.equal(A, minillm.returns(mb["r"], mask))
+    # whitening (--recipe official): zero mean and unit population variance over the (b, 5) tensor, zeros included
+    white = minillm.whiten(A, mask, 5)
+    full = F.pad(A * mask, (0, 5 - A.size(1)))  # the official tensor: (b, max_new_tokens)
+    expect = (full - full.mean()) / full.var(unbiased=False).sqrt()
+    assert_close(white, expect[:, :A.size(1)] * mask, 1e-5, "whitened advantages")
+    assert (white[~mask] == 0).all() and abs(white[mask].mean()) > 1e-3  # the valid tokens keep part of their mean
+
+
+def test_ppo_diagnostics_in_the_loss_stats(monkeypatch):
+    """kl_old and clip are 0 while q_theta = q_old and grow once it moves; ent is -log q_theta(y_t), adv the mean A."""
+    monkeypatch.setattr(kernels, "USE_TRITON", False)
+    student, teacher = estimator_models(seed=7)
+    args = minillm.get_args(["--rollout_size", "12", "--batch_size", "12", "--max_new_tokens", "5"])
+    args.eos_id = 3
+    mb = next(minillm.rollout_batches(student, teacher, [[0, 1], [2], [1, 2, 0]] * 4, args, "cpu"))
+    _, stats = minillm.minillm_loss(student, teacher, mb, args, nullcontext())
+    mask = mb["mask"]
+    assert abs(stats["kl_old"]) < 1e-6 and stats["clip"] == 0
+    assert abs(stats["ent"] - (-mb["logq_old"][mask]).mean()) < 1e-5
+    assert abs(stats["adv"] - mb["A"][mask].mean()) < 1e-6
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    _, moved = minillm.minillm_loss(student, teacher, mb, args, nullcontext())
+    assert moved["kl_old"] > 1e-3 and moved["clip"] > 0
 
 
 def test_two_processes_with_gloo_take_the_single_process_step(tmp_path):
