@@ -484,11 +484,43 @@ def bos_ids(enc):
     return [enc.bos] if getattr(enc, "bos", None) is not None else []
 
 
+def tiktoken_json(enc):
+    """tokenizer.json for a tiktoken Encoding (the built-in tokenizers, tiktoken's gpt2), laid out as Llama-3's and
+    Qwen2's are: the split pattern, then byte-level BPE. A piece of text that is one token is taken whole
+    (ignore_merges, as tiktoken does: the built-in words have no merges that make them); the merges are every split
+    of a token into two tokens, in the order of the token's rank (tiktoken merges the pair whose result ranks
+    lowest)."""
+    ranks, char = enc._mergeable_ranks, {b: c for c, b in byte_decoder().items()}
+    text = lambda b: "".join(char[x] for x in b)  # bytes -> the byte-level alphabet of tokenizer.json
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    return json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for s, i in enc._special_tokens.items()],
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": enc._pat_str},
+                                                                 "behavior": "Isolated", "invert": False}, byte_level]},
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {text(b): i for b, i in ranks.items()},
+                  "merges": [f"{text(a)} {text(b)}" for a, b in every_split(ranks)]}})
+
+
+def every_split(ranks):
+    """Every split of a token into two tokens, [(left bytes, right bytes)], in the order tiktoken merges them: by the
+    rank of the token they make (then of the left and right parts)."""
+    return [m[2:] for m in sorted((i, ranks[b[:k]], b[:k], b[k:]) for b, i in ranks.items() for k in range(1, len(b))
+                                  if b[:k] in ranks and b[k:] in ranks)]
+
+
 def write_hf_tokenizer(spec, folder):
-    """tokenizer.json and tokenizer_config.json in an export folder: transformers' AutoTokenizer loads them."""
-    eos = get_encoding(spec).decode([spec["eos_token_id"]]) if isinstance(spec, dict) else None
-    files = {"tokenizer.json": spec["json"], "tokenizer_config.json": json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "clean_up_tokenization_spaces": False})}
+    """tokenizer.json and tokenizer_config.json in an export folder, for every tokenizer a checkpoint carries (a
+    Hugging Face one as it came; a tiktoken one converted, tiktoken_json): transformers' AutoTokenizer loads them."""
+    enc = get_encoding(spec)
+    eos = enc.decode([enc.eot_token])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "clean_up_tokenization_spaces": False}
+    files = {"tokenizer.json": spec["json"] if isinstance(spec, dict) else tiktoken_json(enc),
+             "tokenizer_config.json": json.dumps(config)}
     for name, text in files.items():
         with open(os.path.join(folder, name + ".tmp"), "w", encoding="utf-8") as f:
             f.write(text)
@@ -527,7 +559,8 @@ def hf_encoding(spec):
 def byte_level_ranks(model, added):
     """tokenizer.json's BPE vocabulary as tiktoken's ranks (token bytes -> id), or None where tiktoken would not
     tokenize as it does: tiktoken merges the pair whose result has the lowest id, so the ids must rise with the
-    merges' order, above the single bytes."""
+    merges' order, above the single bytes (or, with ignore_merges, the merges must be every_split of the tokens:
+    tiktoken_json's files)."""
     if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix") or \
             model.get("end_of_word_suffix") or model.get("dropout"):
         return None
@@ -536,7 +569,11 @@ def byte_level_ranks(model, added):
         ranks = {bytes(dec[c] for c in token): i for token, i in vocab.items() if i not in specials}
     except KeyError:  # a character outside the byte-level alphabet
         return None
-    merged = [vocab.get("".join(m.split(" ", 1) if isinstance(m, str) else m)) for m in model["merges"]]
+    pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]  # ("a b" in older files)
+    if model.get("ignore_merges") and all(c in dec for a, b in pairs for c in a + b) and [
+            (bytes(dec[c] for c in a), bytes(dec[c] for c in b)) for a, b in pairs] == every_split(ranks):
+        return ranks
+    merged = [vocab.get(a + b) for a, b in pairs]
     single = [i for b, i in ranks.items() if len(b) == 1]
     if (len(single) < 256 or len(ranks) != 256 + len(merged) or None in merged or merged != sorted(merged)
             or max(single) > min(merged, default=256)):  # (and every token is a byte or a merge's result)

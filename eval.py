@@ -136,6 +136,9 @@ def evaluate(path, teacher, rows, template, args, device):
     """All metrics of one checkpoint on the test rows: {metric: [mean, std]} plus curves and bins. teacher: None or
     (model, tokenizer name)."""
     model, ckpt = minillm.load_checkpoint(path, device)
+    if ckpt["tokenizer"] is None:
+        raise minillm.InputError(f"{path}: no tokenizer.json (or vocab.json + merges.txt) beside the weights: nothing "
+                                 "to tokenize the test prompts with")
     enc = data.get_encoding(ckpt["tokenizer"])
     if teacher is not None:
         if not data.same_tokenizer(teacher[1], ckpt["tokenizer"]):

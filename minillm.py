@@ -1337,8 +1337,10 @@ def read_hf_weights(folder):
 def from_pretrained(name_or_path, device="cpu", dtype=torch.float32):
     """A Hugging Face GPT-2, OPT, Llama, Mistral, Qwen2 or Qwen3 model as (GPT in dtype, checkpoint dict with its
     tokenizer): a local folder with config.json and the weights, or a hub name such as Qwen/Qwen2.5-0.5B (fetched
-    through huggingface_hub; needs the network). The tokenizer: tokenizer.json (or vocab.json + merges.txt) in the
-    folder; a GPT-2 folder without one has tiktoken's gpt2; otherwise None (the weights load, a run refuses)."""
+    through huggingface_hub; needs the network). The tokenizer: the tiktoken name our export recorded in config.json
+    (minillm_tokenizer), else tokenizer.json (or vocab.json + merges.txt) in the folder; a GPT-2 folder without one
+    has tiktoken's gpt2 if its vocabulary is GPT-2's (50,257 rows); otherwise None (the weights load, a run
+    refuses)."""
     folder = name_or_path
     if not os.path.isdir(folder):
         try:
@@ -1358,8 +1360,11 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32):
         config = config_from_hf(hf, folder)
     except KeyError as e:
         raise InputError(f"{folder}: config.json has no {e.args[0]!r}, which a {hf.get('model_type')} model needs") from None
-    tokenizer = data.hf_tokenizer(folder) or ("gpt2" if config.model_type == "gpt2" else None)
-    if isinstance(tokenizer, dict):  # (tiktoken's gpt2 is checked when a run loads it: it may need a download)
+    # the tokenizer: the name of the tiktoken one it was trained with, where save_pretrained recorded it (builtin,
+    # gpt2); else tokenizer.json; else GPT-2's only for GPT-2's 50,257-row vocabulary; else none (a run refuses)
+    tokenizer = hf.get("minillm_tokenizer") or data.hf_tokenizer(folder) or (
+        "gpt2" if config.model_type == "gpt2" and config.vocab_size == 50257 else None)
+    if isinstance(tokenizer, dict) or tokenizer in ("builtin", "builtin-bytes"):  # (not gpt2: it may need a download)
         config.n_vocab = data.get_encoding(tokenizer).n_vocab
         if config.n_vocab > config.vocab_size:
             raise InputError(f"{folder}: its tokenizer has {config.n_vocab} tokens, more than the {config.vocab_size} "
@@ -1397,8 +1402,10 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32):
 
 
 def save_pretrained(model, folder, eos_id, tokenizer=None):
-    """config.json, model.safetensors and (for a Hugging Face tokenizer) tokenizer.json + tokenizer_config.json,
-    which transformers' AutoModelForCausalLM and AutoTokenizer load unchanged."""
+    """config.json, model.safetensors and the tokenizer (tokenizer.json + tokenizer_config.json: a Hugging Face one
+    as it came, a tiktoken one converted), which transformers' AutoModelForCausalLM and AutoTokenizer load unchanged.
+    A tiktoken tokenizer's name (builtin, gpt2) is recorded in config.json too: from_pretrained reads it back as
+    exactly that tokenizer."""
     from safetensors.torch import save_file
     c, eos = model.config, eos_id
     bos = (data.bos_ids(data.get_encoding(tokenizer)) or [eos])[0] if isinstance(tokenizer, dict) else eos
@@ -1427,6 +1434,8 @@ def save_pretrained(model, folder, eos_id, tokenizer=None):
                   "attention_bias": False, "sliding_window": None, "use_sliding_window": False}
     config.update(model_type=c.model_type, vocab_size=c.vocab_size, bos_token_id=bos, eos_token_id=eos,
                   tie_word_embeddings=c.tie_embeddings, initializer_range=0.02)
+    if isinstance(tokenizer, str):
+        config["minillm_tokenizer"] = tokenizer
     state = {}
     for name, v in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_embeddings:
@@ -1444,7 +1453,7 @@ def save_pretrained(model, folder, eos_id, tokenizer=None):
     with open(os.path.join(folder, "config.json.tmp"), "w") as f:
         json.dump(config, f, indent=2)
     os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
-    if isinstance(tokenizer, dict):
+    if tokenizer is not None:
         data.write_hf_tokenizer(tokenizer, folder)
 
 # -----------------------------------------------------------------------------

@@ -1055,6 +1055,36 @@ def test_eval_of_a_checkpoint_is_deterministic_and_writes_reports(tmp_path, monk
         assert os.path.getsize(tmp_path / "eval" / f) > 0, f
 
 
+def test_eval_reads_a_builtin_export_offline(tmp_path, monkeypatch):
+    """python eval.py OUT/hf --teacher OUT/teacher/best.pt on the export a built-in run writes: its tokenizer comes
+    back as the built-in one (nothing to download), the numbers equal those of the checkpoint it was made from; a
+    folder without a tokenizer stops with one line."""
+    import eval as ev
+    monkeypatch.chdir(tmp_path)
+    enc = data.get_encoding("builtin")
+    teacher, student = str(tmp_path / "teacher.pt"), str(tmp_path / "student" / "best.pt")
+    minillm.save_checkpoint(teacher, eos_teacher(enc), None, 0, None, "builtin", {})
+    os.makedirs(tmp_path / "student")
+    minillm.save_checkpoint(student, eos_teacher(enc, 0.2), None, 0, None, "builtin", {})
+    minillm.save_pretrained(minillm.load_checkpoint(student)[0], str(tmp_path / "student" / "hf"), enc.eot_token,
+                            "builtin")
+    common = ["--teacher", teacher, "--n_test", "14", "--seeds", "1", "--max_new_tokens", "8", "--exposure_len", "4"]
+    results = []
+    for path in (student, str(tmp_path / "student" / "hf")):
+        ev.main([path, *common, "--out", str(tmp_path / "eval")])
+        results.append(json.load(open(tmp_path / "eval" / "results.json"))[0])
+    for key in ("rougeL", "valid", "rkl", "lm_loss"):
+        assert results[0][key] == pytest.approx(results[1][key], abs=1e-4), key
+    hf = tmp_path / "student" / "hf"  # without its tokenizer files and the name config.json records
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (hf / f).unlink()
+    config = json.loads((hf / "config.json").read_text())
+    del config["minillm_tokenizer"]
+    (hf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="no tokenizer.json"):
+        ev.main([str(hf), *common, "--out", str(tmp_path / "eval")])
+
+
 def test_table1_trains_each_row_from_the_sft_student_and_reuses_finished_runs(tmp_path, monkeypatch, capsys):
     import eval as ev
     monkeypatch.chdir(tmp_path)
@@ -1144,6 +1174,47 @@ def test_export_loads_in_transformers_with_the_same_logits_and_greedy_tokens(tmp
     back, _ = minillm.load_checkpoint(str(tmp_path / "export"))  # and back into ours
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ours.state_dict().values()))
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "export").iterdir())
+
+
+@pytest.mark.parametrize("name", ["builtin", "builtin-bytes"])
+def test_the_export_of_a_builtin_model_carries_its_tokenizer(tmp_path, name):
+    """save_pretrained writes the tiktoken tokenizer a model was trained with: its name in config.json (read back
+    exactly) and a tokenizer.json that transformers' AutoTokenizer loads and that gives the same ids; without the
+    name, tokenizer.json alone reads back as the same tokenizer by content. A folder without either is GPT-2's only
+    with GPT-2's 50,257 rows."""
+    transformers = pytest.importorskip("transformers")
+    enc = data.get_encoding(name)
+    model = tiny(vocab_size=enc.n_vocab, block_size=256, seed=4)
+    minillm.save_pretrained(model, str(tmp_path / "hf"), enc.eot_token, name)
+    back, ckpt = minillm.load_checkpoint(str(tmp_path / "hf"))
+    assert ckpt["tokenizer"] == name
+    rows = data.make_builtin(200, 1, 1, seed=3)["train"]
+    prompts = data.encode_prompts(rows[:8], enc, "builtin")[1]
+    with torch.no_grad():
+        assert_close(back(torch.tensor([prompts[0]]))[0], model(torch.tensor([prompts[0]]))[0], 1e-5, "logits")
+    assert minillm.respond(back, enc, prompts, seed=1, max_new_tokens=16) == minillm.respond(model, enc, prompts,
+                                                                                              seed=1, max_new_tokens=16)
+    # transformers: the built-in encoding's ids on the built-in task's text (and on text it never saw), decoded back
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    docs = data.pretrain_documents(random.Random(0))
+    texts = [data.prompt_text(r, "builtin") + r["response"] for r in rows] + [next(docs) for _ in range(50)] + [
+        "Ünïcödé, ÆØÅ & 東京 emoji 🙂 tabs\tand\r\nCRLF   spaces 12345 don't it's", "aaaaaaaa xqzzy Tomato Annabel."]
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == enc.encode_ordinary(text), text
+        assert tok.decode(ids) == text
+    assert tok.eos_token_id == enc.eot_token and tok.convert_tokens_to_ids(data.EOT) == enc.eot_token
+    # tokenizer.json alone (a config.json without the recorded name): the same tokenizer, compared by content
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["minillm_tokenizer"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    _, ckpt = minillm.load_checkpoint(str(tmp_path / "hf"))
+    assert isinstance(ckpt["tokenizer"], dict) and data.same_tokenizer(ckpt["tokenizer"], name)
+    assert data.get_encoding(ckpt["tokenizer"]).encode_ordinary(texts[0]) == enc.encode_ordinary(texts[0])
+    # no tokenizer at all: not guessed (GPT-2's only for a 50,257-row vocabulary)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "hf" / f).unlink()
+    assert minillm.load_checkpoint(str(tmp_path / "hf"))[1]["tokenizer"] is None
 
 
 def test_an_unsupported_folder_is_one_clear_line(tmp_path):
