@@ -464,7 +464,9 @@ def hf_tokenizer(folder):
     if eos is None:
         raise DataError(f"{folder}: no EOS token (tokenizer_config.json eos_token, or eos_token_id in "
                         "generation_config.json or config.json)")
-    return {"name": os.path.basename(os.path.normpath(folder)), "json": text, "eos_token_id": int(eos)}
+    name = os.path.basename(os.path.normpath(folder))  # (our export, out/kd/hf: kd/hf)
+    name = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(folder))), name) if name == "hf" else name
+    return {"name": name, "json": text, "eos_token_id": int(eos)}
 
 
 def template_bos(parsed):
@@ -737,8 +739,11 @@ def load_dolly(name_or_path="databricks/databricks-dolly-15k", skip_bad=False, s
 
 def load_instructions(spec, n_train=100000, n_valid=500, n_test=500, seed=1337, skip_bad=False, cache_dir="builtin_data"):
     """--data: 'builtin' | 'dolly' | a .jsonl/.json file (split here) | a folder with train/valid/test files.
-    Returns ({split: rows}, skipped) where skipped lists the bad rows that were skipped (only if skip_bad)."""
+    Returns ({split: rows}, skipped) where skipped lists the bad rows that were skipped (only if skip_bad). The
+    built-in task is written to cache_dir once (None: made in memory, nothing written; as quick)."""
     skipped = []
+    if spec == "builtin" and cache_dir is None:
+        return make_builtin(n_train, n_valid, n_test, seed), skipped
     if spec == "builtin":
         folder = os.path.join(cache_dir, f"builtin-{n_train}-{n_valid}-{n_test}-{seed}")
         if not all(os.path.isfile(os.path.join(folder, f"{s}.jsonl")) for s in ("train", "valid", "test")):

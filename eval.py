@@ -145,9 +145,7 @@ def evaluate(path, teacher, rows, template, args, device):
             raise minillm.InputError(f"{path}: tokenizer {data.tokenizer_name(ckpt['tokenizer'])} differs from the "
                                      f"teacher's {data.tokenizer_name(teacher[1])}")
         teacher = teacher[0]
-    label = os.path.splitext(os.path.basename(path))[0]  # out/kd/best.pt -> kd; other/student.pt -> student
-    if label in ("best", "last"):
-        label = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    label = run_label(path)
     longest = min(256, model.config.block_size // 2)  # the paper drops prompts over 256 tokens; leave room to answer
     kept, prompts = data.encode_prompts(rows, enc, template, longest)
     if len(kept) < len(rows):
@@ -181,7 +179,8 @@ def evaluate(path, teacher, rows, template, args, device):
                                                         max(map(len, prompts))), eos_id=enc.eot_token)
             m["rkl"], _ = minillm.reverse_kl_k3(model, teacher, prompts, run, torch.Generator(device).manual_seed(seed))
         per_seed.append(m)
-    result = {"checkpoint": path, "label": label, "seeds": args.seeds, "n": len(rows)}
+    result = {"checkpoint": path, "label": label, "data": args.data, "seeds": args.seeds, "n": len(rows),
+              "max_new_tokens": args.max_new_tokens}
     result.update({k: list(mean_std([m[k] for m in per_seed])) for k in per_seed[0]})
     pairs, _ = data.tokenize(rows, enc, template, min(512, model.config.block_size), 256)
     result["lm_loss"] = [minillm.validation_loss(model, pairs, 64, device, nullcontext()), 0.0]
@@ -193,9 +192,59 @@ def evaluate(path, teacher, rows, template, args, device):
     if builtin and yesno:
         error, bins = ece(*yesno_calibration(model, enc, yesno))
         result["ece"], result["reliability"] = [error, 0.0], bins
-    with open(os.path.splitext(path)[0] + "-eval.json", "w") as f:
-        json.dump(result, f, indent=1)
+    save_evaluation(path, result)
     return result
+
+
+def run_label(path):
+    """A checkpoint's row label: the run's folder for its best.pt, last.pt or hf/ (out/kd/best.pt, out/kd/hf -> kd),
+    else the file's name (other/student.pt -> student)."""
+    path = os.path.normpath(path)
+    label = os.path.splitext(os.path.basename(path))[0]
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) if label in ("best", "last", "hf") else label
+
+
+def save_evaluation(path, result):
+    """The checkpoint's own evaluation file beside it (best.pt -> best-eval.json; an hf/ folder: hf-eval.json beside
+    it). One made with other data, prompts, seeds or length is replaced with a line saying so."""
+    target = os.path.normpath(path) + "-eval.json" if os.path.isdir(path) else os.path.splitext(path)[0] + "-eval.json"
+    setup = ("data", "n", "seeds", "max_new_tokens")
+    try:
+        with open(target) as f:
+            before = json.load(f)
+        if any(before.get(k) != result[k] for k in setup):
+            print(f"replacing {target}: it held an evaluation with " +
+                  ", ".join(f"{k} {before.get(k)}" for k in setup if before.get(k) != result[k]))
+    except (OSError, ValueError):
+        pass
+    with open(target + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(target + ".tmp", target)
+
+
+def trained_on(path):
+    """The --data a checkpoint was trained on, as it records it (a run's checkpoint: its flags; our Hugging Face
+    export: config.json's minillm_data), or None."""
+    if os.path.isdir(path):
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                return json.load(f).get("minillm_data")
+        except (OSError, ValueError):
+            return None
+    return (minillm.read_checkpoint(path).get("args") or {}).get("data")
+
+
+def checkpoint_data(paths):
+    """The --data to evaluate on when none is given: the one every checkpoint was trained on."""
+    found = {p: trained_on(p) for p in paths}
+    missing = [p for p, d in found.items() if d is None]
+    if missing:
+        raise minillm.InputError(f"{missing[0]}: records no training data: give --data (builtin, dolly, a "
+                                 ".jsonl/.json file or a folder)")
+    if len(set(found.values())) > 1:
+        raise minillm.InputError("the checkpoints were trained on different data (" + ", ".join(
+            f"{p}: {d}" for p, d in found.items()) + "): give --data")
+    return found[paths[0]]
 
 # -----------------------------------------------------------------------------
 # Reports: the table (stdout, Markdown, CSV, JSON) and the two plots
@@ -485,8 +534,8 @@ def get_args(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate checkpoints as the MiniLLM paper does (see the docstring)")
     ap.add_argument("checkpoints", nargs="*", help="checkpoints to evaluate (one table row each)")
     ap.add_argument("--teacher", help="also the reverse KL to this teacher and the exposure bias")
-    ap.add_argument("--data", default="builtin",
-                    help="builtin | dolly | a .jsonl/.json file | a folder (its test split)")
+    ap.add_argument("--data", help="builtin | dolly | a .jsonl/.json file | a folder (its test split); default: the "
+                                   "data the checkpoints were trained on (recorded in them)")
     ap.add_argument("--n_test", type=int, default=500, help="built-in task: test prompts")
     ap.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30], help="one sampling pass per seed")
     ap.add_argument("--max_new_tokens", type=int, default=256, help="longest response (the paper: 256)")
@@ -543,7 +592,8 @@ def main(argv=None):
         if args.teacher:
             model, ckpt = minillm.load_checkpoint(args.teacher, device)
             teacher = (model.eval(), ckpt["tokenizer"])
-        splits, _ = data.load_instructions(args.data, n_test=args.n_test)
+        args.data = args.data or checkpoint_data(args.checkpoints)
+        splits, _ = data.load_instructions(args.data, n_test=args.n_test, cache_dir=None)  # (nothing written)
         template = "builtin" if args.data == "builtin" else "dolly"
         results = [evaluate(p, teacher, splits["test"], template, args, device) for p in args.checkpoints]
         write_reports(results, args.out)
@@ -551,9 +601,9 @@ def main(argv=None):
         print(f"(mean ± std over seeds {args.seeds}; {len(splits['test'])} test prompts) -> {args.out}/")
     except (data.DataError, minillm.InputError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
-    except minillm.Stopped as e:  # --table1 after a SIGTERM: run it again to go on
+    except minillm.Stopped as e:  # --table1 after a SIGTERM or Ctrl-C: run it again to go on
         print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
+        sys.exit(128 + (minillm.STOP_SIGNALS or [signal.SIGTERM])[0])
 
 
 # The built-in Table 1: each student starts from the same SFT student and trains until its validation score (the
@@ -608,7 +658,8 @@ def table1(args):
     device = minillm.pick_device(args.device)
     model, ckpt = minillm.load_checkpoint(teacher, device)
     teacher_model = (model.eval(), ckpt["tokenizer"])
-    splits, _ = data.load_instructions("builtin", n_test=args.n_test)
+    splits, _ = data.load_instructions("builtin", n_test=args.n_test, cache_dir=None)
+    args.data = "builtin"
     results = []
     for name, folders in runs.items():
         per_seed = []
@@ -682,5 +733,6 @@ def cost_plot(runs, folder):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: minillm.SIGTERMS.append(time.time()))  # --table1: a graceful stop
+    for s in (signal.SIGTERM, signal.SIGINT):  # --table1: a graceful stop
+        signal.signal(s, minillm.on_stop_signal)
     main()

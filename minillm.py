@@ -930,9 +930,10 @@ def train(args):
     rank, world = distributed(device)
     torch.manual_seed(args.seed)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    set_method_defaults(args)
+    defaults = set_method_defaults(args)
     best_path = os.path.join(args.out, "best.pt")
     resume_path, ckpt, notes = open_run(args, world)
+    notes = defaults + notes
     if resume_path == os.path.join(args.out, "last.pt"):
         if rank == 0:
             print(f"{args.out} has finished ({ckpt['step']} steps): reusing {best_path}")
@@ -962,6 +963,7 @@ def train(args):
         metrics = resume_run(ckpt, resume_path, student, optimizer, progress, log_gen, rank, world, device)
     t_start = time.time() - progress["elapsed"]
     PHASES.clear()
+    TRAINING["loop"] = True  # (a stop signal now saves a checkpoint first)
     for step in range(start, args.max_steps + 1):
         # validate (every --eval_interval steps and at the end) and keep the best checkpoint in best.pt
         elapsed = time.time() - t_start
@@ -1041,6 +1043,7 @@ def train(args):
             log(step_line(step, stats.pop("loss"), stats, lr, progress["tokens"] * world, time.time() - t_start,
                           args))
             interval.clear()
+    TRAINING["loop"] = False
     samples = rollout_state.get("samples", 0) * world + task.get("teacher_samples", 0)  # responses sampled
     finish_run(args, student, optimizer, step, tokenizer, metrics, state, progress, t_start, samples, rank, world, log)
     return best_path
@@ -1075,10 +1078,11 @@ def pipeline_stages(args):
                                                      name == "student-sft" and args.init)]
 
 
-def builtin_default(args):
-    """`python minillm.py [--teacher CKPT] [--init CKPT]`: Algorithm 1 end to end on the built-in task, and the
-    paper's comparison. Trains the teacher and the SFT student unless given (or reuses them from an earlier run in
-    args.out), distills the student with KD and with MiniLLM on the same budget, and prints a table of the four."""
+def pipeline(args):
+    """`python minillm.py [--teacher CKPT] [--init CKPT] [--data ...]`: Algorithm 1 end to end, and the paper's
+    comparison. Trains the teacher and the SFT student unless given (or reuses them from an earlier run in args.out;
+    on other data than the built-in task both must be given), distills the student with KD and with MiniLLM on the
+    same budget, and prints a table of the four."""
     t_all, times = time.time(), {}
     tokenizer = check_pipeline(args)
     stages = pipeline_stages(args)
@@ -1102,21 +1106,20 @@ def builtin_default(args):
 
 
 def main(argv=None):
-    """With --method, one training run; without, the built-in pipeline (on other --data: MiniLLM). Bad input stops
-    with one `error:` line (exit 1); a SIGTERM leaves a checkpoint and exits 143, and --resume goes on from it."""
+    """With --method, one training run; without, the pipeline (Algorithm 1 and the comparison). Bad input stops
+    with one `error:` line (exit 1); a SIGTERM or a Ctrl-C (SIGINT) leaves a checkpoint where one is due and exits
+    143 or 130 with one line, and --resume goes on from it."""
     args = get_args(argv)
     try:
         if args.method:
             train(args)
-        elif args.data != "builtin":  # python minillm.py --teacher CKPT --init CKPT --data ...: MiniLLM
-            train(argparse.Namespace(**{**vars(args), "method": "minillm"}))
         else:
-            builtin_default(args)
+            pipeline(args)
     except (data.DataError, InputError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except Stopped as e:
         print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
+        sys.exit(128 + (STOP_SIGNALS or [signal.SIGTERM])[0])
 
 # =============================================================================
 # Plumbing. A first reading can stop here: what follows is called by the method above and teaches nothing about it
@@ -1130,16 +1133,36 @@ class InputError(Exception):
 
 
 class Stopped(Exception):
-    """SIGTERM (what a scheduler sends before it preempts a job) stopped the run after a checkpoint."""
+    """A SIGTERM (what a scheduler sends before it preempts a job) or a Ctrl-C (SIGINT) stopped the run: in
+    train()'s loop after a checkpoint, elsewhere at once."""
 
 
-SIGTERMS = []  # the SIGTERM handler (at the end of the file) appends to it; train() writes a checkpoint and stops
+STOP_SIGNALS = []  # the stop signals received (on_stop_signal appends them); train()'s loop then saves and stops
+TRAINING = {"loop": False}  # whether train()'s loop runs: outside it, a stop signal stops at once
+
+
+def on_stop_signal(signum, frame):
+    """SIGTERM and SIGINT: inside train()'s loop, stop after the next checkpoint (a second Ctrl-C: at once);
+    elsewhere (loading, the pipeline's table) at once, with nothing more to save."""
+    name = signal.Signals(signum).name
+    if (STOP_SIGNALS and signum == signal.SIGINT) or not TRAINING["loop"]:
+        STOP_SIGNALS.append(signum)
+        raise Stopped(f"{name} {'again' if len(STOP_SIGNALS) > 1 else 'before training began'}: stopped at once, "
+                      "nothing more saved")
+    STOP_SIGNALS.append(signum)
+    if signum == signal.SIGINT:
+        print(f"{name}: stopping after a checkpoint at the next step (Ctrl-C again: at once)", file=sys.stderr)
+
+
+def stop_name():
+    """The first stop signal's name: SIGTERM or SIGINT."""
+    return signal.Signals(STOP_SIGNALS[0]).name
 
 
 def check_sigterm(on):
-    """In a long validation loop: after a SIGTERM (when `on`), stop (raise Stopped)."""
-    if on and SIGTERMS:
-        raise Stopped("SIGTERM during a validation")
+    """In a long validation loop: after a stop signal (when `on`), stop (raise Stopped)."""
+    if on and STOP_SIGNALS:
+        raise Stopped(f"{stop_name()} during a validation")
 
 
 @contextmanager
@@ -1401,11 +1424,11 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32):
     return model.to(device), {"config": asdict(config), "tokenizer": tokenizer, "step": 0, "metrics": {}, "args": {}}
 
 
-def save_pretrained(model, folder, eos_id, tokenizer=None):
+def save_pretrained(model, folder, eos_id, tokenizer=None, trained_on=None):
     """config.json, model.safetensors and the tokenizer (tokenizer.json + tokenizer_config.json: a Hugging Face one
     as it came, a tiktoken one converted), which transformers' AutoModelForCausalLM and AutoTokenizer load unchanged.
     A tiktoken tokenizer's name (builtin, gpt2) is recorded in config.json too: from_pretrained reads it back as
-    exactly that tokenizer."""
+    exactly that tokenizer; and trained_on, the --data of the run (eval.py evaluates on it)."""
     from safetensors.torch import save_file
     c, eos = model.config, eos_id
     bos = (data.bos_ids(data.get_encoding(tokenizer)) or [eos])[0] if isinstance(tokenizer, dict) else eos
@@ -1436,6 +1459,8 @@ def save_pretrained(model, folder, eos_id, tokenizer=None):
                   tie_word_embeddings=c.tie_embeddings, initializer_range=0.02)
     if isinstance(tokenizer, str):
         config["minillm_tokenizer"] = tokenizer
+    if trained_on is not None:
+        config["minillm_data"] = trained_on
     state = {}
     for name, v in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_embeddings:
@@ -1486,6 +1511,8 @@ def find_resume(args):
     files = sorted(f for f in os.listdir(args.out) if RUN_FILES.fullmatch(f)) if os.path.isdir(args.out) else []
     if not files or args.overwrite:
         return None, None, []
+    if not any(STEP_FILE.fullmatch(f) or f == "last.pt" for f in files) and not steps_logged(args.out):
+        return None, None, [f"{args.out}: its run stopped before its first step: starting again"]  # (nothing lost)
     if not args.resume:
         raise InputError(f"{args.out}: holds a run already ({', '.join(files[:4])}): --resume continues it, "
                          "--overwrite replaces it")
@@ -1510,6 +1537,12 @@ def find_resume(args):
         if candidates:
             raise InputError(f"{args.out}: no loadable checkpoint to resume from ({', '.join(candidates)})")
     return None, None, warnings + [f"{args.out}: nothing to resume from yet: the run starts again"]
+
+
+def steps_logged(folder):
+    """Whether the run in folder logged a training step ("step N | loss ...")."""
+    path = os.path.join(folder, "log.txt")
+    return os.path.isfile(path) and any(line.startswith("step") and "| loss" in line for line in open(path))
 
 
 def clear_run(folder, keep_cache):
@@ -1575,8 +1608,9 @@ def save_step(args, student, optimizer, step, tokenizer, metrics, state, rank, s
         for old in sorted(f for f in os.listdir(args.out) if STEP_FILE.fullmatch(f))[:-args.keep]:
             os.remove(os.path.join(args.out, old))  # the last --keep are kept
     if sigterm:
-        log(f"step {step}: SIGTERM: stopped after writing step-{step:06d}.pt; --resume goes on from it")
-        raise Stopped(f"SIGTERM at step {step}: {args.out}/step-{step:06d}.pt written; --resume goes on from it")
+        log(f"step {step}: {stop_name()}: stopped after writing step-{step:06d}.pt; --resume goes on from it")
+        raise Stopped(f"{stop_name()} at step {step}: {args.out}/step-{step:06d}.pt written; --resume goes on from "
+                      "it")
 
 
 def finish_run(args, student, optimizer, step, tokenizer, metrics, state, progress, t_start, samples, rank, world,
@@ -1585,7 +1619,8 @@ def finish_run(args, student, optimizer, step, tokenizer, metrics, state, progre
     best_path = os.path.join(args.out, "best.pt")
     if rank == 0:
         seconds = time.time() - t_start
-        save_pretrained(load_checkpoint(best_path)[0], os.path.join(args.out, "hf"), args.eos_id, tokenizer)
+        save_pretrained(load_checkpoint(best_path)[0], os.path.join(args.out, "hf"), args.eos_id, tokenizer,
+                        args.data)
         log(f"done: {step} steps in {seconds:.0f}s; best.pt is step {progress['best_step']}; {samples} responses "
             f"sampled -> {best_path} (and {args.out}/hf)")
         save_checkpoint(os.path.join(args.out, "last.pt"), student, optimizer, step, args, tokenizer, metrics, state)
@@ -1638,17 +1673,42 @@ def start_log(args, rank, resume_path, lines):
             clear_run(args.out, keep_cache=not args.overwrite)  # --overwrite, or a --resume that starts again
         os.makedirs(args.out, exist_ok=True)
     log = logger(args.out) if rank == 0 else (lambda line: None)
-    log(f"# {' '.join(sys.argv)}\n# settings: {vars(args)}")
+    if rank == 0:  # the command and every setting in the log file; on the screen, what differs from the defaults
+        with open(os.path.join(args.out, "log.txt"), "a") as f:
+            f.write(f"# {' '.join(sys.argv)}\n# settings: {vars(args)}\n")
+        print(settings_block(args, os.path.join(args.out, "log.txt")), flush=True)
     for line in lines:
         log(line)
     return log
+
+
+def settings_block(args, where):
+    """The settings that differ from the defaults, a line per group of flags (arg_parser's groups)."""
+    ap, lines = arg_parser(), [f"settings (those not at their defaults; all of them in {where}):"]
+    defaults = vars(get_args([]))
+    for group in ap._action_groups[2:]:  # (after argparse's own two)
+        flags = [a for a in group._group_actions if a.dest in vars(args) and vars(args)[a.dest] != defaults[a.dest]]
+        flags = {a.dest: a for a in flags}.values()  # (--whiten and --no_whiten: one setting)
+        if flags:
+            text = " ".join(f"--{a.dest} {vars(args)[a.dest]}" for a in flags)
+            lines.append(f"  {group.title + ':':<14}{text}")
+    return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
 # The run's inputs: the method's defaults, the models, the data
 
 
 def set_method_defaults(args):
-    """The flags whose default depends on the method (None: not typed)."""
+    """The flags whose default depends on the method (None: not typed), and the warm-up on the run's length.
+    Returns the lines to log about them."""
+    notes = []
+    if args.warmup_steps >= args.max_steps:
+        if "warmup_steps" in args.typed:
+            raise InputError(f"--warmup_steps {args.warmup_steps}: must be below --max_steps {args.max_steps} (else "
+                             "the learning rate never reaches --lr)")
+        notes.append(f"--warmup_steps {args.warmup_steps} (the default) is not shorter than --max_steps "
+                     f"{args.max_steps}: warming up over {args.max_steps // 10} steps, a tenth of the run")
+        args.warmup_steps = args.max_steps // 10
     if args.kd_ratio is None:  # kd / seqkd: the paper's 0.5; L_PT of minillm: the paper's pure LM loss, or the
         official = args.method == "minillm" and args.recipe == "official"  # official 0.5 LM + 0.5 soft cross-
         args.kd_ratio = 0.5 if args.method in ("kd", "seqkd") or official else 0.0  # entropy (losses.py pt_loss)
@@ -1656,6 +1716,7 @@ def set_method_defaults(args):
         args.lm_coef = 1.0 if args.method == "minillm" else 0.0
     if args.pt_data is None and args.data == "builtin":
         args.pt_data = "builtin"
+    return notes
 
 
 def load_models(args, device):
@@ -1665,8 +1726,6 @@ def load_models(args, device):
         raise InputError(f"--method {args.method} needs --init STUDENT_CKPT (Algorithm 1 starts from the SFT student)")
     if args.method == "onpolicy" and args.divergence != "rkl" and args.chunk:
         raise InputError(f"--chunk computes the reverse KL a chunk at a time: not --divergence {args.divergence}")
-    if not 0 <= args.beta <= 1:
-        raise InputError(f"--beta {args.beta}: the JSD's beta lies in [0, 1]")
     if not (args.single_step or args.long_term):
         raise InputError("--no_single_step with --no_long_term leaves MiniLLM no loss")
     if args.method != "sft" and not args.teacher:
@@ -1681,7 +1740,7 @@ def load_models(args, device):
             if ckpt["tokenizer"] is None:
                 raise InputError(f"{path}: no tokenizer.json (or vocab.json + merges.txt) beside the weights: "
                                  "nothing to tokenize the data with")
-            if args.tokenizer != "auto" and name != args.tokenizer:
+            if args.tokenizer != "auto" and not data.same_tokenizer(ckpt["tokenizer"], args.tokenizer):  # (by content)
                 raise InputError(f"{path}: its tokenizer is {name}; this run tokenizes with {args.tokenizer} " + (
                     "(--tokenizer)" if "tokenizer" in args.typed else "(the built-in task's: give --data for yours)"))
             if role == "student" and teacher is not None and not data.same_tokenizer(ckpt["tokenizer"], tokenizer):
@@ -1843,10 +1902,10 @@ def distributed(device):
 
 def wrap_student(student, teacher, args, world, device, log):
     """What the training losses call: the student, compiled (--compile) and / or in DistributedDataParallel."""
-    shape = {k: v for k, v in asdict(student.config).items() if v != getattr(GPTConfig, k) or k in ("vocab_size",
-             "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")}  # (a family's fields where they differ)
-    log(f"{args.method}: model {args.init or args.model}: {student.num_params() / 1e6:.3f}M parameters, "
-        f"GPTConfig({', '.join(f'{k}={v!r}' for k, v in shape.items())})"
+    shape = {k: v for k, v in asdict(student.config).items() if v != getattr(GPTConfig, k) or k in ("n_layer",
+             "n_head", "n_embd", "vocab_size", "block_size")}  # (and a family's fields where they differ)
+    log(f"{args.method}: model {args.init or args.model}: {student.num_params() / 1e6:.3f}M parameters "
+        f"({', '.join(f'{k} {v}' for k, v in shape.items())})"
         + (f"; teacher {args.teacher}: {teacher.num_params() / 1e6:.3f}M" if teacher else "")
         + (f"; --chunk {args.chunk} (a {student.config.n_vocab}-token vocabulary)" if "chunk" not in args.typed
            and args.chunk else ""))
@@ -1882,7 +1941,7 @@ def my_rows(x, y, rank, world, device):
 def agree_to_stop(last, rank, world, device):
     """(last, sigterm) that every process agrees on: process 0's clock and validation decide for all, and a SIGTERM
     to any process stops all."""
-    sigterm = bool(SIGTERMS)
+    sigterm = bool(STOP_SIGNALS)
     if world == 1:
         return last, sigterm
     flag = torch.tensor([float(last and rank == 0), float(sigterm)], device=device)
@@ -1902,44 +1961,58 @@ def check_pipeline(args):
     if unused:
         raise InputError(f"--{unused[0]} sizes a stage that --{'teacher' if unused[0] == 'teacher_steps' else 'init'}"
                          " replaces: the pipeline does not train it")
-    tokenizer = args.tokenizer if args.tokenizer != "auto" else "builtin"
+    for name, settings in pipeline_stages(args):  # each stage's flags as its run will read them
+        problem = check_args(argparse.Namespace(**{**vars(args), **settings}))
+        if problem:
+            raise InputError(f"the {name} stage: {problem}")
+    builtin = args.data == "builtin"
+    if not builtin and not (args.teacher and args.init):
+        raise InputError(f"--data {args.data}: the pipeline trains a teacher and an SFT student for the built-in task "
+                         "only: give --teacher CKPT and --init STUDENT_CKPT (--method sft trains either on your data)")
+    tokenizer = args.tokenizer if args.tokenizer != "auto" or not builtin else "builtin"
     blocks = [] if args.teacher else [MODEL_SIZES["teacher"]().block_size]  # the teacher the pipeline trains
     if args.teacher or args.init:
         check = argparse.Namespace(**{**vars(args), "method": "kd" if args.teacher else "sft", "tokenizer": tokenizer,
                                       "shard_teacher": False})
-        student, teacher, _ = load_models(check, torch.device("cpu"))  # opens, compares tokenizers and vocabularies
-        blocks += [m.config.block_size for m in (student, teacher) if m is not None]
+        student, teacher, tokenizer = load_models(check, torch.device("cpu"))  # opens, compares tokenizers and
+        blocks += [m.config.block_size for m in (student, teacher) if m is not None]  # vocabularies
     block = min(blocks)
     if block - args.max_new_tokens < 1:  # and the distillation stages' prompts: as train() counts them
         raise InputError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in block_size {block}")
     enc = data.get_encoding(tokenizer)
-    rows = data.load_instructions("builtin", args.n_train, args.n_valid, args.n_test)[0]["train"]
+    rows = data.load_instructions(args.data, args.n_train, args.n_valid, args.n_test, skip_bad=args.skip_bad)[0]
     longest = min(args.max_prompt_length, block - args.max_new_tokens)
-    usable = len(data.encode_prompts(rows, enc, "builtin", longest)[1])
+    usable = len(data.encode_prompts(rows["train"], enc, "builtin" if builtin else "dolly", longest)[1])
     if usable < args.rollout_size:
-        raise InputError(f"{usable} built-in training prompts fit in {longest} tokens (block_size {block} - "
-                         f"--max_new_tokens {args.max_new_tokens}), fewer than --rollout_size {args.rollout_size}")
+        raise InputError(f"{usable} training prompts of --data {args.data} fit in {longest} tokens (block_size "
+                         f"{block} - --max_new_tokens {args.max_new_tokens}), fewer than --rollout_size "
+                         f"{args.rollout_size}")
     return tokenizer
 
 
 def print_comparison(args, tokenizer, distill, seeds=(0, 1, 2)):
     """The pipeline's table: teacher, SFT, KD and MiniLLM, each with its training steps and minutes, validation loss,
-    reverse KL to the teacher (k3 per response on its own samples of the validation prompts), and validity on the
-    test prompts, greedy and sampled at T = 1 as the paper evaluates (mean over `seeds`, and ± their std)."""
+    reverse KL to the teacher (k3 per response on its own samples of the validation prompts), and on the test
+    prompts, greedy and sampled at T = 1 as the paper evaluates (mean over `seeds`, and ± their std): validity by
+    family on the built-in task, Rouge-L on other data."""
     device = pick_device(args.device)
     enc = data.get_encoding(tokenizer)
     args.eos_id = enc.eot_token
-    splits = data.load_instructions("builtin", args.n_train, args.n_valid, args.n_test)[0]
-    val_pairs, _ = data.tokenize(splits["valid"], enc, "builtin", 256, 256)
-    _, val_prompts = data.encode_prompts(splits["valid"], enc, "builtin")
+    builtin = args.data == "builtin"
+    template = "builtin" if builtin else "dolly"
+    splits = data.load_instructions(args.data, args.n_train, args.n_valid, args.n_test, skip_bad=args.skip_bad)[0]
+    val_pairs, _ = data.tokenize(splits["valid"], enc, template, args.max_length, args.max_prompt_length)
+    _, val_prompts = data.encode_prompts(splits["valid"], enc, template, args.max_prompt_length)
+    test_rows, test_prompts = data.encode_prompts(splits["test"], enc, template, args.max_prompt_length)
     teacher, _ = load_checkpoint(distill["teacher"], device)
+    columns = data.FAMILIES if builtin else []
     print(f"\nKD and MiniLLM: {distill['max_steps']} steps each from the SFT student, lr {distill['lr']}, batches "
           f"of {args.batch_size} (MiniLLM: {args.rollout_size} rollouts a round, {args.ppo_epochs} epochs); best.pt by "
-          f"validation validity.\nval loss, val rkl: {len(val_pairs)} validation examples; validity on the "
-          f"{len(splits['test'])} test prompts, greedy and sampled at T = 1 (mean of seeds {', '.join(map(str, seeds))}"
-          f"; all: ± their std)")
+          f"validation {'validity' if builtin else 'Rouge-L'}.\nval loss, val rkl: {len(val_pairs)} validation "
+          f"examples; {'validity' if builtin else 'Rouge-L'} on the {len(test_rows)} test prompts, greedy and sampled "
+          f"at T = 1 (mean of seeds {', '.join(map(str, seeds))}; all: ± their std)")
     print(f"{'model':<9}{'decoding':>8}{'steps':>6}{'min':>5}{'val loss':>9}{'val rkl':>8}" +
-          "".join(f"{f:>8}" for f in data.FAMILIES) + f"{'all':>13}")
+          "".join(f"{f:>8}" for f in columns) + f"{'all' if builtin else 'Rouge-L':>13}")
     for label, path in (("teacher", distill["teacher"]), ("sft", distill["init"]),
                         ("kd", os.path.join(args.out, "kd", "best.pt")),
                         ("minillm", os.path.join(args.out, "minillm", "best.pt"))):
@@ -1949,15 +2022,21 @@ def print_comparison(args, tokenizer, distill, seeds=(0, 1, 2)):
         loss = validation_loss(model, val_pairs, 64, device, nullcontext())
         rkl = 0.0 if label == "teacher" else reverse_kl_k3(model, teacher, val_prompts, args,
                                                            torch.Generator(device).manual_seed(0))[0]
-        greedy = validity(model, enc, splits["test"], greedy=True, max_new_tokens=args.max_new_tokens)
-        sampled = [validity(model, enc, splits["test"], greedy=False, seed=s, max_new_tokens=args.max_new_tokens)
-                   for s in seeds]
+
+        def score(greedy, seed=0):  # {family: validity, "all": ...} or {"all": Rouge-L}, as fractions
+            if builtin:
+                return validity(model, enc, test_rows, greedy, seed, max_new_tokens=args.max_new_tokens)
+            responses = respond(model, enc, test_prompts, greedy, seed, args.max_new_tokens)
+            return {"all": sum(data.rouge_l(y, [r["response"]]) for y, r in zip(responses, test_rows)) /
+                    (100 * len(test_rows))}  # (rouge_l is in points)
+        greedy, sampled = score(True), [score(False, s) for s in seeds]
         mean = {f: sum(x[f] for x in sampled) / len(seeds) for f in greedy}
         spread = 100 * std([x["all"] for x in sampled])
-        for decoding, v, total in (("greedy", greedy, f"{100 * greedy['all']:.1f}%"),
-                                   ("sampled", mean, f"{100 * mean['all']:.1f}% ± {spread:.1f}")):
+        unit = "%" if builtin else ""
+        for decoding, v, total in (("greedy", greedy, f"{100 * greedy['all']:.1f}{unit}"),
+                                   ("sampled", mean, f"{100 * mean['all']:.1f}{unit} ± {spread:.1f}")):
             print(f"{label:<9}{decoding:>8}{steps:>6}{minutes:>5}{loss:9.3f}{rkl:8.2f}" +
-                  "".join(f"{100 * v[f]:7.1f}%" for f in data.FAMILIES) + f"{total:>13}")
+                  "".join(f"{100 * v[f]:7.1f}%" for f in columns) + f"{total:>13}")
 
 
 def std(xs):
@@ -1969,115 +2048,180 @@ def std(xs):
 # The command line
 
 
-def get_args(argv=None):
+def arg_parser():
+    """The command line's flags, in groups (--help shows them so, and so does the run's settings block)."""
     ap = argparse.ArgumentParser(description="MiniLLM distillation (see the docstring of minillm.py)", epilog=(
         "Without --method: the built-in pipeline (teacher, SFT student, then KD and MiniLLM on the same budget, and "
         "their table). A flag applies to every stage it means something for; those marked 'pipeline:' set the "
         "stage they name, and a typed flag always wins over the pipeline's own setting."))
     # what to run
-    ap.add_argument("--method", choices=["sft", "kd", "seqkd", "onpolicy", "minillm"],
+    g = ap.add_argument_group("what to run")
+    g.add_argument("--method", choices=["sft", "kd", "seqkd", "onpolicy", "minillm"],
                     help="sft: fine-tuning on ground truth; kd, seqkd, onpolicy: the baselines; minillm: reverse-KL "
                          "distillation (none: minillm, and on the built-in task the whole pipeline, training what is "
                          "not given)")
-    ap.add_argument("--teacher", help="kd, seqkd, minillm: the teacher checkpoint")
-    ap.add_argument("--model", default="student", choices=sorted(MODEL_SIZES),
+    g.add_argument("--teacher", help="kd, seqkd, minillm: the teacher checkpoint")
+    g.add_argument("--model", default="student", choices=sorted(MODEL_SIZES),
                     help="size to train from scratch (pipeline: the SFT student's)")
-    ap.add_argument("--init", help="start from this checkpoint instead of a fresh --model")
-    ap.add_argument("--out", default="out", help="run folder: log.txt, best.pt, last.pt, step-N.pt")
-    ap.add_argument("--resume", action="store_true",
+    g.add_argument("--init", help="start from this checkpoint instead of a fresh --model")
+    g.add_argument("--out", default="out", help="run folder: log.txt, best.pt, last.pt, step-N.pt")
+    g.add_argument("--resume", action="store_true",
                     help="go on with the run in --out from its newest checkpoint (a new run if it has none)")
-    ap.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
+    g.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     # data
-    ap.add_argument("--data", default="builtin", help="builtin | dolly | a .jsonl/.json file | a folder")
-    ap.add_argument("--n_train", type=int, default=100000, help="built-in task: training examples")
-    ap.add_argument("--n_valid", type=int, default=500, help="built-in task: validation examples (or PATH split)")
-    ap.add_argument("--n_test", type=int, default=500, help="built-in task: test examples (or PATH split)")
-    ap.add_argument("--max_length", type=int, default=512, help="prompt + response tokens (the paper: 512)")
-    ap.add_argument("--max_prompt_length", type=int, default=256, help="longer prompts are dropped (paper: 256)")
-    ap.add_argument("--tokenizer", default="auto", help="auto (builtin for --data builtin, else gpt2) | builtin | gpt2")
-    ap.add_argument("--skip_bad", action="store_true", help="skip and count malformed data rows instead of stopping")
-    ap.add_argument("--pt_data", help="L_PT text: builtin | openwebtext | a .txt/.jsonl (default: builtin with "
+    g = ap.add_argument_group("data")
+    g.add_argument("--data", default="builtin", help="builtin | dolly | a .jsonl/.json file | a folder")
+    g.add_argument("--n_train", type=int, default=100000, help="built-in task: training examples")
+    g.add_argument("--n_valid", type=int, default=500, help="built-in task: validation examples (or PATH split)")
+    g.add_argument("--n_test", type=int, default=500, help="built-in task: test examples (or PATH split)")
+    g.add_argument("--max_length", type=int, default=512, help="prompt + response tokens (the paper: 512)")
+    g.add_argument("--max_prompt_length", type=int, default=256, help="longer prompts are dropped (paper: 256)")
+    g.add_argument("--tokenizer", default="auto", help="auto: the checkpoints' own (a Hugging Face one brings its "
+                   "own), and for a fresh model builtin with --data builtin, else gpt2 | builtin | gpt2")
+    g.add_argument("--skip_bad", action="store_true", help="skip and count malformed data rows instead of stopping")
+    g.add_argument("--pt_data", help="L_PT text: builtin | openwebtext | a .txt/.jsonl (default: builtin with "
                                       "--data builtin; other data must name it, or turn L_PT off with --lm_coef 0)")
-    ap.add_argument("--pt_batch_size", type=int, default=4, help="rows of pretraining text per L_PT batch")
-    ap.add_argument("--pt_length", type=int, default=64, help="tokens per L_PT row [512]")
+    g.add_argument("--pt_batch_size", type=int, default=4, help="rows of pretraining text per L_PT batch")
+    g.add_argument("--pt_length", type=int, default=64, help="tokens per L_PT row [512]")
     # MiniLLM (MINILLM_OPTIONS)
+    g = ap.add_argument_group("MiniLLM")  # (MINILLM_OPTIONS, RECIPES)
     for name, (paper, default, meaning) in MINILLM_OPTIONS.items():
         pipeline = f"; pipeline: KD and MiniLLM's, default {DISTILL[name]:g}" if name in DISTILL else ""
         if isinstance(paper, bool):  # on by default: --no_NAME turns it off; off by default: --NAME turns it on
-            ap.add_argument(f"--no_{name}" if default else f"--{name}", dest=name, default=default,
+            g.add_argument(f"--no_{name}" if default else f"--{name}", dest=name, default=default,
                             action="store_false" if default else "store_true",
                             help=f"{meaning} [paper: {'on' if paper else 'off'}]")
         else:
             here = "" if default is None else f" (default {default})"
-            ap.add_argument(f"--{name}", type=type(paper), default=default,
+            g.add_argument(f"--{name}", type=type(paper), default=default,
                             help=f"{meaning}{here} [paper: {paper}]{pipeline}")
-    ap.add_argument("--recipe", choices=["paper", "official"], default="paper",
+    g.add_argument("--recipe", choices=["paper", "official"], default="paper",
                     help="minillm: the loss as the paper writes it (Eq. 7), or the official code's: the switches below "
                          "(RECIPES), which a typed one overrides")
     for name, (paper, official, meaning) in RECIPES.items():  # default None: set by --recipe (below)
         if isinstance(paper, bool):
             on = lambda x: "on" if x else "off"
-            ap.add_argument(f"--{name}", action="store_true", default=None,
+            g.add_argument(f"--{name}", action="store_true", default=None,
                             help=f"{meaning} [paper: {on(paper)}; official: {on(official)}]; --no_{name}: off")
-            ap.add_argument(f"--no_{name}", dest=name, action="store_false", default=None, help=argparse.SUPPRESS)
+            g.add_argument(f"--no_{name}", dest=name, action="store_false", default=None, help=argparse.SUPPRESS)
         else:
-            ap.add_argument(f"--{name}", type=float, default=None, help=f"{meaning} [paper: {paper:g}; official: "
+            g.add_argument(f"--{name}", type=float, default=None, help=f"{meaning} [paper: {paper:g}; official: "
                                                                           f"{official:g}]")
-    ap.add_argument("--divergence", choices=["rkl", "fkl", "jsd"], default="rkl",
+    g.add_argument("--divergence", choices=["rkl", "fkl", "jsd"], default="rkl",
                     help="onpolicy: the token-level divergence on the student's samples: reverse KL (through the "
                          "kernel), forward KL, or the generalized JSD with --beta")
-    ap.add_argument("--beta", type=float, default=0.5, help="--divergence jsd: 0 is the forward KL, 1 the reverse KL")
-    ap.add_argument("--shard_teacher", action="store_true",
+    g.add_argument("--beta", type=float, default=0.5, help="--divergence jsd: 0 is the forward KL, 1 the reverse KL")
+    g.add_argument("--shard_teacher", action="store_true",
                     help="torchrun: each process keeps 1/N of the teacher's weights (FSDP) instead of all of them")
-    ap.add_argument("--chunk", type=int, default=0,
+    g.add_argument("--chunk", type=int, default=0,
                     help="minillm: compute the logits and the single-step term this many tokens at a time (0: all)")
     # optimization
-    ap.add_argument("--max_steps", type=int, default=2000,
+    g = ap.add_argument_group("optimization")
+    g.add_argument("--max_steps", type=int, default=2000,
                     help=f"training steps (pipeline: KD and MiniLLM, default {DISTILL['max_steps']} each)")
-    ap.add_argument("--max_minutes", type=float, default=0, help="also stop after this much wall-clock time (0: off)")
-    ap.add_argument("--patience", type=int, default=0,
+    g.add_argument("--max_minutes", type=float, default=0, help="also stop after this much wall-clock time (0: off)")
+    g.add_argument("--patience", type=int, default=0,
                     help="also stop after this many evaluations without a better validation score (0: off)")
-    ap.add_argument("--batch_size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (pipeline: KD and MiniLLM's; the "
+    g.add_argument("--batch_size", type=int, default=32)
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (pipeline: KD and MiniLLM's; the "
                                                            "SFT stages use their own)")
-    ap.add_argument("--min_lr", type=float, default=1e-4,
+    g.add_argument("--min_lr", type=float, default=1e-4,
                     help="learning rate at the end of the cosine decay (pipeline: as --lr)")
-    ap.add_argument("--warmup_steps", type=int, default=100)
-    ap.add_argument("--weight_decay", type=float, default=0.01)
-    ap.add_argument("--dropout", type=float, default=0.0, help="dropout of a model trained from scratch")
-    ap.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    ap.add_argument("--max_bad_steps", type=int, default=10,
+    g.add_argument("--warmup_steps", type=int, default=100)
+    g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout of a model trained from scratch")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    g.add_argument("--max_bad_steps", type=int, default=10,
                     help="stop after this many optimizer steps in a row skipped for a non-finite loss or gradient")
     # the built-in pipeline (no --method): its stages' own settings are DISTILL and pipeline_stages(); any flag
     # applies to every stage it means something for, and --max_steps, --lr, --min_lr, --lm_coef, --eval_interval and
     # --log_interval, when typed, set the KD and MiniLLM stages (the SFT stages keep the pipeline's)
-    ap.add_argument("--teacher_steps", type=int, default=6000, help="pipeline: the teacher's SFT steps")
-    ap.add_argument("--student_steps", type=int, default=10000, help="pipeline: the student's SFT steps")
+    g = ap.add_argument_group("the built-in pipeline (no --method)")
+    g.add_argument("--teacher_steps", type=int, default=6000, help="pipeline: the teacher's SFT steps")
+    g.add_argument("--student_steps", type=int, default=10000, help="pipeline: the student's SFT steps")
     # bookkeeping
-    ap.add_argument("--eval_interval", type=int, default=500,
+    g = ap.add_argument_group("bookkeeping")
+    g.add_argument("--eval_interval", type=int, default=500,
                     help="steps between validations (pipeline: KD and MiniLLM's, default 100)")
-    ap.add_argument("--log_interval", type=int, default=250, help="steps between log lines (pipeline: as above, 50)")
-    ap.add_argument("--save_interval", type=int,
+    g.add_argument("--log_interval", type=int, default=250, help="steps between log lines (pipeline: as above, 50)")
+    g.add_argument("--save_interval", type=int,
                     help="steps between the checkpoints that --resume goes on from (default: --eval_interval)")
-    ap.add_argument("--keep", type=int, default=2, help="how many of those checkpoints to keep")
-    ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
-    ap.add_argument("--fast_decode", action="store_true",
+    g.add_argument("--keep", type=int, default=2, help="how many of those checkpoints to keep")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
+    g.add_argument("--fast_decode", action="store_true",
                     help="rollouts decode on a static cache, the step compiled (CUDA graphs on a GPU; see "
                          "fast_decode); off by default: on a CPU it is slower (README)")
+    return ap
+
+
+def get_args(argv=None):
+    """The flags of argv (default: sys.argv), the recipe's switches set, and args.typed: the flags that were typed.
+    A value out of its range stops here with one `error:` line (check_args)."""
+    ap = arg_parser()
     args = ap.parse_args(argv)
     for name, values in RECIPES.items():  # the recipe's value of each switch not typed
         if getattr(args, name) is None:
             setattr(args, name, values[args.recipe == "official"])
-    if args.keep < 1:
-        ap.error("--keep must be at least 1")
     for action in ap._actions:  # parsed again without defaults: the flags that were typed, which the pipeline
         action.default = argparse.SUPPRESS  # never replaces with its own settings
     args.typed = sorted(vars(ap.parse_args(argv)))
+    problem = check_args(args)
+    if problem:
+        sys.exit(f"error: {problem}")  # (as every input error: one line, exit 1)
     return args
 
 
+def span(low, high=math.inf, low_open=False, high_open=False):
+    """(test, words) of a flag's allowed values: finite, from low to high (an open end excluded)."""
+    def ok(v):
+        return math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if high == math.inf:
+        return ok, f"above {low:g}" if low_open else f"at least {low:g}"
+    return ok, f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+FLAG_RANGES = {  # every numeric flag's allowed values, checked where the flags are read (check_args)
+    **{k: span(1) for k in ("n_train", "n_valid", "n_test", "max_prompt_length", "pt_batch_size", "pt_length",
+                            "rollout_size", "ppo_epochs", "max_new_tokens", "max_steps", "batch_size",
+                            "max_bad_steps", "teacher_steps", "student_steps", "eval_interval", "log_interval",
+                            "save_interval", "keep")},
+    **{k: span(0) for k in ("lm_coef", "reward_clip", "chunk", "max_minutes", "patience", "min_lr", "warmup_steps",
+                            "weight_decay", "grad_clip")},
+    **{k: span(0, 1) for k in ("alpha", "kd_ratio", "beta")},
+    "max_length": span(2), "lr": span(0, low_open=True), "clip_eps": span(0, low_open=True),
+    "reward_scaling": span(0, low_open=True), "gamma": span(0, 1, low_open=True),
+    "dropout": span(0, 1, high_open=True), "seed": span(0, 2 ** 32 - 1),
+}
+
+
+def check_args(args):
+    """The first problem with the flags' values, as one line naming the flag, its value and what is allowed; None if
+    there is none. Only what the flags alone tell: the files they name are checked when the run opens them."""
+    for name, (ok, words) in FLAG_RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            return f"--{name} {value}: must be {words}"
+    if args.max_prompt_length >= args.max_length:
+        return f"--max_prompt_length {args.max_prompt_length}: must be below --max_length {args.max_length}"
+    if args.method == "minillm" and args.batch_size > args.rollout_size:
+        return (f"--batch_size {args.batch_size}: a mini-batch is part of a round: at most --rollout_size "
+                f"{args.rollout_size}")
+    if args.method and args.min_lr > args.lr:  # (the pipeline's stages: pipeline_stages checks each)
+        return (f"--min_lr {args.min_lr:g} is above --lr {args.lr:g}: the schedule decays from --lr to --min_lr "
+                "(give --min_lr at or below --lr)")
+    if args.method and "warmup_steps" in args.typed and args.warmup_steps >= args.max_steps:
+        return (f"--warmup_steps {args.warmup_steps}: must be below --max_steps {args.max_steps} (else the learning "
+                "rate never reaches --lr)")
+    if args.data not in ("builtin", "dolly") and not os.path.exists(args.data):
+        return f"--data {args.data}: no such file or folder (builtin, dolly, a .jsonl/.json file or a folder)"
+    if args.pt_data not in (None, "builtin", "openwebtext") and not os.path.exists(args.pt_data):
+        return f"--pt_data {args.pt_data}: no such file (builtin, openwebtext, a .txt or .jsonl file)"
+    return None
+
+
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: SIGTERMS.append(time.time()))  # a graceful stop: see train()
+    for s in (signal.SIGTERM, signal.SIGINT):  # a graceful stop: see train()
+        signal.signal(s, on_stop_signal)
     main()
