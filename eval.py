@@ -231,6 +231,8 @@ def trained_on(path):
                 return json.load(f).get("minillm_data")
         except (OSError, ValueError):
             return None
+    if not os.path.isfile(path):  # (a hub name: its data is not recorded)
+        return None
     return (minillm.read_checkpoint(path).get("args") or {}).get("data")
 
 

@@ -2051,15 +2051,16 @@ def std(xs):
 def arg_parser():
     """The command line's flags, in groups (--help shows them so, and so does the run's settings block)."""
     ap = argparse.ArgumentParser(description="MiniLLM distillation (see the docstring of minillm.py)", epilog=(
-        "Without --method: the built-in pipeline (teacher, SFT student, then KD and MiniLLM on the same budget, and "
-        "their table). A flag applies to every stage it means something for; those marked 'pipeline:' set the "
-        "stage they name, and a typed flag always wins over the pipeline's own setting."))
+        "Without --method: the pipeline (teacher, SFT student, then KD and MiniLLM on the same budget, and their "
+        "table; on other --data, give the teacher and the SFT student). A flag applies to every stage it means "
+        "something for; those marked 'pipeline:' set the stage they name, and a typed flag always wins over the "
+        "pipeline's own setting."))
     # what to run
     g = ap.add_argument_group("what to run")
     g.add_argument("--method", choices=["sft", "kd", "seqkd", "onpolicy", "minillm"],
-                    help="sft: fine-tuning on ground truth; kd, seqkd, onpolicy: the baselines; minillm: reverse-KL "
-                         "distillation (none: minillm, and on the built-in task the whole pipeline, training what is "
-                         "not given)")
+                   help="sft: fine-tuning on ground truth; kd, seqkd, onpolicy: the baselines; minillm: reverse-KL "
+                        "distillation (none: the pipeline, Algorithm 1 and the comparison; it trains the teacher and "
+                        "the SFT student where not given, on the built-in task only)")
     g.add_argument("--teacher", help="kd, seqkd, minillm: the teacher checkpoint")
     g.add_argument("--model", default="student", choices=sorted(MODEL_SIZES),
                     help="size to train from scratch (pipeline: the SFT student's)")
