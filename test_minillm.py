@@ -1889,7 +1889,7 @@ def test_two_processes_with_gloo_take_the_single_process_step(tmp_path):
     finally:
         os.chdir(cwd)
     whole, sharded = (minillm.read_checkpoint(str(tmp_path / name / "last.pt"))["model"] for name in ("kd", "kd-sharded"))
-    for name in whole:  # (DistributedDataParallel's average, each process's rows weighted: unweighted, 3e-4 off)
+    for name in whole:  # (DistributedDataParallel's average, each process's rows weighted: unweighted, 1.5e-4 off)
         assert_close(sharded[name], whole[name], 5e-6, f"{name}: kd, 2 processes with a sharded teacher vs 1 process")
     assert "2 processes (gloo)" in open(tmp_path / "kd-sharded" / "log.txt").read()
 
