@@ -1147,7 +1147,7 @@ def on_stop_signal(signum, frame):
     name = signal.Signals(signum).name
     if (STOP_SIGNALS and signum == signal.SIGINT) or not TRAINING["loop"]:
         STOP_SIGNALS.append(signum)
-        raise Stopped(f"{name} {'again' if len(STOP_SIGNALS) > 1 else 'before training began'}: stopped at once, "
+        raise Stopped(f"{name} {'again' if len(STOP_SIGNALS) > 1 else 'outside a training loop'}: stopped at once, "
                       "nothing more saved")
     STOP_SIGNALS.append(signum)
     if signum == signal.SIGINT:

@@ -1971,7 +1971,7 @@ def test_what_a_run_says_and_what_it_leaves(tmp_path, monkeypatch, capsys):
     assert "--warmup_steps 100 (the default) is not shorter than --max_steps 20: warming up over 2 steps" in out
     assert minillm.read_checkpoint(str(tmp_path / "run" / "last.pt"))["args"]["warmup_steps"] == 2
     assert minillm.get_lr(2, minillm.get_args(argv + ["--warmup_steps", "2"])) == 3e-3  # the peak, reached
-    with pytest.raises(minillm.Stopped, match="SIGINT before training began: stopped at once"):
+    with pytest.raises(minillm.Stopped, match="SIGINT outside a training loop: stopped at once"):
         minillm.on_stop_signal(signal.SIGINT, None)  # (outside train()'s loop)
     minillm.STOP_SIGNALS.clear()
 
