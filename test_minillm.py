@@ -1231,6 +1231,8 @@ def test_the_export_of_a_builtin_model_carries_its_tokenizer(tmp_path, name):
     _, ckpt = minillm.load_checkpoint(str(tmp_path / "hf"))
     assert isinstance(ckpt["tokenizer"], dict) and data.same_tokenizer(ckpt["tokenizer"], name)
     assert data.get_encoding(ckpt["tokenizer"]).encode_ordinary(texts[0]) == enc.encode_ordinary(texts[0])
+    run = minillm.get_args(["--method", "sft", "--init", str(tmp_path / "hf"), "--tokenizer", name])
+    minillm.load_models(run, torch.device("cpu"))  # --tokenizer NAME: accepted, the same tokenizer by content
     # no tokenizer at all: not guessed (GPT-2's only for a 50,257-row vocabulary)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "hf" / f).unlink()
