@@ -11,7 +11,7 @@ Language Models", ICLR 2024), in one file that reads top to bottom.
     python minillm.py --method kd --teacher out/teacher/best.pt --init out/student-sft/best.pt --out out/kd
     python minillm.py --method seqkd --teacher out/teacher/best.pt --init out/student-sft/best.pt --out out/seqkd
     torchrun --nproc_per_node=N minillm.py --method ...            # any method on N processes (DDP)
-    python minillm.py ... --resume                                 # go on after a crash or SIGTERM, exactly
+    python minillm.py ... --resume                                 # go on after a crash, SIGTERM or Ctrl-C, exactly
     python minillm.py --teacher Qwen/Qwen2.5-1.5B-Instruct --init Qwen/Qwen2.5-0.5B-Instruct --data dolly \
         --pt_data openwebtext       # Hugging Face checkpoints: gpt2, opt, llama, mistral, qwen2, qwen3 (README)
 
