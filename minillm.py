@@ -1672,11 +1672,11 @@ def start_log(args, rank, resume_path, lines):
         if resume_path is None:
             clear_run(args.out, keep_cache=not args.overwrite)  # --overwrite, or a --resume that starts again
         os.makedirs(args.out, exist_ok=True)
-    log = logger(args.out) if rank == 0 else (lambda line: None)
-    if rank == 0:  # the command and every setting in the log file; on the screen, what differs from the defaults
+        # the command and every setting in the log file; on the screen, what differs from the defaults
         with open(os.path.join(args.out, "log.txt"), "a") as f:
             f.write(f"# {' '.join(sys.argv)}\n# settings: {vars(args)}\n")
         print(settings_block(args, os.path.join(args.out, "log.txt")), flush=True)
+    log = logger(args.out) if rank == 0 else (lambda line: None)
     for line in lines:
         log(line)
     return log
