@@ -547,7 +547,13 @@ def get_args(argv=None):
                                   "with a run folder per row)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--table1", action="store_true", help="train and evaluate the built-in Table 1 (README)")
-    ap.add_argument("--pipeline_out", default="out", help="--table1: where `python minillm.py` keeps its models")
+    ap.add_argument("--sweep", action="store_true",
+                    help="every row's small grid (eval.SWEEP) chosen on validation, then the chosen and the reference "
+                         "settings once per --train_seeds on the test set")
+    ap.add_argument("--sweep_seeds", type=int, nargs="+", default=[1337],
+                    help="--sweep: the training seeds of every setting of the grid (their mean validation chooses)")
+    ap.add_argument("--pipeline_out", default="out", help="--table1, --sweep: where `python minillm.py` keeps its "
+                                                          "models")
     ap.add_argument("--patience", type=int, default=5, help="--table1: evaluations without improvement to stop")
     ap.add_argument("--train_seeds", type=int, nargs="+", default=[1337, 1338, 1339],
                     help="--table1: one training run of each distillation row per seed")
@@ -575,7 +581,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    args.out = args.out or ("out/table1" if args.table1 else "out/eval")
+    args.out = args.out or ("out/table1" if args.table1 else "out/sweep" if args.sweep else "out/eval")
     try:
         if args.bench == "generate":
             return bench_generate(args.device)
@@ -587,6 +593,8 @@ def main(argv=None):
             return bench_rollout(minillm.get_args(args.minillm_flags), args.shapes)
         if args.table1:
             return table1(args)
+        if args.sweep:
+            return sweep(args)
         if not args.checkpoints:
             raise minillm.InputError("give one or more checkpoints to evaluate (or --table1)")
         device = minillm.pick_device(args.device)
@@ -636,11 +644,7 @@ def table1(args):
     training seeds of each run's mean over the sampling seeds, ± the std over the training seeds; with the steps,
     minutes and responses sampled of its training, and a plot of validation validity against training minutes."""
     t0 = time.time()
-    base = args.pipeline_out
-    teacher, sft = (os.path.join(base, f, "best.pt") for f in ("teacher", "student-sft"))
-    if not (os.path.isfile(teacher) and os.path.isfile(sft)):
-        print(f"no teacher / SFT student in {base}/: running the built-in pipeline first (python minillm.py)")
-        minillm.main(["--out", base])
+    teacher, sft = pipeline_models(args)
     unknown = sorted(set(args.rows or []) - set(TABLE1))
     if unknown:
         raise minillm.InputError(f"--rows {unknown[0]!r}: not a row of Table 1 ({', '.join(TABLE1)})")
@@ -648,15 +652,43 @@ def table1(args):
     for name, flags in TABLE1.items():
         if args.rows and name not in args.rows:
             continue
-        runs[name] = []
-        for seed in args.train_seeds:
-            folder = os.path.join(args.out, name.replace(", ", "-").replace(" ", "-") + f"-seed{seed}")
-            if not os.path.isfile(os.path.join(folder, "last.pt")):
-                print(f"training {name}, seed {seed}: {flags}")
-            minillm.train(minillm.get_args(flags.split() + [  # a finished run is reused, a stopped one resumed
-                "--teacher", teacher, "--init", sft, "--out", folder, "--seed", str(seed), "--patience",
-                str(args.patience), "--device", args.device, "--resume"]))
-            runs[name].append(folder)
+        runs[name] = [train_run(name, flags, os.path.join(args.out, slug(name) + f"-seed{seed}"), seed, args)
+                      for seed in args.train_seeds]
+    test_table(runs, teacher, args, t0)
+
+
+def pipeline_models(args):
+    """The teacher and the SFT student of `python minillm.py` in args.pipeline_out (running it first if it lacks them),
+    which every run of Table 1 and the sweep starts from."""
+    teacher, sft = (os.path.join(args.pipeline_out, f, "best.pt") for f in ("teacher", "student-sft"))
+    if not (os.path.isfile(teacher) and os.path.isfile(sft)):
+        print(f"no teacher / SFT student in {args.pipeline_out}/: running the built-in pipeline first (python "
+              "minillm.py)")
+        minillm.main(["--out", args.pipeline_out])
+    args.teacher_path, args.sft_path = teacher, sft
+    return teacher, sft
+
+
+def slug(name):
+    """A row's or a setting's name as a folder name: 'minillm, official' -> 'minillm-official'."""
+    return name.replace(", ", "-").replace(" ", "-")
+
+
+def train_run(name, flags, folder, seed, args):
+    """Trains one run of a row from the pipeline's SFT student (a finished run is reused, a stopped one resumed);
+    returns its folder."""
+    if not os.path.isfile(os.path.join(folder, "last.pt")):
+        print(f"training {name}, seed {seed}: {flags}", flush=True)
+    minillm.train(minillm.get_args(flags.split() + [
+        "--teacher", args.teacher_path, "--init", args.sft_path, "--out", folder, "--seed", str(seed), "--patience",
+        str(args.patience), "--device", args.device, "--resume"]))
+    return folder
+
+
+def test_table(runs, teacher, args, t0):
+    """Evaluates every run of runs ({row: [run folders]}) on the test prompts with the sampling seeds args.seeds, and
+    writes and prints the table: a row is the mean over its training runs of each run's mean over the sampling seeds,
+    ± the std over the training runs, with the steps, minutes and responses sampled of its training."""
     device = minillm.pick_device(args.device)
     model, ckpt = minillm.load_checkpoint(teacher, device)
     teacher_model = (model.eval(), ckpt["tokenizer"])
@@ -679,6 +711,85 @@ def table1(args):
           f"{args.seeds}; teacher and SFT: one run, ± over the sampling seeds; {len(splits['test'])} test prompts; "
           f"steps, minutes and responses sampled in training, on this machine) -> {args.out}/; whole run "
           f"{(time.time() - t0) / 60:.1f} min")
+
+
+# The fair comparison: every distillation method gets the same small search on the pipeline's budget (DISTILL: 600
+# steps from the SFT student, lr decayed to 1e-4, no L_PT), chosen on validation only: the peak learning rate, and
+# for the methods that roll out, the passes over each round of 64 responses (1 or 4) and the mini-batch (the round
+# or half of it). Each row's reference: the setting Table 1 and the paper use.
+SWEEP_BUDGET = "--max_steps 600 --min_lr 1e-4 --lm_coef 0 --eval_interval 100 --log_interval 100"
+SWEEP_LRS = ("3e-4", "1e-3", "3e-3")
+SWEEP_ROUND = 64  # --rollout_size
+SWEEP_ROUNDS = ((1, 64), (1, 32), (4, 64), (4, 32))  # (--ppo_epochs, --batch_size)
+SWEEP = {  # row: (minillm.py flags, the reference setting)
+    "kd": ("--method kd", "lr 1e-3"),
+    "seqkd": ("--method seqkd", "lr 1e-3"),
+    "on-policy rkl": ("--method onpolicy", "lr 1e-3, 1 epoch, batch 64"),  # (fresh samples every step: GKD)
+    "on-policy jsd 0.5": ("--method onpolicy --divergence jsd --beta 0.5", "lr 1e-3, 1 epoch, batch 64"),
+    "minillm": ("--method minillm", "lr 1e-3, 4 epochs, batch 32"),  # (the paper's 4 epochs, a quarter round: 256/64)
+    "minillm, official": ("--method minillm --recipe official", "lr 1e-3, 4 epochs, batch 32"),
+}
+
+
+def sweep_settings(row):
+    """{setting name: minillm.py flags} of a row's grid."""
+    method = SWEEP[row][0]
+    settings = {f"lr {lr}": f"{method} {SWEEP_BUDGET} --lr {lr}" for lr in SWEEP_LRS}
+    if "--method onpolicy" not in method and "--method minillm" not in method:
+        return settings
+    return {f"{name}, {k} epoch{'s' * (k > 1)}, batch {b}": f"{flags} --rollout_size {SWEEP_ROUND} --ppo_epochs {k} "
+            f"--batch_size {b}" for name, flags in settings.items() for k, b in SWEEP_ROUNDS}
+
+
+def best_validation(folder):
+    """(best validation validity in %, its step) of a finished run, from its log.txt."""
+    points = [(float(line.split("| val valid ")[1].split()[0]), int(line.split()[1]))
+              for line in open(os.path.join(folder, "log.txt")) if "| val valid " in line]
+    valid, step = max(points, key=lambda p: (p[0], -p[1]))
+    return 100 * valid, step
+
+
+def sweep(args):
+    """`python eval.py --sweep`: trains every setting of every row's grid (SWEEP) once per --sweep_seeds from the
+    pipeline's SFT student, picks each row's setting with the best validation validity (the mean over those seeds;
+    the test set is not looked at), then trains the chosen and the reference setting once per --train_seeds and
+    evaluates them on the test set. Writes sweep.md (every setting's validation score, the chosen in bold) and the
+    table; finished runs are reused, so a stopped sweep goes on where it was."""
+    t0 = time.time()
+    teacher, sft = pipeline_models(args)
+    unknown = sorted(set(args.rows or []) - set(SWEEP))
+    if unknown:
+        raise minillm.InputError(f"--rows {unknown[0]!r}: not a row of the sweep ({', '.join(SWEEP)})")
+    rows = [r for r in SWEEP if not args.rows or r in args.rows]
+    chosen, lines = {}, ["| row | setting | " + " | ".join(f"seed {s}" for s in args.sweep_seeds) +
+                         " | mean best validation validity % | steps to best |", "|---|---|" +
+                         "---|" * (len(args.sweep_seeds) + 2)]
+    for row in rows:
+        scores = {}
+        for name, flags in sweep_settings(row).items():
+            bests = [best_validation(train_run(f"{row} ({name})", flags, os.path.join(
+                args.out, slug(row), slug(name) + f"-seed{seed}"), seed, args)) for seed in args.sweep_seeds]
+            scores[name] = (sum(v for v, _ in bests) / len(bests), bests)
+        chosen[row] = max(scores, key=lambda n: scores[n][0])  # (a tie: the first in the grid's order)
+        for name, (mean, bests) in scores.items():
+            mark = "**" if name == chosen[row] else ""
+            lines.append(f"| {row} | {mark}{name}{mark}{' (reference)' if name == SWEEP[row][1] else ''} | " +
+                         " | ".join(f"{v:.1f}" for v, _ in bests) + f" | {mark}{mean:.1f}{mark} | " +
+                         ", ".join(str(step) for _, step in bests) + " |")
+        print(f"{row}: chosen on validation: {chosen[row]} ({scores[chosen[row]][0]:.1f}%; the reference "
+              f"{SWEEP[row][1]}: {scores[SWEEP[row][1]][0]:.1f}%)", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    runs = {"teacher": [os.path.dirname(teacher)], "sft": [os.path.dirname(sft)]}
+    for row in rows:  # the test set: the reference and the chosen setting, once per --train_seeds
+        reference, best = SWEEP[row][1], chosen[row]
+        for name in dict.fromkeys([reference, best]):
+            mark = ", ".join(m for m, yes in (("reference", name == reference), ("selected", name == best)) if yes)
+            runs[f"{row}, {name} [{mark}]"] = [train_run(f"{row} ({name})", sweep_settings(row)[name], os.path.join(
+                args.out, slug(row), slug(name) + f"-seed{seed}"), seed, args) for seed in args.train_seeds]
+    test_table(runs, teacher, args, t0)
 
 
 def over_training_seeds(per_seed):

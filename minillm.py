@@ -133,8 +133,9 @@ MODEL_SIZES = {  # name -> GPTConfig maker; vocab_size and block_size may be ove
 # teacher on Dolly; this version's default, sized for the built-in task on a CPU; what it sets).
 MINILLM_OPTIONS = {
     "alpha": (0.2, 0.2, "teacher share of the sampling mixture p_mix (Eq. 4); 0: pure student samples"),
-    "rollout_size": (256, 64, "responses rolled out per round"),
-    "ppo_epochs": (4, 4, "passes over each round's rollouts, in mini-batches of --batch_size"),
+    "rollout_size": (256, 64, "responses rolled out per round (onpolicy: default --batch_size, a fresh round "
+                              "every step)"),
+    "ppo_epochs": (4, 4, "passes over each round's rollouts, in mini-batches of --batch_size (onpolicy: default 1)"),
     "clip_eps": (0.2, 0.2, "PPO clipping of the ratio rho_t = q_theta(y_t) / p_mix(y_t)"),
     "max_new_tokens": (256, 96, "longest response sampled"),
     "length_norm": (True, True, "the long-term return is the mean of the later rewards (Eq. 6); "
@@ -858,15 +859,19 @@ def validity(model, enc, rows, greedy=True, seed=0, batch_size=128, max_new_toke
 
 
 def validate(student, teacher, val, args, ctx):
-    """The validation numbers: loss (CE on the ground-truth responses), and with a teacher rkl (KL[q || p], k3 on
-    pure student samples of 64 validation prompts, fixed seed) and, on the built-in task, valid (the fraction of
-    valid responses sampled at T = 1 for the validation prompts, fixed seed), elsewhere rougeL (Rouge-L of
-    responses sampled at T = 1, fixed seed, for the first 256 validation prompts). None if a SIGTERM cut it short (not
-    with a sharded teacher, whose forwards every process must run to the end together)."""
+    """The validation numbers: loss (CE on the ground-truth responses), pt_loss (CE on held-out pretraining text, the
+    built-in task's), and with a teacher rkl (KL[q || p], k3 on pure student samples of 64 validation prompts, fixed
+    seed) and, on the built-in task, valid (the fraction of valid responses sampled at T = 1 for the validation
+    prompts, fixed seed), elsewhere rougeL (Rouge-L of responses sampled at T = 1, fixed seed, for the first 256
+    validation prompts). None if a SIGTERM cut it short (not with a sharded teacher, whose forwards every process
+    must run to the end together)."""
     device = next(student.parameters()).device
     sigterm = not args.shard_teacher
     try:
         metrics = {"loss": validation_loss(student, val["pairs"], 64, device, ctx, sigterm=sigterm)}
+        if "pt" in val:  # the loss on held-out pretraining text, which L_PT is there to keep
+            with torch.no_grad(), evaluating(student):
+                metrics["pt_loss"] = token_loss(student, None, *(t.to(device) for t in val["pt"]), 0.0, ctx)[0].item()
         if teacher is not None:
             metrics["rkl"], _ = reverse_kl_k3(student, teacher, val["prompts"][:64], args,
                                               torch.Generator(device).manual_seed(0))
@@ -947,10 +952,10 @@ def train(args):
         seqkd_data(teacher, task, args, log, rank, world)
     rollout_state = ckpt["state"]["ranks"][rank]["rollouts"] if ckpt else {}  # (minillm; kept up to date)
     if args.method in ("minillm", "onpolicy"):  # rounds of scored rollouts, in mini-batches
-        fresh = {"alpha": 0.0, "rollout_size": args.batch_size, "ppo_epochs": 1} if args.method == "onpolicy" else {}
-        batches = rollout_batches(student, None if fresh else teacher, task["prompts"],  # (on-policy: every step a
-                                  argparse.Namespace(**{**vars(args), **fresh}),         # fresh batch of student
-                                  device, rank, world, rollout_state, ctx)               # samples, no teacher)
+        onpolicy = args.method == "onpolicy"  # (pure student samples, no teacher in the rollout; its rounds: see
+        rollouts = argparse.Namespace(**{**vars(args), "alpha": 0.0}) if onpolicy else args  # set_method_defaults)
+        batches = rollout_batches(student, None if onpolicy else teacher, task["prompts"], rollouts, device, rank,
+                                  world, rollout_state, ctx)
     else:  # (epoch, x, y): shuffled, length-bucketed batches of the instruction data
         batches = data.batches(task["train_pairs"], args.batch_size, args.seed, skip=start)
     log_data(args, task, log)
@@ -1716,6 +1721,10 @@ def set_method_defaults(args):
         args.lm_coef = 1.0 if args.method == "minillm" else 0.0
     if args.pt_data is None and args.data == "builtin":
         args.pt_data = "builtin"
+    if args.method == "onpolicy":  # on-policy distillation: fresh samples every step, unless rounds are typed
+        typed = getattr(args, "typed", ())
+        args.rollout_size = args.rollout_size if "rollout_size" in typed else args.batch_size
+        args.ppo_epochs = args.ppo_epochs if "ppo_epochs" in typed else 1
     return notes
 
 
@@ -1795,8 +1804,8 @@ def load_data(args, student, teacher, tokenizer, start):
     longest = min(args.max_prompt_length, block - args.max_new_tokens)  # a prompt that leaves room to answer
     train_pairs, dropped = data.tokenize(splits["train"], enc, template, max_length, args.max_prompt_length)
     prompts = [p for p, _ in train_pairs if len(p) <= longest]
-    need, flag = (args.rollout_size, "--rollout_size") if args.method == "minillm" else (args.batch_size,
-                                                                                           "--batch_size")
+    need, flag = (args.rollout_size, "--rollout_size") if args.method in ("minillm", "onpolicy") else (
+        args.batch_size, "--batch_size")
     if args.method in ("minillm", "onpolicy") and len(prompts) < need:
         raise data.DataError(f"{args.data}: {len(prompts)} usable training prompts, fewer than {flag} {need}")
     if args.method not in ("minillm", "onpolicy") and len(train_pairs) < args.batch_size:
@@ -1808,6 +1817,9 @@ def load_data(args, student, teacher, tokenizer, start):
     val["pairs"], dropped_valid = data.tokenize(splits["valid"], enc, template, max_length, args.max_prompt_length)
     if not val["pairs"] or (teacher is not None and not val["prompts"]):
         raise data.DataError(f"{args.data}: no usable validation examples")
+    if args.pt_data == "builtin":  # held-out pretraining text (a seed no run trains on), 64 rows: what L_PT protects
+        held_out = data.pretrain_batches("builtin", enc, 64, min(args.pt_length, block), seed=2 ** 32)
+        val["pt"] = next(held_out)
     pt_batches = None
     if args.lm_coef:  # L_PT: the language-modelling loss on the pretraining stream (Algorithm 1)
         pt_batches = data.pretrain_batches(args.pt_data, enc, args.pt_batch_size, min(args.pt_length, block),
@@ -2206,7 +2218,8 @@ def check_args(args):
             return f"--{name} {value}: must be {words}"
     if args.max_prompt_length >= args.max_length:
         return f"--max_prompt_length {args.max_prompt_length}: must be below --max_length {args.max_length}"
-    if args.method == "minillm" and args.batch_size > args.rollout_size:
+    rounds = args.method == "minillm" or args.method == "onpolicy" and "rollout_size" in args.typed
+    if rounds and args.batch_size > args.rollout_size:
         return (f"--batch_size {args.batch_size}: a mini-batch is part of a round: at most --rollout_size "
                 f"{args.rollout_size}")
     if args.method and args.min_lr > args.lr:  # (the pipeline's stages: pipeline_stages checks each)

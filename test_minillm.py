@@ -1139,6 +1139,51 @@ def test_table1_trains_each_row_from_the_sft_student_and_reuses_finished_runs(tm
         ev.main(argv + ["--rows", "nope"])
 
 
+def test_the_sweep_chooses_on_validation_then_runs_the_test_set(tmp_path, monkeypatch, capsys):
+    import eval as ev
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(kernels, "USE_TRITON", False)
+    enc = data.get_encoding("builtin")
+    for name, model in (("teacher", eos_teacher(enc)), ("student-sft", tiny(vocab_size=enc.n_vocab, block_size=64))):
+        os.makedirs(tmp_path / "pipe" / name)
+        minillm.save_checkpoint(str(tmp_path / "pipe" / name / "best.pt"), model, None, 0, None, "builtin", {})
+        (tmp_path / "pipe" / name / "log.txt").write_text("done: 7 steps in 3s; best.pt is step 5 -> best.pt\n")
+    monkeypatch.setattr(ev, "SWEEP_BUDGET", "--max_steps 2 --eval_interval 1 --n_train 70 --n_valid 14 --n_test 14 "
+                                            "--max_new_tokens 8 --lm_coef 0")
+    monkeypatch.setattr(ev, "SWEEP_LRS", ("1e-4", "3e-2"))
+    monkeypatch.setattr(ev, "SWEEP_ROUND", 8)
+    monkeypatch.setattr(ev, "SWEEP_ROUNDS", ((1, 8), (2, 4)))
+    monkeypatch.setattr(ev, "SWEEP", {"kd": ("--method kd", "lr 1e-4"),
+                                      "on-policy rkl": ("--method onpolicy", "lr 1e-4, 1 epoch, batch 8")})
+    assert list(ev.sweep_settings("on-policy rkl")) == ["lr 1e-4, 1 epoch, batch 8", "lr 1e-4, 2 epochs, batch 4",
+                                                        "lr 3e-2, 1 epoch, batch 8", "lr 3e-2, 2 epochs, batch 4"]
+    argv = ["--sweep", "--pipeline_out", str(tmp_path / "pipe"), "--out", str(tmp_path / "sw"), "--n_test", "14",
+            "--seeds", "1", "--max_new_tokens", "8", "--exposure_len", "4", "--sweep_seeds", "1", "2",
+            "--train_seeds", "1", "3"]
+    ev.main(argv)
+    out = capsys.readouterr().out
+    # the choice: the setting with the best mean over the sweep seeds of each run's best validation validity
+    for row, folder in (("kd", "kd"), ("on-policy rkl", "on-policy-rkl")):
+        means = {name: sum(ev.best_validation(str(tmp_path / "sw" / folder / f"{ev.slug(name)}-seed{s}"))[0]
+                           for s in (1, 2)) / 2 for name in ev.sweep_settings(row)}
+        best = max(means, key=means.get)
+        assert f"{row}: chosen on validation: {best} ({means[best]:.1f}%" in out
+        assert f"| **{best}**" in open(tmp_path / "sw" / "sweep.md").read()
+    on_policy = tmp_path / "sw" / "on-policy-rkl"
+    assert "'ppo_epochs': 2" in open(on_policy / "lr-1e-4-2-epochs-batch-4-seed1" / "log.txt").read()
+    assert "'rollout_size': 8" in open(on_policy / "lr-1e-4-2-epochs-batch-4-seed1" / "log.txt").read()
+    # the test set: the reference and the chosen setting with every training seed (seed 1's run reused)
+    labels = [r["label"] for r in json.load(open(tmp_path / "sw" / "results.json"))]
+    assert labels[:3] == ["teacher", "sft", "kd, lr 1e-4 [reference" + (", selected]" if labels[2].endswith(
+        "selected]") else "]")]
+    assert all(os.path.isfile(on_policy / f"{ev.slug(ev.SWEEP['on-policy rkl'][1])}-seed{s}" / "best.pt")
+               for s in (1, 2, 3))
+    ev.main(argv)  # everything reused
+    assert "training kd" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not a row of the sweep"):
+        ev.main(argv + ["--rows", "nope"])
+
+
 def test_eval_on_a_local_jsonl_file(tmp_path, capsys):
     import eval as ev
     enc = data.get_encoding("builtin")
