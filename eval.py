@@ -760,7 +760,7 @@ def sweep(args):
     unknown = sorted(set(args.rows or []) - set(SWEEP))
     if unknown:
         raise minillm.InputError(f"--rows {unknown[0]!r}: not a row of the sweep ({', '.join(SWEEP)})")
-    rows = [r for r in SWEEP if not args.rows or r in args.rows]
+    rows = list(dict.fromkeys(args.rows or SWEEP))  # (in the order given)
     chosen, lines = {}, ["| row | setting | " + " | ".join(f"seed {s}" for s in args.sweep_seeds) +
                          " | mean best validation validity % | steps to best |", "|---|---|" +
                          "---|" * (len(args.sweep_seeds) + 2)]

@@ -868,8 +868,9 @@ def test_every_method_runs_in_the_same_loop(tmp_path, monkeypatch, method):
         minillm.save_checkpoint(str(tmp_path / f"{name}.pt"), model, None, 0, None, "builtin", {})
     argv = ["--method", method, "--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"),
             "--out", str(tmp_path / "run"), "--max_steps", "6", "--eval_interval", "3", "--log_interval", "2",
-            "--rollout_size", "8", "--batch_size", "4", "--max_new_tokens", "8", "--n_train", "70", "--n_valid", "14",
+            "--batch_size", "4", "--max_new_tokens", "8", "--n_train", "70", "--n_valid", "14",
             "--n_test", "14", "--lm_coef", "1", "--pt_length", "16", "--warmup_steps", "1"]
+    argv += ["--rollout_size", "8"] if method == "minillm" else []  # (on-policy: its default, a fresh batch a step)
     best = minillm.train(minillm.get_args(argv))
     log = open(tmp_path / "run" / "log.txt").read()
     fields = {"sft": ["ce", "L_PT"], "kd": ["rkl", "ce", "fkl", "L_PT"], "seqkd": ["rkl", "ce", "fkl", "L_PT"],
@@ -884,7 +885,7 @@ def test_every_method_runs_in_the_same_loop(tmp_path, monkeypatch, method):
         ["teacher", "student"] if method != "sft" else []), phases
     assert len([line for line in log.splitlines() if "| val loss" in line]) == 3  # steps 0, 3, 6
     model, ckpt = minillm.load_checkpoint(best)
-    assert set(ckpt["metrics"]) == ({"loss"} if method == "sft" else {"loss", "rkl", "valid"})
+    assert set(ckpt["metrics"]) == ({"loss", "pt_loss"} if method == "sft" else {"loss", "pt_loss", "rkl", "valid"})
     assert minillm.load_checkpoint(str(tmp_path / "run" / "last.pt"))[1]["step"] == 6
     # the responses each method sampled: seqkd the teacher's 6 x 4, minillm one round of 8 (4 epochs of 2 mini-batches),
     # on-policy a fresh batch of 4 every step
@@ -1172,6 +1173,9 @@ def test_the_sweep_chooses_on_validation_then_runs_the_test_set(tmp_path, monkey
     on_policy = tmp_path / "sw" / "on-policy-rkl"
     assert "'ppo_epochs': 2" in open(on_policy / "lr-1e-4-2-epochs-batch-4-seed1" / "log.txt").read()
     assert "'rollout_size': 8" in open(on_policy / "lr-1e-4-2-epochs-batch-4-seed1" / "log.txt").read()
+    # on-policy in rounds: 2 steps of one epoch of one mini-batch are 2 rounds of 8 responses; of 2 epochs of 2, one
+    assert minillm.run_summary(str(on_policy / "lr-1e-4-1-epoch-batch-8-seed1"))[3] == 16
+    assert minillm.run_summary(str(on_policy / "lr-1e-4-2-epochs-batch-4-seed1"))[3] == 8
     # the test set: the reference and the chosen setting with every training seed (seed 1's run reused)
     labels = [r["label"] for r in json.load(open(tmp_path / "sw" / "results.json"))]
     assert labels[:3] == ["teacher", "sft", "kd, lr 1e-4 [reference" + (", selected]" if labels[2].endswith(
