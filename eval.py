@@ -552,6 +552,7 @@ def get_args(argv=None):
                          "settings once per --train_seeds on the test set")
     ap.add_argument("--sweep_seeds", type=int, nargs="+", default=[1337],
                     help="--sweep: the training seeds of every setting of the grid (their mean validation chooses)")
+    ap.add_argument("--sweep_record", help="--sweep: an earlier sweep's sweep.json, whose grid runs are not run again")
     ap.add_argument("--pipeline_out", default="out", help="--table1, --sweep: where `python minillm.py` keeps its "
                                                           "models")
     ap.add_argument("--patience", type=int, default=5, help="--table1: evaluations without improvement to stop")
@@ -749,12 +750,26 @@ def best_validation(folder):
     return 100 * valid, step
 
 
+def save_record(record, path):
+    """Adds record ({row: {setting: {seed: [best validation validity %, its step]}}}) to the sweep.json at path (which
+    another sweep process with other --rows may be writing too), atomically."""
+    merged = json.load(open(path)) if os.path.isfile(path) else {}
+    for row, settings in record.items():
+        for name, seeds in settings.items():
+            merged.setdefault(row, {}).setdefault(name, {}).update(seeds)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(merged, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def sweep(args):
     """`python eval.py --sweep`: trains every setting of every row's grid (SWEEP) once per --sweep_seeds from the
     pipeline's SFT student, picks each row's setting with the best validation validity (the mean over those seeds;
     the test set is not looked at), then trains the chosen and the reference setting once per --train_seeds and
-    evaluates them on the test set. Writes sweep.md (every setting's validation score, the chosen in bold) and the
-    table; finished runs are reused, so a stopped sweep goes on where it was."""
+    evaluates them on the test set. Writes sweep.json and sweep.md (every setting's validation score, the chosen in
+    bold) and the table; finished runs are reused, so a stopped sweep goes on where it was, and --sweep_record (an
+    earlier sweep's sweep.json, on the same code) stands for the grid's runs it holds."""
     t0 = time.time()
     teacher, sft = pipeline_models(args)
     unknown = sorted(set(args.rows or []) - set(SWEEP))
@@ -764,11 +779,20 @@ def sweep(args):
     chosen, lines = {}, ["| row | setting | " + " | ".join(f"seed {s}" for s in args.sweep_seeds) +
                          " | mean best validation validity % | steps to best |", "|---|---|" +
                          "---|" * (len(args.sweep_seeds) + 2)]
+    record = json.load(open(args.sweep_record)) if args.sweep_record else {}
     for row in rows:
         scores = {}
         for name, flags in sweep_settings(row).items():
-            bests = [best_validation(train_run(f"{row} ({name})", flags, os.path.join(
-                args.out, slug(row), slug(name) + f"-seed{seed}"), seed, args)) for seed in args.sweep_seeds]
+            bests = []
+            for seed in args.sweep_seeds:
+                folder = os.path.join(args.out, slug(row), slug(name) + f"-seed{seed}")
+                known = record.get(row, {}).get(name, {}).get(str(seed))
+                if known and not os.path.isfile(os.path.join(folder, "last.pt")):  # (--sweep_record)
+                    bests.append(tuple(known))
+                    continue
+                bests.append(best_validation(train_run(f"{row} ({name})", flags, folder, seed, args)))
+                record.setdefault(row, {}).setdefault(name, {})[str(seed)] = list(bests[-1])
+                save_record(record, os.path.join(args.out, "sweep.json"))
             scores[name] = (sum(v for v, _ in bests) / len(bests), bests)
         chosen[row] = max(scores, key=lambda n: scores[n][0])  # (a tie: the first in the grid's order)
         for name, (mean, bests) in scores.items():

@@ -1184,6 +1184,19 @@ def test_the_sweep_chooses_on_validation_then_runs_the_test_set(tmp_path, monkey
                for s in (1, 2, 3))
     ev.main(argv)  # everything reused
     assert "training kd" not in capsys.readouterr().out
+    record = json.load(open(tmp_path / "sw" / "sweep.json"))
+    assert record["kd"]["lr 3e-2"]["2"] == list(ev.best_validation(str(tmp_path / "sw" / "kd" / "lr-3e-2-seed2")))
+    # another folder with a record whose scores make the choice: the grid's runs are not run, the chosen and the
+    # reference setting are, with seeds 1 and 3
+    record["kd"] = {"lr 1e-4": {"1": [30.0, 2], "2": [20.0, 0]}, "lr 3e-2": {"1": [24.0, 1], "2": [27.0, 2]}}
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    ev.main(argv + ["--rows", "kd", "--out", str(tmp_path / "sw2"), "--sweep_record", str(tmp_path / "record.json")])
+    again = capsys.readouterr().out
+    assert "kd: chosen on validation: lr 3e-2 (25.5%; the reference lr 1e-4: 25.0%)" in again
+    assert "seed 2:" not in again and again.count("training kd") == 4
+    assert [r["label"] for r in json.load(open(tmp_path / "sw2" / "results.json"))][2:] == [
+        "kd, lr 1e-4 [reference]", "kd, lr 3e-2 [selected]"]
+    assert "| kd | **lr 3e-2** | 24.0 | 27.0 | **25.5** | 1, 2 |" in open(tmp_path / "sw2" / "sweep.md").read()
     with pytest.raises(SystemExit, match="not a row of the sweep"):
         ev.main(argv + ["--rows", "nope"])
 
