@@ -35,10 +35,11 @@ loss; (2) repeat: roll out responses to a round of prompts from p_mix, score the
 take PPO-style steps over mini-batches of the round on Eq. 7 (the long-term term's ratio clipped) plus the language-
 modelling loss L_PT on pretraining text.
 
-This file, top to bottom: the settings, the GPT model, generation with a KV cache, teacher-mixed rollouts, scoring a
-round, the loss terms, the baselines' losses and L_PT, the rollout buffer, validation, the optimizer, train(),
-Algorithm 1 end to end, main(). Below main, under a ruler, the plumbing (errors, checkpoints, Hugging Face
-import/export, run folders and resume, devices and processes, the command line), which a first reading can skip.
+This file, top to bottom: the settings, the GPT model, the KV cache, teacher-mixed rollouts, scoring a round, the
+loss terms, the baselines' losses and L_PT, the rollout buffer, validation, the optimizer, train(), Algorithm 1 end
+to end, main(). Below main, under a ruler, what a first reading can skip: the other families' pieces, the fast
+decode, generation for evaluation, and the plumbing (errors, checkpoints, Hugging Face import/export, run folders
+and resume, devices and processes, the command line).
 Data and tokenizers live in data.py, the fused reverse-KL kernel in kernels.py, evaluation and benchmarks in eval.py.
 
 What this version simplifies or changes (relative to the paper and its official code):
@@ -170,44 +171,7 @@ RECIPES = {
 # -----------------------------------------------------------------------------
 # The model: GPT-2 (Radford et al. 2019) with the parameter names of Hugging Face's GPT2LMHeadModel. The fields
 # after `bias` in GPTConfig turn the same code into OPT, Llama, Mistral, Qwen2 or Qwen3; a first reading can take
-# their defaults (GPT-2) and skip every `if` on them.
-
-
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight (Llama, Mistral, Qwen), in fp32 as their reference code computes it."""
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-def norm(config, dim):
-    return RMSNorm(dim, config.norm_eps) if config.norm == "rmsnorm" else nn.LayerNorm(dim, config.norm_eps,
-                                                                                          bias=config.bias)
-
-
-def rope_angles(config, pos, dtype):
-    """Rotary positions (Su et al. 2021): cos and sin (..., T, head_dim) of pos * theta^(-2i/d) for i < d/2, each
-    half repeated (the Hugging Face layout). Llama-3 slows the long wavelengths by `factor`, smoothly between two
-    cut-offs."""
-    d = config.head_size
-    freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=pos.device).float() / d)  # (d/2,)
-    if config.rope_scaling:
-        factor, low, high, old_len = config.rope_scaling
-        smooth = ((old_len * freq / (2 * math.pi) - low) / (high - low)).clamp(0, 1)  # 0: long wavelength, 1: short
-        freq = (1 - smooth) * freq / factor + smooth * freq
-    angles = pos.float()[..., None] * freq  # (..., T, d/2)
-    angles = torch.cat([angles, angles], -1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def rotate(x, cos, sin):
-    """x (B, H, T, d) rotated by its positions' angles: pairs (x_i, x_{i + d/2}) turn like points in a plane."""
-    x1, x2 = x.chunk(2, -1)
-    return x * cos + torch.cat([-x2, x1], -1) * sin
+# their defaults (GPT-2) and skip every `if` on them (their RMSNorm and rotary positions are below main()).
 
 
 class CausalSelfAttention(nn.Module):
@@ -401,29 +365,14 @@ def left_pad(prompts, pad_id, device):
     return idx.to(device), valid.to(device)
 
 
-STATIC_CACHES = weakref.WeakKeyDictionary()  # model -> the static cache of its fast decode (gone with the model)
-
-
 def prefill(model, idx, valid, max_new_tokens, fast=False):
-    """Runs the prompts through the model once; returns (cache, next-token logits (B, V)). fast: the static cache of
-    fast_decode (STATIC_CACHES)."""
+    """Runs the prompts through the model once; returns (cache, next-token logits (B, V)). fast: the model's static
+    cache (fast_decode, below main())."""
     B, max_len = idx.size(0), idx.size(1) + max_new_tokens
-    if fast:  # the model's static cache, made once per shape and reused round after round: its tensors keep their
-        max_len = -(-max_len // 64) * 64  # addresses, which CUDA graphs are recorded against
-        kept = STATIC_CACHES.get(model)
-        if kept is None or kept["k"].device != idx.device or \
-                (kept["k"].shape, kept["k"].dtype) != cache_layout(model, B, max_len, idx.device):
-            kept = STATIC_CACHES[model] = {**new_cache(model, B, max_len, idx.device),
-                                           "slot": torch.zeros(1, dtype=torch.long, device=idx.device)}
-            for t in (kept["k"], kept["v"], kept["valid"], kept["slot"]):
-                torch._dynamo.mark_static_address(t)
-        kept["valid"].zero_()  # (keys and values left from the last round are masked until written again)
-        cache = {"k": kept["k"], "v": kept["v"], "valid": kept["valid"], "len": 0}
-    else:
-        cache = new_cache(model, B, max_len, idx.device)
+    cache = static_cache(model, B, max_len, idx.device) if fast else new_cache(model, B, max_len, idx.device)
     logits, _ = model(idx, valid=valid, cache=cache, last_only=True)
     if fast:  # from here on the slot to write is a tensor
-        cache["slot"] = kept["slot"].fill_(cache["len"])
+        cache["slot"] = STATIC_CACHES[model]["slot"].fill_(cache["len"])
     return cache, logits[:, -1].float()
 
 
@@ -432,42 +381,6 @@ def decode(model, cache, token):
     logits, _ = model(token[:, None], cache=cache, last_only=True)
     return logits[:, -1].float()
 
-# The fast decode (fast=True; --fast_decode), as gpt-fast does it: the same step on static shapes. The cache is made
-# once per model at a size rounded up to 64 slots and kept for the next rounds, the slot to write is a tensor, and
-# attention runs over the whole cache with the slots not written yet masked; so every step is the same computation
-# on the same shapes and the same memory, which torch.compile captures once (with CUDA graphs on a GPU) and replays.
-# The loops ask whether every row has ended every 8 steps instead of every step (each question waits for the GPU).
-DECODE_BACKEND = "inductor"  # torch.compile's backend for it
-
-
-def fast_decode(model, cache, token):
-    if token.is_cuda:  # each call its own replay of the model's graph, not one step of a long recorded sequence
-        torch.compiler.cudagraph_mark_step_begin()
-    logits = compiled_decode(token.device.type, DECODE_BACKEND)(model, cache, token)
-    return logits.clone()  # (a CUDA graph's output lives in memory that its next replay writes)
-
-
-@functools.lru_cache(maxsize=None)
-def compiled_decode(device_type, backend):
-    mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None  # CUDA graphs
-    return torch.compile(decode, backend=backend, mode=mode, dynamic=False)
-
-
-def next_token_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
-    """(B, V) logits -> (B, V) sampling distribution after temperature, top-k (0: off) and top-p (1: off)."""
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before this token already reaches top_p
-        probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
 def sample(probs, generator=None):
     """One token per row of probs (B, V) -> (B, 1): the first whose cumulative probability passes a uniform draw
     (the distribution of torch.multinomial, 30x faster on a CPU). Never a token of probability 0."""
@@ -475,63 +388,6 @@ def sample(probs, generator=None):
     u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=cdf.dtype)  # (B, 1) in [0, 1)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # u * total < total: an index below V
 
-
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=0, top_p=1.0, greedy=False,
-             generator=None, use_cache=True, pad_id=None, fast=False):
-    """Batched generation for prompts (list of token lists) of different lengths.
-    Returns (B, n) new tokens, n <= max_new_tokens: each row stops at its first EOS and is padded after it
-    (pad_id, default eos_id). eos_id None never stops (benchmarks). use_cache=False recomputes the whole prefix
-    every step (the reference the KV cache is tested against); fast: fast_decode."""
-    pad_id = (eos_id if eos_id is not None else 0) if pad_id is None else pad_id
-    device = next(model.parameters()).device
-    idx, valid = left_pad(prompts, pad_id, device)
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if idx.size(1) + max_new_tokens > model.config.block_size:
-        raise InputError(f"prompt ({idx.size(1)} tokens) + max_new_tokens ({max_new_tokens}) exceeds block_size "
-                         f"{model.config.block_size}")
-    if use_cache:
-        cache, logits = prefill(model, idx, valid, max_new_tokens, fast)
-    else:
-        logits = model(idx, valid=valid, last_only=True)[0][:, -1].float()
-    B = idx.size(0)
-    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
-        probs = next_token_probs(logits, temperature, top_k, top_p)  # (B, V)
-        token = probs.argmax(-1) if greedy else sample(probs, generator)[:, 0]  # (B,)
-        out[:, t] = torch.where(done, pad_id, token)
-        if eos_id is not None:
-            done |= token == eos_id
-        if t == max_new_tokens - 1 or ((not fast or t % 8 == 7) and done.all()):  # (fast: every 8 steps)
-            break
-        if use_cache:
-            logits = (fast_decode if fast else decode)(model, cache, token)
-        else:
-            idx, valid = torch.cat([idx, token[:, None]], 1), torch.cat([valid, valid.new_ones(B, 1)], 1)
-            logits = model(idx, valid=valid, last_only=True)[0][:, -1].float()
-    return out[:, :t + 1]
-
-
-@torch.no_grad()
-def respond(model, enc, prompts, greedy=False, seed=0, max_new_tokens=96, batch_size=128, sigterm=False,
-            progress=None):
-    """One text response per prompt (token lists), cut at EOS: sampled at T = 1 (top-p 1) as the paper evaluates,
-    from a generator seeded with `seed`, or greedy. Batches of batch_size; after each, progress(responses so far)
-    if given, and with sigterm a SIGTERM stops it (raises Stopped)."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    out = []
-    with evaluating(model):
-        for i in range(0, len(prompts), batch_size):
-            check_sigterm(sigterm)
-            batch = prompts[i:i + batch_size]
-            room = min(max_new_tokens, model.config.block_size - max(map(len, batch)))
-            for toks in generate(model, batch, room, enc.eot_token, greedy=greedy, generator=gen).tolist():
-                out.append(enc.decode(toks[:toks.index(enc.eot_token)] if enc.eot_token in toks else toks))
-            if progress:
-                progress(len(out))
-    return out
 
 # -----------------------------------------------------------------------------
 # Teacher-mixed rollouts (Algorithm 1, step 2): responses sampled from
@@ -811,51 +667,8 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
         yield {k: v[rows] for k, v in state["round"].items()}
 
 # -----------------------------------------------------------------------------
-# Validation: the numbers that choose best.pt and that the log follows
-
-
-@torch.no_grad()
-def reverse_kl_k3(student, teacher, prompts, args, generator):
-    """Eq. 1's KL[q || p] per response, estimated on pure student samples with k3 = p/q - 1 - log(p/q) per token.
-    Returns (mean over the prompts, mean response length)."""
-    with evaluating(student):
-        b = rollout(student, teacher, prompts, args.max_new_tokens, args.eos_id, 0.0, generator)
-    log_ratio = (b["logp"] - b["logq_old"]) * b["mask"]
-    k3 = (log_ratio.exp() - 1 - log_ratio) * b["mask"]
-    return k3.sum(1).mean().item(), b["mask"].sum(1).float().mean().item()
-
-
-@torch.no_grad()
-def validation_loss(model, pairs, batch_size, device, ctx, chunk=8192, sigterm=False):
-    """Token-weighted mean cross-entropy over the response tokens of every validation example. lm_head is applied
-    to the response tokens only, `chunk` at a time: with a 50,257-token vocabulary the (batch, length, V) logits
-    of a whole batch would take gigabytes. sigterm: a SIGTERM stops it between batches (raises Stopped)."""
-    total, count = 0.0, 0
-    with evaluating(model):
-        for i in range(0, len(pairs), batch_size):
-            check_sigterm(sigterm)
-            x, y = data.collate(pairs[i:i + batch_size], pad_id=0)
-            x, y = x.to(device), y.to(device)
-            with ctx:
-                h, _ = model(x, hidden=True)
-                h, y = h[y != -100], y[y != -100]  # (n, C), (n,): the response tokens
-                for j in range(0, len(y), chunk):
-                    logits = F.linear(h[j:j + chunk], model.head_weight()).float()
-                    total += F.cross_entropy(logits, y[j:j + chunk], reduction="sum").item()
-            count += len(y)
-    return total / max(count, 1)
-
-
-def validity(model, enc, rows, greedy=True, seed=0, batch_size=128, max_new_tokens=96, sigterm=False):
-    """The built-in task: the fraction of valid responses (data.is_valid) per family and 'all'; sampled as the paper
-    evaluates (T = 1, top-p 1) unless greedy. sigterm: a SIGTERM stops it between batches (raises Stopped)."""
-    _, prompts = data.encode_prompts(rows, enc, "builtin")
-    hits = {}
-    for r, text in zip(rows, respond(model, enc, prompts, greedy, seed, max_new_tokens, batch_size, sigterm)):
-        hits.setdefault(r["category"], []).append(data.is_valid(r, text))
-    scores = {f: sum(h) / len(h) for f, h in hits.items()}
-    scores["all"] = sum(sum(h) for h in hits.values()) / len(rows)
-    return scores
+# Validation: the numbers that choose best.pt and that the log follows (their measures: reverse_kl_k3, the loss
+# and the validity, below main())
 
 
 def validate(student, teacher, val, args, ctx):
@@ -1129,8 +942,215 @@ def main(argv=None):
 # =============================================================================
 # Plumbing. A first reading can stop here: what follows is called by the method above and teaches nothing about it
 # (errors and signals, checkpoints, Hugging Face import/export, run folders and resume, the run's inputs, devices
-# and processes, the pipeline's checks and table, the command line).
+# and processes, the pipeline's checks and table, the command line), and the pieces the method calls but a first
+# reading skips: the other families' RMSNorm and rotary positions, the fast decode, generation for evaluation.
 # =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# The other families' pieces (the model above calls them where a config field asks): RMSNorm and rotary positions
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Llama, Mistral, Qwen), in fp32 as their reference code computes it."""
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def norm(config, dim):
+    return RMSNorm(dim, config.norm_eps) if config.norm == "rmsnorm" else nn.LayerNorm(dim, config.norm_eps,
+                                                                                          bias=config.bias)
+
+
+def rope_angles(config, pos, dtype):
+    """Rotary positions (Su et al. 2021): cos and sin (..., T, head_dim) of pos * theta^(-2i/d) for i < d/2, each
+    half repeated (the Hugging Face layout). Llama-3 slows the long wavelengths by `factor`, smoothly between two
+    cut-offs."""
+    d = config.head_size
+    freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=pos.device).float() / d)  # (d/2,)
+    if config.rope_scaling:
+        factor, low, high, old_len = config.rope_scaling
+        smooth = ((old_len * freq / (2 * math.pi) - low) / (high - low)).clamp(0, 1)  # 0: long wavelength, 1: short
+        freq = (1 - smooth) * freq / factor + smooth * freq
+    angles = pos.float()[..., None] * freq  # (..., T, d/2)
+    angles = torch.cat([angles, angles], -1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x, cos, sin):
+    """x (B, H, T, d) rotated by its positions' angles: pairs (x_i, x_{i + d/2}) turn like points in a plane."""
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+# -----------------------------------------------------------------------------
+# The fast decode (fast=True; --fast_decode), as gpt-fast does it: the same step on static shapes. The cache is made
+# once per model at a size rounded up to 64 slots and kept for the next rounds, the slot to write is a tensor, and
+# attention runs over the whole cache with the slots not written yet masked; so every step is the same computation
+# on the same shapes and the same memory, which torch.compile captures once (with CUDA graphs on a GPU) and replays.
+# The loops ask whether every row has ended every 8 steps instead of every step (each question waits for the GPU).
+DECODE_BACKEND = "inductor"  # torch.compile's backend for it
+
+
+def fast_decode(model, cache, token):
+    if token.is_cuda:  # each call its own replay of the model's graph, not one step of a long recorded sequence
+        torch.compiler.cudagraph_mark_step_begin()
+    logits = compiled_decode(token.device.type, DECODE_BACKEND)(model, cache, token)
+    return logits.clone()  # (a CUDA graph's output lives in memory that its next replay writes)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_decode(device_type, backend):
+    mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None  # CUDA graphs
+    return torch.compile(decode, backend=backend, mode=mode, dynamic=False)
+
+
+STATIC_CACHES = weakref.WeakKeyDictionary()  # model -> the static cache of its fast decode (gone with the model)
+
+
+def static_cache(model, batch_size, max_len, device):
+    """prefill's cache for the fast decode: the model's static cache (STATIC_CACHES), made once per shape at a size
+    rounded up to 64 slots and reused round after round, so that its tensors keep the addresses CUDA graphs are
+    recorded against; the keys and values left from the last round are masked until written again."""
+    max_len = -(-max_len // 64) * 64
+    kept = STATIC_CACHES.get(model)
+    if kept is None or kept["k"].device != device or \
+            (kept["k"].shape, kept["k"].dtype) != cache_layout(model, batch_size, max_len, device):
+        kept = STATIC_CACHES[model] = {**new_cache(model, batch_size, max_len, device),
+                                       "slot": torch.zeros(1, dtype=torch.long, device=device)}
+        for t in (kept["k"], kept["v"], kept["valid"], kept["slot"]):
+            torch._dynamo.mark_static_address(t)
+    kept["valid"].zero_()
+    return {"k": kept["k"], "v": kept["v"], "valid": kept["valid"], "len": 0}
+
+
+# -----------------------------------------------------------------------------
+# Generation for evaluation (the rollouts above sample on their own): generate() with temperature, top-k and top-p,
+# responses as text, and validation's measures
+
+
+def next_token_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """(B, V) logits -> (B, V) sampling distribution after temperature, top-k (0: off) and top-p (1: off)."""
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before this token already reaches top_p
+        probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=0, top_p=1.0, greedy=False,
+             generator=None, use_cache=True, pad_id=None, fast=False):
+    """Batched generation for prompts (list of token lists) of different lengths.
+    Returns (B, n) new tokens, n <= max_new_tokens: each row stops at its first EOS and is padded after it
+    (pad_id, default eos_id). eos_id None never stops (benchmarks). use_cache=False recomputes the whole prefix
+    every step (the reference the KV cache is tested against); fast: fast_decode."""
+    pad_id = (eos_id if eos_id is not None else 0) if pad_id is None else pad_id
+    device = next(model.parameters()).device
+    idx, valid = left_pad(prompts, pad_id, device)
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if idx.size(1) + max_new_tokens > model.config.block_size:
+        raise InputError(f"prompt ({idx.size(1)} tokens) + max_new_tokens ({max_new_tokens}) exceeds block_size "
+                         f"{model.config.block_size}")
+    if use_cache:
+        cache, logits = prefill(model, idx, valid, max_new_tokens, fast)
+    else:
+        logits = model(idx, valid=valid, last_only=True)[0][:, -1].float()
+    B = idx.size(0)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        probs = next_token_probs(logits, temperature, top_k, top_p)  # (B, V)
+        token = probs.argmax(-1) if greedy else sample(probs, generator)[:, 0]  # (B,)
+        out[:, t] = torch.where(done, pad_id, token)
+        if eos_id is not None:
+            done |= token == eos_id
+        if t == max_new_tokens - 1 or ((not fast or t % 8 == 7) and done.all()):  # (fast: every 8 steps)
+            break
+        if use_cache:
+            logits = (fast_decode if fast else decode)(model, cache, token)
+        else:
+            idx, valid = torch.cat([idx, token[:, None]], 1), torch.cat([valid, valid.new_ones(B, 1)], 1)
+            logits = model(idx, valid=valid, last_only=True)[0][:, -1].float()
+    return out[:, :t + 1]
+
+
+@torch.no_grad()
+def respond(model, enc, prompts, greedy=False, seed=0, max_new_tokens=96, batch_size=128, sigterm=False,
+            progress=None):
+    """One text response per prompt (token lists), cut at EOS: sampled at T = 1 (top-p 1) as the paper evaluates,
+    from a generator seeded with `seed`, or greedy. Batches of batch_size; after each, progress(responses so far)
+    if given, and with sigterm a SIGTERM stops it (raises Stopped)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    out = []
+    with evaluating(model):
+        for i in range(0, len(prompts), batch_size):
+            check_sigterm(sigterm)
+            batch = prompts[i:i + batch_size]
+            room = min(max_new_tokens, model.config.block_size - max(map(len, batch)))
+            for toks in generate(model, batch, room, enc.eot_token, greedy=greedy, generator=gen).tolist():
+                out.append(enc.decode(toks[:toks.index(enc.eot_token)] if enc.eot_token in toks else toks))
+            if progress:
+                progress(len(out))
+    return out
+
+
+@torch.no_grad()
+def reverse_kl_k3(student, teacher, prompts, args, generator):
+    """Eq. 1's KL[q || p] per response, estimated on pure student samples with k3 = p/q - 1 - log(p/q) per token.
+    Returns (mean over the prompts, mean response length)."""
+    with evaluating(student):
+        b = rollout(student, teacher, prompts, args.max_new_tokens, args.eos_id, 0.0, generator)
+    log_ratio = (b["logp"] - b["logq_old"]) * b["mask"]
+    k3 = (log_ratio.exp() - 1 - log_ratio) * b["mask"]
+    return k3.sum(1).mean().item(), b["mask"].sum(1).float().mean().item()
+
+
+@torch.no_grad()
+def validation_loss(model, pairs, batch_size, device, ctx, chunk=8192, sigterm=False):
+    """Token-weighted mean cross-entropy over the response tokens of every validation example. lm_head is applied
+    to the response tokens only, `chunk` at a time: with a 50,257-token vocabulary the (batch, length, V) logits
+    of a whole batch would take gigabytes. sigterm: a SIGTERM stops it between batches (raises Stopped)."""
+    total, count = 0.0, 0
+    with evaluating(model):
+        for i in range(0, len(pairs), batch_size):
+            check_sigterm(sigterm)
+            x, y = data.collate(pairs[i:i + batch_size], pad_id=0)
+            x, y = x.to(device), y.to(device)
+            with ctx:
+                h, _ = model(x, hidden=True)
+                h, y = h[y != -100], y[y != -100]  # (n, C), (n,): the response tokens
+                for j in range(0, len(y), chunk):
+                    logits = F.linear(h[j:j + chunk], model.head_weight()).float()
+                    total += F.cross_entropy(logits, y[j:j + chunk], reduction="sum").item()
+            count += len(y)
+    return total / max(count, 1)
+
+
+def validity(model, enc, rows, greedy=True, seed=0, batch_size=128, max_new_tokens=96, sigterm=False):
+    """The built-in task: the fraction of valid responses (data.is_valid) per family and 'all'; sampled as the paper
+    evaluates (T = 1, top-p 1) unless greedy. sigterm: a SIGTERM stops it between batches (raises Stopped)."""
+    _, prompts = data.encode_prompts(rows, enc, "builtin")
+    hits = {}
+    for r, text in zip(rows, respond(model, enc, prompts, greedy, seed, max_new_tokens, batch_size, sigterm)):
+        hits.setdefault(r["category"], []).append(data.is_valid(r, text))
+    scores = {f: sum(h) / len(h) for f, h in hits.items()}
+    scores["all"] = sum(sum(h) for h in hits.values()) / len(rows)
+    return scores
+
+# -----------------------------------------------------------------------------
+# Errors, stop signals, and where the time goes
 
 
 class InputError(Exception):
