@@ -381,11 +381,13 @@ def decode(model, cache, token):
     logits, _ = model(token[:, None], cache=cache, last_only=True)
     return logits[:, -1].float()
 
-def sample(probs, generator=None):
+def sample(probs, generator=None, u=None):
     """One token per row of probs (B, V) -> (B, 1): the first whose cumulative probability passes a uniform draw
-    (the distribution of torch.multinomial, 30x faster on a CPU). Never a token of probability 0."""
+    (the distribution of torch.multinomial, 30x faster on a CPU). Never a token of probability 0. u: the draws
+    (B, 1), if made by the caller."""
     cdf = probs.cumsum(-1)  # (B, V)
-    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=cdf.dtype)  # (B, 1) in [0, 1)
+    if u is None:
+        u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=cdf.dtype)  # in [0, 1)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # u * total < total: an index below V
 
 
@@ -397,12 +399,14 @@ def sample(probs, generator=None):
 
 
 @torch.no_grad()
-def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=None, fast=False):
+def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=None, fast=False, compact=True):
     """Samples one response per prompt from p_mix. Returns a dict of (B, n) tensors, n <= max_new_tokens:
     tokens (padded with eos_id after each row's EOS), mask (True on response tokens, EOS included, False after),
     logq_old = log q_old(y_t) (the student at rollout time), logp = log p(y_t), log_pmix = log p_mix(y_t);
     and prompt_idx, prompt_valid: the left-padded prompts (B, Tp). teacher None (with alpha 0): pure student samples
-    without running the teacher (on-policy distillation scores them later), logp = log q_old. fast: fast_decode."""
+    without running the teacher (on-policy distillation scores them later), logp = log q_old. fast: fast_decode.
+    compact: once half the rows still in the caches have ended, they are dropped from the caches, so that the models
+    step only rows still being written (the same samples: the draws are made for every row)."""
     device = next(student.parameters()).device
     if fast and teacher is student:  # (each model has one static cache)
         raise InputError("rollout(fast=True) needs a teacher other than the student")
@@ -411,19 +415,21 @@ def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=
     t_cache, t_logits = prefill(teacher, idx, valid, max_new_tokens, fast) if teacher is not None else (None, None)
     step = fast_decode if fast else decode
     B = idx.size(0)
+    compact = compact and not fast and not is_sharded(teacher)  # (a static cache keeps its shape, and a sharded
+    rows = torch.arange(B, device=device)  # the rows the caches hold    # teacher steps every process's rows together)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = []
     for t in range(max_new_tokens):
         if is_sharded(teacher) and done.all():  # the other processes' rows are not done, and it steps with them
-            token = torch.full((B, 1), eos_id, device=device)
+            token = picked = torch.full((B, 1), eos_id, device=device)
         else:
-            log_q = F.log_softmax(s_logits, -1)             # (B, V)
-            log_p = log_q if teacher is None else F.log_softmax(t_logits, -1)  # (B, V)
+            log_q = F.log_softmax(s_logits, -1)             # (b, V): the b rows in the caches
+            log_p = log_q if teacher is None else F.log_softmax(t_logits, -1)  # (b, V)
             p_mix = alpha * log_p.exp() + (1 - alpha) * log_q.exp()  # Eq. 4
-            token = sample(p_mix, generator)  # (B, 1)
-            live = ~done
-            steps.append((torch.where(live, token[:, 0], eos_id), live, log_q.gather(1, token)[:, 0],
-                          log_p.gather(1, token)[:, 0], p_mix.gather(1, token)[:, 0].log()))
+            picked = sample(p_mix, u=torch.rand(B, 1, generator=generator, device=device)[rows])  # (b, 1)
+            token = torch.full((B, 1), eos_id, device=device).index_copy_(0, rows, picked)  # (B, 1)
+            live, at = ~done, lambda x: torch.zeros(B, device=device).index_copy_(0, rows, x.gather(1, picked)[:, 0])
+            steps.append((torch.where(live, token[:, 0], eos_id), live, at(log_q), at(log_p), at(p_mix).log()))
             done |= token[:, 0] == eos_id
         if t == max_new_tokens - 1:
             break
@@ -433,8 +439,13 @@ def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=
                 dist.all_reduce(finished, op=dist.ReduceOp.MIN)
             if finished:
                 break
-        s_logits = step(student, s_cache, token[:, 0])
-        t_logits = step(teacher, t_cache, token[:, 0]) if teacher is not None else None
+        if compact and 2 * int((~done).sum()) <= rows.numel():  # half the rows have ended: drop them
+            keep = (~done[rows]).nonzero()[:, 0]
+            rows, picked = rows[keep], picked[keep]
+            s_cache, t_cache = (c and {**c, "k": c["k"][:, keep], "v": c["v"][:, keep], "valid": c["valid"][keep]}
+                                for c in (s_cache, t_cache))
+        s_logits = step(student, s_cache, picked[:, 0])
+        t_logits = step(teacher, t_cache, picked[:, 0]) if teacher is not None else None
     tokens, mask, logq_old, logp, log_pmix = (torch.stack(x, 1) for x in zip(*steps))  # (B, n) each
     zero = torch.zeros((), device=device)
     return {"prompt_idx": idx, "prompt_valid": valid, "tokens": tokens, "mask": mask,
@@ -874,9 +885,16 @@ def train(args):
 # the built-in student has never seen the plain-text stream, so its L_PT starts at 17 nats and swamps the objective,
 # and learning that stream in SFT (--lm_coef 1 there) cost the 0.033M student half its validity (README).
 DISTILL = dict(max_steps=600, lr=1e-3, min_lr=1e-4, lm_coef=0.0, eval_interval=100, log_interval=50)
+# Each distillation stage's own settings, chosen on validation by `python eval.py --sweep`: the same grid for every
+# method (lr 3e-4 / 1e-3 / 3e-3; for the methods that roll out, 1 or 4 passes over each round of 64 responses in
+# mini-batches of 64 or 32) on this budget, the test set never looked at (docs/results.md). A typed flag still wins.
+CHOSEN = {"kd": dict(lr=1e-3),
+          "on-policy": dict(lr=1e-3, rollout_size=64, ppo_epochs=1, batch_size=64),
+          "minillm": dict(lr=1e-3, rollout_size=64, ppo_epochs=1, batch_size=32)}
+PAPER = dict(ppo_epochs=4, batch_size=64, rollout_size=256)  # MiniLLM's settings in the paper, to say where ours differ
 PIPELINE_FLAGS = {  # typed flag -> the stages it applies to (other flags apply to every stage)
     "teacher_steps": ("teacher",), "student_steps": ("student-sft",), "model": ("student-sft",),
-    **{k: ("kd", "minillm") for k in DISTILL}}
+    **{k: ("kd", "on-policy", "minillm") for k in DISTILL}}
 
 
 def pipeline_stages(args):
@@ -886,12 +904,15 @@ def pipeline_stages(args):
     student = args.init or os.path.join(args.out, "student-sft", "best.pt")
     typed = {k: getattr(args, k) for k in args.typed}
     distill = {**DISTILL, **{k: v for k, v in typed.items() if k in DISTILL}, "teacher": teacher, "init": student}
+    chosen = {name: {k: v for k, v in c.items() if k not in typed} for name, c in CHOSEN.items()}
     stages = [("teacher", dict(method="sft", model="teacher", init=None, max_steps=args.teacher_steps, lr=2e-3,
                                min_lr=2e-4, lm_coef=0.0, eval_interval=500, log_interval=250)),
               ("student-sft", dict(method="sft", model=args.model, init=None, max_steps=args.student_steps, lr=1e-2,
                                    min_lr=1e-3, lm_coef=0.0, eval_interval=500, log_interval=250)),
-              ("kd", dict(method="kd", **distill)),
-              ("minillm", dict(method="minillm", **distill))]
+              ("kd", {"method": "kd", **distill, **chosen["kd"]}),  # (on-policy: its rounds, as if typed)
+              ("on-policy", {"method": "onpolicy", **distill, **chosen["on-policy"],
+                             "typed": sorted(set(args.typed) | set(chosen["on-policy"]))}),
+              ("minillm", {"method": "minillm", **distill, **chosen["minillm"]})]
     return [(name, s) for name, s in stages if not (name == "teacher" and args.teacher or
                                                      name == "student-sft" and args.init)]
 
@@ -899,22 +920,25 @@ def pipeline_stages(args):
 def pipeline(args):
     """`python minillm.py [--teacher CKPT] [--init CKPT] [--data ...]`: Algorithm 1 end to end, and the paper's
     comparison. Trains the teacher and the SFT student unless given (or reuses them from an earlier run in args.out;
-    on other data than the built-in task both must be given), distills the student with KD and with MiniLLM on the
-    same budget, and prints a table of the four."""
+    on other data than the built-in task both must be given), distills the student with KD, on-policy distillation
+    and MiniLLM on the same budget, and prints a table of the five."""
     t_all, times = time.time(), {}
     tokenizer = check_pipeline(args)
     stages = pipeline_stages(args)
     for name, settings in stages:
         folder = os.path.join(args.out, name)
         finished, t0 = os.path.isfile(os.path.join(folder, "last.pt")), time.time()
-        print(f"{name}: " + " ".join(f"--{k} {v}" for k, v in settings.items() if v is not None) + f" --out {folder}")
+        print(f"{name}: " + " ".join(f"--{k} {v}" for k, v in settings.items() if v is not None and k != "typed") +
+              f" --out {folder}")
+        if name == "minillm":
+            print(paper_difference(args, settings))
         # --resume: a finished stage is reused, an interrupted one goes on from its last checkpoint
         train(argparse.Namespace(**{**vars(args), **settings, "out": folder, "resume": True}))
         if not finished:
             times[name] = time.time() - t0
             print(f"{name}: trained in {times[name]:.0f}s")
     t_table = time.time()
-    print_comparison(args, tokenizer, dict(stages)["minillm"])
+    print_comparison(args, tokenizer, dict(stages))
     times["table"] = time.time() - t_table
     print(f"built-in pipeline: {time.time() - t_all:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) +
           ("" if len(times) > 1 else "; every stage reused") + ")")
@@ -2022,8 +2046,18 @@ def check_pipeline(args):
     return tokenizer
 
 
-def print_comparison(args, tokenizer, distill, seeds=(0, 1, 2)):
-    """The pipeline's table: teacher, SFT, KD and MiniLLM, each with its training steps and minutes, validation loss,
+def paper_difference(args, settings):
+    """The line that says where the pipeline's MiniLLM stage runs otherwise than the paper, and why."""
+    ours = {k: settings.get(k, getattr(args, k)) for k in PAPER}
+    diff = ", ".join(f"--{k} {ours[k]} (the paper: {v})" for k, v in PAPER.items() if ours[k] != v)
+    return (f"minillm: {diff or 'the paper settings'}, lr {settings.get('lr', args.lr):g}: rounds sized for a small "
+            "student on a CPU, the passes over each round, the mini-batch and the lr chosen on validation (python "
+            "eval.py --sweep, docs/results.md): at the paper's 4 passes the 0.033M student moves too far from the "
+            "q_old that sampled each round and falls below its SFT start")
+
+
+def print_comparison(args, tokenizer, stages, seeds=(0, 1, 2)):
+    """The pipeline's table: teacher, SFT, KD, on-policy distillation and MiniLLM, each with its training steps and minutes, validation loss,
     reverse KL to the teacher (k3 per response on its own samples of the validation prompts), and on the test
     prompts, greedy and sampled at T = 1 as the paper evaluates (mean over `seeds`, and ± their std): validity by
     family on the built-in task, Rouge-L on other data."""
@@ -2036,18 +2070,20 @@ def print_comparison(args, tokenizer, distill, seeds=(0, 1, 2)):
     val_pairs, _ = data.tokenize(splits["valid"], enc, template, args.max_length, args.max_prompt_length)
     _, val_prompts = data.encode_prompts(splits["valid"], enc, template, args.max_prompt_length)
     test_rows, test_prompts = data.encode_prompts(splits["test"], enc, template, args.max_prompt_length)
+    distill = stages["minillm"]
     teacher, _ = load_checkpoint(distill["teacher"], device)
     columns = data.FAMILIES if builtin else []
-    print(f"\nKD and MiniLLM: {distill['max_steps']} steps each from the SFT student, lr {distill['lr']}, batches "
-          f"of {args.batch_size} (MiniLLM: {args.rollout_size} rollouts a round, {args.ppo_epochs} epochs); best.pt by "
-          f"validation {'validity' if builtin else 'Rouge-L'}.\nval loss, val rkl: {len(val_pairs)} validation "
-          f"examples; {'validity' if builtin else 'Rouge-L'} on the {len(test_rows)} test prompts, greedy and sampled "
-          f"at T = 1 (mean of seeds {', '.join(map(str, seeds))}; all: ± their std)")
+    setting = lambda st: ", ".join(f"{k} {st.get(k, getattr(args, k)):g}" for k in ("lr", "batch_size") +
+                                   (("rollout_size", "ppo_epochs") if st["method"] != "kd" else ()))
+    print(f"\nKD, on-policy and MiniLLM: {distill['max_steps']} steps each from the SFT student (KD: "
+          f"{setting(stages['kd'])}; on-policy: {setting(stages['on-policy'])}; MiniLLM: {setting(distill)}); "
+          f"best.pt by validation {'validity' if builtin else 'Rouge-L'}.\nval loss, val rkl: {len(val_pairs)} "
+          f"validation examples; {'validity' if builtin else 'Rouge-L'} on the {len(test_rows)} test prompts, greedy "
+          f"and sampled at T = 1 (mean of seeds {', '.join(map(str, seeds))}; all: ± their std)")
     print(f"{'model':<9}{'decoding':>8}{'steps':>6}{'min':>5}{'val loss':>9}{'val rkl':>8}" +
           "".join(f"{f:>8}" for f in columns) + f"{'all' if builtin else 'Rouge-L':>13}")
     for label, path in (("teacher", distill["teacher"]), ("sft", distill["init"]),
-                        ("kd", os.path.join(args.out, "kd", "best.pt")),
-                        ("minillm", os.path.join(args.out, "minillm", "best.pt"))):
+                        *((name, os.path.join(args.out, name, "best.pt")) for name in ("kd", "on-policy", "minillm"))):
         model, ckpt = load_checkpoint(path, device)
         summary = run_summary(os.path.dirname(path))
         steps, minutes = (f"{summary[0]}", f"{summary[2] / 60:.1f}") if summary else ("-", "-")

@@ -475,22 +475,32 @@ def test_builtin_default_trains_then_reuses(tmp_path, monkeypatch, capsys):
             "--max_new_tokens", "24", "--batch_size", "16"]
     minillm.main(argv)
     first = capsys.readouterr().out
-    assert all(f"{stage}: trained" in first for stage in ("teacher", "student-sft", "kd", "minillm"))
+    assert all(f"{stage}: trained" in first for stage in ("teacher", "student-sft", "kd", "on-policy", "minillm"))
+    ours = {**minillm.CHOSEN["minillm"], "batch_size": 16, "rollout_size": 16}  # (the typed ones)
+    assert "minillm: " + ", ".join(f"--{k} {ours[k]} (the paper: {v})" for k, v in minillm.PAPER.items()
+                                   if ours[k] != v) + f", lr {ours['lr']:g}: " in first  # where it differs
     minillm.main(argv)
     second = capsys.readouterr().out
-    assert second.count(" has finished ") == 4 and "trained" not in second  # finished stages are reused
-    table = lambda out: out[out.index("KD and MiniLLM: "):out.index("built-in pipeline:")]
+    assert second.count(" has finished ") == 5 and "trained" not in second  # finished stages are reused
+    table = lambda out: out[out.index("KD, on-policy and MiniLLM: "):out.index("built-in pipeline:")]
     assert table(first) == table(second)
     rows = table(first).splitlines()[3:]
-    assert [r.split()[:2] for r in rows] == [[m, d] for m in ("teacher", "sft", "kd", "minillm")
+    assert [r.split()[:2] for r in rows] == [[m, d] for m in ("teacher", "sft", "kd", "on-policy", "minillm")
                                             for d in ("greedy", "sampled")]
-    assert [r.split()[2] for r in rows] == ["10", "10", "10", "10", "4", "4", "4", "4"]  # steps of each stage
+    assert [r.split()[2] for r in rows] == ["10"] * 4 + ["4"] * 6  # steps of each stage
     assert float(rows[0].split()[5]) == 0.0  # the teacher's reverse KL to itself
     assert all(r.split()[-2:-1] != [] for r in rows) and all(" ± " in r for r in rows[1::2])  # sampled: ± std
     # the typed --max_steps and --eval_interval reached KD and MiniLLM; the SFT stages kept the pipeline's
-    for stage, steps, interval in (("teacher", 10, 500), ("student-sft", 10, 500), ("kd", 4, 2), ("minillm", 4, 2)):
+    for stage, steps, interval in (("teacher", 10, 500), ("student-sft", 10, 500), ("kd", 4, 2), ("on-policy", 4, 2),
+                                   ("minillm", 4, 2)):
         args = minillm.read_checkpoint(str(tmp_path / "out" / stage / "last.pt"))["args"]
         assert (args["max_steps"], args["eval_interval"]) == (steps, interval), stage
+    # each distillation stage ran its chosen settings where nothing typed replaced them (--rollout_size and
+    # --batch_size were typed); on-policy distillation in rounds, as chosen
+    for stage in ("kd", "on-policy", "minillm"):
+        args = minillm.read_checkpoint(str(tmp_path / "out" / stage / "last.pt"))["args"]
+        want = {**minillm.CHOSEN[stage], "batch_size": 16, "rollout_size": 16}
+        assert all(args[k] == v for k, v in want.items() if k in minillm.CHOSEN[stage]), (stage, args)
     # python minillm.py --teacher CKPT: the pipeline with a given teacher trains the student and distills
     minillm.main(argv[:1] + [str(tmp_path / "given")] + argv[4:] +  # (--teacher_steps would be refused)
                  ["--teacher", str(tmp_path / "out" / "teacher" / "best.pt")])
@@ -792,6 +802,27 @@ def test_rollout_masks_and_tokens_after_eos_change_nothing():
     garbled = {**batch, "tokens": torch.where(mask, tokens, torch.randint(0, 4, tokens.shape))}
     with torch.no_grad():
         assert torch.allclose(loss_of(batch), loss_of(garbled))
+
+
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_a_compact_rollout_drops_ended_rows_and_samples_the_same(monkeypatch, with_teacher):
+    enc = data.get_encoding("builtin")
+    student = eos_teacher(enc, p_eos=0.3)  # (a model that ends its responses early)
+    teacher = tiny(vocab_size=enc.n_vocab, block_size=64, seed=1) if with_teacher else None
+    prompts = [[5 + i % 7] * (1 + i % 5) for i in range(24)]
+    widths = []
+    decode = minillm.decode
+    monkeypatch.setattr(minillm, "decode", lambda model, cache, token: widths.append(len(token)) or decode(
+        model, cache, token))
+    runs = [minillm.rollout(student, teacher, prompts, 24, enc.eot_token, 0.2 if teacher else 0.0,
+                            torch.Generator().manual_seed(4), compact=c) for c in (False, True)]
+    full, compact = widths[:len(widths) // 2], widths[len(widths) // 2:]
+    assert set(full) == {24} and min(compact) < 12 and len(compact) == len(full)  # ended rows were dropped
+    for key in ("tokens", "mask", "prompt_idx"):  # the same samples (the draws are made for every row) ...
+        assert torch.equal(runs[0][key], runs[1][key]), key
+    for key in ("logq_old", "logp", "log_pmix"):  # ... and the same log-probabilities, to rounding
+        assert torch.allclose(runs[0][key], runs[1][key], atol=1e-5), key
+    assert runs[1]["mask"].sum(1).min() < runs[1]["mask"].size(1)  # (some rows ended early)
 
 
 def test_minillm_steps_lower_the_reverse_kl(tmp_path, monkeypatch):
