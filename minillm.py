@@ -8,8 +8,7 @@ Language Models", ICLR 2024), in one file that reads top to bottom.
     python minillm.py --method sft --model teacher --out out/teacher          # supervised fine-tuning (stage 1)
     python minillm.py --method sft --model student --out out/student-sft
     python minillm.py --method minillm --teacher out/teacher/best.pt --init out/student-sft/best.pt --out out/minillm
-    python minillm.py --method kd --teacher out/teacher/best.pt --init out/student-sft/best.pt --out out/kd
-    python minillm.py --method seqkd --teacher out/teacher/best.pt --init out/student-sft/best.pt --out out/seqkd
+    python minillm.py --method kd|seqkd|onpolicy --teacher ... --init ... --out out/kd   # the baselines, the same loop
     torchrun --nproc_per_node=N minillm.py --method ...            # any method on N processes (DDP)
     python minillm.py ... --resume                                 # go on after a crash, SIGTERM or Ctrl-C, exactly
     python minillm.py --teacher Qwen/Qwen2.5-1.5B-Instruct --init Qwen/Qwen2.5-0.5B-Instruct --data dolly \
@@ -339,30 +338,11 @@ class GPT(nn.Module):
 # teacher-mixed sampling needs: p_mix = alpha * p + (1 - alpha) * q at every step.
 
 
-def cache_layout(model, batch_size, max_len, device):
-    """The shape (n_layer, B, H_kv, max_len, hd) and dtype of a model's keys and values."""
-    c = model.config
-    dtype = next(model.parameters()).dtype
-    if torch.is_autocast_enabled(device.type):  # (rollouts on a GPU: bf16 autocast, the cache in bf16 too)
-        dtype = torch.get_autocast_dtype(device.type)
-    return (c.n_layer, batch_size, c.kv_heads, max_len, c.head_size), dtype
-
-
 def new_cache(model, batch_size, max_len, device):
     """Per-layer keys and values (n_layer, B, H_kv, max_len, hd), which slots hold real tokens, and the fill level."""
     shape, dtype = cache_layout(model, batch_size, max_len, device)
     return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device),
             "valid": torch.zeros(batch_size, max_len, dtype=torch.bool, device=device), "len": 0}
-
-
-def left_pad(prompts, pad_id, device):
-    """List of token lists -> idx (B, T) left-padded, valid (B, T) bool, so that every row ends at column T-1."""
-    T = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(prompts), T, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        idx[i, T - len(p):], valid[i, T - len(p):] = torch.tensor(p), True
-    return idx.to(device), valid.to(device)
 
 
 def prefill(model, idx, valid, max_new_tokens, fast=False):
@@ -402,11 +382,10 @@ def sample(probs, generator=None, u=None):
 def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=None, fast=False, compact=True):
     """Samples one response per prompt from p_mix. Returns a dict of (B, n) tensors, n <= max_new_tokens:
     tokens (padded with eos_id after each row's EOS), mask (True on response tokens, EOS included, False after),
-    logq_old = log q_old(y_t) (the student at rollout time), logp = log p(y_t), log_pmix = log p_mix(y_t);
-    and prompt_idx, prompt_valid: the left-padded prompts (B, Tp). teacher None (with alpha 0): pure student samples
-    without running the teacher (on-policy distillation scores them later), logp = log q_old. fast: fast_decode.
-    compact: once half the rows still in the caches have ended, they are dropped from the caches, so that the models
-    step only rows still being written (the same samples: the draws are made for every row)."""
+    logq_old = log q_old(y_t) (the student at rollout time), logp = log p(y_t), log_pmix = log p_mix(y_t); and
+    prompt_idx, prompt_valid: the left-padded prompts (B, Tp). teacher None (alpha 0): pure student samples, logp =
+    log q_old (on-policy distillation scores them later). fast: fast_decode. compact: rows that ended leave the
+    caches once they are half of them (the same samples: the draws are made for every row)."""
     device = next(student.parameters()).device
     if fast and teacher is student:  # (each model has one static cache)
         raise InputError("rollout(fast=True) needs a teacher other than the student")
@@ -554,8 +533,7 @@ def reverse_kl_tokens(student, teacher, batch, args, ctx):
             logits_q = response_logits(student, batch)  # (b, n, V)
             with torch.no_grad(), timed("teacher"):
                 logits_p = response_logits(teacher, batch)
-        # the fused kernel, in one pass: KL(q_theta(.|y_<t) || p(.|y_<t)) over the vocabulary (Eq. 3), log q_theta(y_t)
-        kl, logq, _ = kernels.reverse_kl(logits_q, logits_p, targets)
+        kl, logq, _ = kernels.reverse_kl(logits_q, logits_p, targets)  # the fused kernel, in one pass
     return kl, logq
 
 
@@ -648,13 +626,11 @@ def onpolicy_loss(student, teacher, batch, args, ctx):
 
 
 def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, state=None, ctx=nullcontext()):
-    """Endless mini-batches for MiniLLM. Each round rolls out one response from p_mix for each of args.rollout_size
-    training prompts with the student of now (q_old), scores the round once (score_round), and then yields
-    ppo_epochs passes over it in shuffled mini-batches of args.batch_size. Under torchrun each of the `world`
-    processes makes 1/world of the round and of each mini-batch, from its own prompts and samples. `state` (a dict,
-    kept up to date) holds the round, its mini-batches still to come and the random generators: saved in a
-    checkpoint, it lets a resumed run go on exactly here; state["samples"] counts the responses this process rolled
-    out. ctx: the training's autocast (bf16 on a GPU), in which the rollouts run too."""
+    """Endless mini-batches for MiniLLM (and on-policy distillation). Each round rolls out one response from p_mix
+    for each of args.rollout_size training prompts with the student of now (q_old), scores the round once, and yields
+    ppo_epochs passes over it in shuffled mini-batches of args.batch_size; under torchrun each process makes 1/world
+    of both. `state` (kept up to date; saved in a checkpoint, so that a resumed run goes on exactly here): the round,
+    its mini-batches to come, the random generators, and the responses rolled out. ctx: the training's autocast."""
     seed, size, batch_size = args.seed + rank, args.rollout_size // world, max(1, args.batch_size // world)
     rng, gen = random.Random(seed), torch.Generator(device=device).manual_seed(seed)  # prompts, sampling
     shuffle = torch.Generator().manual_seed(seed)  # mini-batch order
@@ -678,8 +654,7 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
         yield {k: v[rows] for k, v in state["round"].items()}
 
 # -----------------------------------------------------------------------------
-# Validation: the numbers that choose best.pt and that the log follows (their measures: reverse_kl_k3, the loss
-# and the validity, below main())
+# Validation: the numbers that choose best.pt and that the log follows (their measures are below main())
 
 
 def validate(student, teacher, val, args, ctx):
@@ -881,16 +856,13 @@ def train(args):
 # Algorithm 1 end to end: the built-in pipeline, and the paper's comparison. Each stage's settings where they differ
 # between stages; any other flag applies to every stage, and a typed flag wins where it applies (PIPELINE_FLAGS).
 # Peak learning rates: for the student, 1e-2 beat 3e-3 and 3e-2 (validation loss after 15,000 steps). The
-# distillation stages run L_PT off (the paper's "without L_PT" ablation, which left its instruction scores flat):
-# the built-in student has never seen the plain-text stream, so its L_PT starts at 17 nats and swamps the objective,
-# and learning that stream in SFT (--lm_coef 1 there) cost the 0.033M student half its validity (README).
+# distillation stages run L_PT off: the built-in student never learned the plain-text stream, and teaching it costs
+# the 0.033M student its task at every weight (docs/results.md); the paper's "without L_PT" row.
 DISTILL = dict(max_steps=600, lr=1e-3, min_lr=1e-4, lm_coef=0.0, eval_interval=100, log_interval=50)
-# Each distillation stage's own settings, chosen on validation by `python eval.py --sweep` from the same grid for
-# every method (lr 3e-4 / 1e-3 / 3e-3; for the methods that roll out, 1 or 4 passes over each round of 64 responses
-# in mini-batches of 64 or 32) on this budget, the test set never looked at (docs/results.md). The rollout methods
-# take their best setting in mini-batches of 32: their best in 64 (1 pass, lr 1e-3 for both; 35.2% and 34.8% against
-# 33.8% and 33.2% validation validity, one seed) costs twice as much a step and would not fit the first run in 15
-# minutes. A typed flag still wins.
+# Each distillation stage's own settings, chosen on validation by `python eval.py --sweep` (the same grid for every
+# method, this budget, the test set never looked at; docs/results.md): the rollout methods' best in mini-batches of
+# 32, since their best in 64 (35.2% and 34.8% against 33.8% and 33.2%, one seed) costs twice as much a step and would
+# not fit the first run in 15 minutes. On the built-in task only; a typed flag still wins.
 CHOSEN = {"kd": dict(lr=3e-4),
           "on-policy": dict(lr=1e-3, rollout_size=64, ppo_epochs=1, batch_size=32),
           "minillm": dict(lr=3e-3, rollout_size=64, ppo_epochs=1, batch_size=32)}
@@ -907,7 +879,8 @@ def pipeline_stages(args):
     student = args.init or os.path.join(args.out, "student-sft", "best.pt")
     typed = {k: getattr(args, k) for k in args.typed}
     distill = {**DISTILL, **{k: v for k, v in typed.items() if k in DISTILL}, "teacher": teacher, "init": student}
-    chosen = {name: {k: v for k, v in c.items() if k not in typed} for name, c in CHOSEN.items()}
+    chosen = {name: {k: v for k, v in c.items() if k not in typed and args.data == "builtin"}  # (the built-in task's)
+              for name, c in CHOSEN.items()}
     stages = [("teacher", dict(method="sft", model="teacher", init=None, max_steps=args.teacher_steps, lr=2e-3,
                                min_lr=2e-4, lm_coef=0.0, eval_interval=500, log_interval=250)),
               ("student-sft", dict(method="sft", model=args.model, init=None, max_steps=args.student_steps, lr=1e-2,
@@ -1036,6 +1009,15 @@ def compiled_decode(device_type, backend):
     return torch.compile(decode, backend=backend, mode=mode, dynamic=False)
 
 
+def cache_layout(model, batch_size, max_len, device):
+    """The shape (n_layer, B, H_kv, max_len, hd) and dtype of a model's keys and values."""
+    c = model.config
+    dtype = next(model.parameters()).dtype
+    if torch.is_autocast_enabled(device.type):  # (rollouts on a GPU: bf16 autocast, the cache in bf16 too)
+        dtype = torch.get_autocast_dtype(device.type)
+    return (c.n_layer, batch_size, c.kv_heads, max_len, c.head_size), dtype
+
+
 STATIC_CACHES = weakref.WeakKeyDictionary()  # model -> the static cache of its fast decode (gone with the model)
 
 
@@ -1056,8 +1038,18 @@ def static_cache(model, batch_size, max_len, device):
 
 
 # -----------------------------------------------------------------------------
-# Generation for evaluation (the rollouts above sample on their own): generate() with temperature, top-k and top-p,
-# responses as text, and validation's measures
+# Generation for evaluation (the rollouts above sample on their own): left padding (the rollouts' too), generate()
+# with temperature, top-k and top-p, responses as text, and validation's measures
+
+
+def left_pad(prompts, pad_id, device):
+    """List of token lists -> idx (B, T) left-padded, valid (B, T) bool, so that every row ends at column T-1."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):], valid[i, T - len(p):] = torch.tensor(p), True
+    return idx.to(device), valid.to(device)
 
 
 def next_token_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
@@ -2054,10 +2046,14 @@ def paper_difference(args, settings):
     ours = {k: settings.get(k, getattr(args, k)) for k in PAPER}
     diff = ", ".join(f"--{k} {ours[k]} (the paper: {v})" for k, v in PAPER.items() if ours[k] != v)
     typed = [f"--{k}" for k in ("lr", *PAPER) if k in args.typed]
-    why = f"as typed ({', '.join(typed)})" if typed else (
-        "chosen on validation (python eval.py --sweep; docs/results.md) among settings that fit this run in 15 "
-        "minutes; with the paper's 4 passes over each round the 0.033M student moves too far from the q_old that "
-        "sampled it and falls below its SFT start")
+    if typed:
+        why = f"as typed ({', '.join(typed)})"
+    elif args.data != "builtin":
+        why = "the pipeline's defaults (CHOSEN is the built-in task's: type --lr, --ppo_epochs, --batch_size for yours)"
+    else:
+        why = ("chosen on validation (python eval.py --sweep; docs/results.md) among settings that fit this run in 15 "
+               "minutes; with the paper's 4 passes over each round the 0.033M student moves too far from the q_old "
+               "that sampled it and falls below its SFT start")
     return f"minillm: {diff or 'as the paper'}, lr {settings.get('lr', args.lr):g}: {why}"
 
 
@@ -2124,8 +2120,8 @@ def std(xs):
 def arg_parser():
     """The command line's flags, in groups (--help shows them so, and so does the run's settings block)."""
     ap = argparse.ArgumentParser(description="MiniLLM distillation (see the docstring of minillm.py)", epilog=(
-        "Without --method: the pipeline (teacher, SFT student, then KD and MiniLLM on the same budget, and their "
-        "table; on other --data, give the teacher and the SFT student). A flag applies to every stage it means "
+        "Without --method: the pipeline (teacher, SFT student, then KD, on-policy distillation and MiniLLM on the "
+        "same budget, and their table; on other --data, give the teacher and the SFT student). A flag applies to every stage it means "
         "something for; those marked 'pipeline:' set the stage they name, and a typed flag always wins over the "
         "pipeline's own setting."))
     # what to run
@@ -2160,7 +2156,7 @@ def arg_parser():
     # MiniLLM (MINILLM_OPTIONS)
     g = ap.add_argument_group("MiniLLM")  # (MINILLM_OPTIONS, RECIPES)
     for name, (paper, default, meaning) in MINILLM_OPTIONS.items():
-        pipeline = f"; pipeline: KD and MiniLLM's, default {DISTILL[name]:g}" if name in DISTILL else ""
+        pipeline = f"; pipeline: the distillation stages', default {DISTILL[name]:g}" if name in DISTILL else ""
         if isinstance(paper, bool):  # on by default: --no_NAME turns it off; off by default: --NAME turns it on
             g.add_argument(f"--no_{name}" if default else f"--{name}", dest=name, default=default,
                             action="store_false" if default else "store_true",
@@ -2192,13 +2188,13 @@ def arg_parser():
     # optimization
     g = ap.add_argument_group("optimization")
     g.add_argument("--max_steps", type=int, default=2000,
-                    help=f"training steps (pipeline: KD and MiniLLM, default {DISTILL['max_steps']} each)")
+                    help=f"training steps (pipeline: each distillation stage's, default {DISTILL['max_steps']})")
     g.add_argument("--max_minutes", type=float, default=0, help="also stop after this much wall-clock time (0: off)")
     g.add_argument("--patience", type=int, default=0,
                     help="also stop after this many evaluations without a better validation score (0: off)")
     g.add_argument("--batch_size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (pipeline: KD and MiniLLM's; the "
-                                                           "SFT stages use their own)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (pipeline: the distillation stages' "
+                                                           "instead of their CHOSEN; the SFT stages use their own)")
     g.add_argument("--min_lr", type=float, default=1e-4,
                     help="learning rate at the end of the cosine decay (pipeline: as --lr)")
     g.add_argument("--warmup_steps", type=int, default=100)
@@ -2209,14 +2205,14 @@ def arg_parser():
                     help="stop after this many optimizer steps in a row skipped for a non-finite loss or gradient")
     # the built-in pipeline (no --method): its stages' own settings are DISTILL and pipeline_stages(); any flag
     # applies to every stage it means something for, and --max_steps, --lr, --min_lr, --lm_coef, --eval_interval and
-    # --log_interval, when typed, set the KD and MiniLLM stages (the SFT stages keep the pipeline's)
+    # --log_interval, when typed, set the distillation stages (the SFT stages keep the pipeline's)
     g = ap.add_argument_group("the built-in pipeline (no --method)")
     g.add_argument("--teacher_steps", type=int, default=6000, help="pipeline: the teacher's SFT steps")
     g.add_argument("--student_steps", type=int, default=10000, help="pipeline: the student's SFT steps")
     # bookkeeping
     g = ap.add_argument_group("bookkeeping")
     g.add_argument("--eval_interval", type=int, default=500,
-                    help="steps between validations (pipeline: KD and MiniLLM's, default 100)")
+                    help="steps between validations (pipeline: the distillation stages', default 100)")
     g.add_argument("--log_interval", type=int, default=250, help="steps between log lines (pipeline: as above, 50)")
     g.add_argument("--save_interval", type=int,
                     help="steps between the checkpoints that --resume goes on from (default: --eval_interval)")

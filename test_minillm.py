@@ -2073,7 +2073,8 @@ def test_what_a_run_says_and_what_it_leaves(tmp_path, monkeypatch, capsys):
 
 def test_the_pipeline_on_your_own_data(tmp_path, monkeypatch, capsys):
     """python minillm.py --data mine.jsonl: says in one line what it needs without --teacher and --init; with them,
-    runs KD and MiniLLM from the student and prints the comparison with Rouge-L."""
+    runs the three distillation stages from the student (the settings chosen for the built-in task left out) and
+    prints the comparison with Rouge-L."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(kernels, "USE_TRITON", False)
     enc = data.get_encoding("builtin")
@@ -2092,9 +2093,13 @@ def test_the_pipeline_on_your_own_data(tmp_path, monkeypatch, capsys):
     minillm.main(argv + ["--teacher", "teacher.pt", "--init", "student.pt"])
     out = capsys.readouterr().out
     assert "kd: trained" in out and "minillm: trained" in out and "Rouge-L on the 10 test prompts" in out
-    rows = out[out.index("KD and MiniLLM: "):].splitlines()[3:11]
-    assert [r.split()[:2] for r in rows] == [[m, d] for m in ("teacher", "sft", "kd", "minillm")
+    assert "minillm: --batch_size 8 (the paper: 64), --rollout_size 8 (the paper: 256), lr 0.001: as typed " \
+           "(--batch_size, --rollout_size)" in out  # (the built-in task's lr 3e-3 and one pass not taken)
+    rows = out[out.index("KD, on-policy and MiniLLM: "):].splitlines()[3:13]
+    assert [r.split()[:2] for r in rows] == [[m, d] for m in ("teacher", "sft", "kd", "on-policy", "minillm")
                                             for d in ("greedy", "sampled")]
+    for stage in ("kd", "on-policy", "minillm"):  # the pipeline's lr, not the built-in task's CHOSEN
+        assert minillm.read_checkpoint(str(tmp_path / "out" / stage / "last.pt"))["args"]["lr"] == 1e-3
     assert json.load(open(tmp_path / "out" / "kd" / "hf" / "config.json"))["minillm_data"] == "mine.jsonl"
 
 
