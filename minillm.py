@@ -669,8 +669,8 @@ def validate(student, teacher, val, args, ctx):
     try:
         metrics = {"loss": validation_loss(student, val["pairs"], 64, device, ctx, sigterm=sigterm)}
         if "pt" in val:  # the loss on held-out pretraining text, which L_PT is there to keep
-            with torch.no_grad(), evaluating(student):
-                metrics["pt_loss"] = token_loss(student, None, *(t.to(device) for t in val["pt"]), 0.0, ctx)[0].item()
+            with torch.no_grad(), evaluating(student), ctx:
+                metrics["pt_loss"] = student(*(t.to(device) for t in val["pt"]))[1].item()  # (its mean CE)
         if teacher is not None:
             metrics["rkl"], _ = reverse_kl_k3(student, teacher, val["prompts"][:64], args,
                                               torch.Generator(device).manual_seed(0))
