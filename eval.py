@@ -792,8 +792,8 @@ def sweep(args):
                     continue
                 bests.append(best_validation(train_run(f"{row} ({name})", flags, folder, seed, args)))
                 record.setdefault(row, {}).setdefault(name, {})[str(seed)] = list(bests[-1])
-                save_record(record, os.path.join(args.out, "sweep.json"))
             scores[name] = (sum(v for v, _ in bests) / len(bests), bests)
+        save_record({row: record[row]}, os.path.join(args.out, "sweep.json"))  # (what chose, --sweep_record's too)
         chosen[row] = max(scores, key=lambda n: scores[n][0])  # (a tie: the first in the grid's order)
         for name, (mean, bests) in scores.items():
             mark = "**" if name == chosen[row] else ""

@@ -1760,8 +1760,12 @@ def set_method_defaults(args):
         args.lm_coef = 1.0 if args.method == "minillm" else 0.0
     if args.pt_data is None and args.data == "builtin":
         args.pt_data = "builtin"
+    typed = getattr(args, "typed", ())
+    if args.method == "minillm" and args.lm_coef and args.pt_data == "builtin" and "lm_coef" not in typed:
+        notes.append(f"--lm_coef {args.lm_coef:g} (the paper's L_PT) on the built-in text, which the built-in student "
+                     "never learned: it costs validity there at every weight (docs/results.md); the pipeline runs "
+                     "--lm_coef 0")
     if args.method == "onpolicy":  # on-policy distillation: fresh samples every step, unless rounds are typed
-        typed = getattr(args, "typed", ())
         args.rollout_size = args.rollout_size if "rollout_size" in typed else args.batch_size
         args.ppo_epochs = args.ppo_epochs if "ppo_epochs" in typed else 1
     return notes

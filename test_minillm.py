@@ -1228,6 +1228,7 @@ def test_the_sweep_chooses_on_validation_then_runs_the_test_set(tmp_path, monkey
     assert [r["label"] for r in json.load(open(tmp_path / "sw2" / "results.json"))][2:] == [
         "kd, lr 1e-4 [reference]", "kd, lr 3e-2 [selected]"]
     assert "| kd | **lr 3e-2** | 24.0 | 27.0 | **25.5** | 1, 2 |" in open(tmp_path / "sw2" / "sweep.md").read()
+    assert json.load(open(tmp_path / "sw2" / "sweep.json")) == {"kd": record["kd"]}  # (the record's scores chose)
     with pytest.raises(SystemExit, match="not a row of the sweep"):
         ev.main(argv + ["--rows", "nope"])
 
@@ -1902,8 +1903,11 @@ def test_recipe_switches_default_from_the_recipe_and_a_typed_one_wins():
     assert minillm.get_args(["--whiten"]).whiten is True
     for recipe, kd_ratio in (("paper", 0.0), ("official", 0.5)):  # L_PT: the official 0.5 LM + 0.5 soft CE
         args = minillm.get_args(["--method", "minillm", "--recipe", recipe])
-        minillm.set_method_defaults(args)
-        assert args.kd_ratio == kd_ratio
+        notes = minillm.set_method_defaults(args)
+        assert args.kd_ratio == kd_ratio and args.lm_coef == 1
+        assert any(n.startswith("--lm_coef 1 (the paper's L_PT) on the built-in text") for n in notes)  # (said once)
+    for typed in (["--lm_coef", "1"], ["--data", "dolly", "--pt_data", "openwebtext"]):  # chosen: nothing to say
+        assert not minillm.set_method_defaults(minillm.get_args(["--method", "minillm"] + typed))
 
 
 def test_rollout_batches_advantages_and_the_official_whitening():
