@@ -2062,10 +2062,10 @@ def paper_difference(args, settings):
 
 
 def print_comparison(args, tokenizer, stages, seeds=(0, 1, 2)):
-    """The pipeline's table: teacher, SFT, KD, on-policy distillation and MiniLLM, each with its training steps and minutes, validation loss,
-    reverse KL to the teacher (k3 per response on its own samples of the validation prompts), and on the test
-    prompts, greedy and sampled at T = 1 as the paper evaluates (mean over `seeds`, and ± their std): validity by
-    family on the built-in task, Rouge-L on other data."""
+    """The pipeline's table: teacher, SFT, KD, on-policy distillation and MiniLLM, each with its training steps and
+    minutes, validation loss, reverse KL to the teacher (k3 per response on its own samples of the validation
+    prompts), and on the test prompts, greedy and sampled at T = 1 as the paper evaluates (mean over `seeds`, and ±
+    their std): validity by family on the built-in task, Rouge-L on other data."""
     device = pick_device(args.device)
     enc = data.get_encoding(tokenizer)
     args.eos_id = enc.eot_token
@@ -2125,9 +2125,9 @@ def arg_parser():
     """The command line's flags, in groups (--help shows them so, and so does the run's settings block)."""
     ap = argparse.ArgumentParser(description="MiniLLM distillation (see the docstring of minillm.py)", epilog=(
         "Without --method: the pipeline (teacher, SFT student, then KD, on-policy distillation and MiniLLM on the "
-        "same budget, and their table; on other --data, give the teacher and the SFT student). A flag applies to every stage it means "
-        "something for; those marked 'pipeline:' set the stage they name, and a typed flag always wins over the "
-        "pipeline's own setting."))
+        "same budget, and their table; on other --data, give the teacher and the SFT student). A flag applies to "
+        "every stage it means something for; those marked 'pipeline:' set the stage they name, and a typed flag "
+        "always wins over the pipeline's own setting."))
     # what to run
     g = ap.add_argument_group("what to run")
     g.add_argument("--method", choices=["sft", "kd", "seqkd", "onpolicy", "minillm"],
