@@ -278,6 +278,59 @@ def reverse_kl_chunked(student_hidden, student_head, teacher_hidden, teacher_hea
     return tuple(torch.cat(o).view(targets.shape) for o in zip(*outs))
 
 # -----------------------------------------------------------------------------
+# The name `kernels`, shared with Hugging Face
+#
+# Hugging Face publishes a package of its own named `kernels`, which transformers (5.25 and later) imports with
+# `from kernels import CUDAProperties, ...`. From this folder, and in any process that imported minillm, that name
+# is this file, which has none of those names. So that transformers still works beside minillm, a name this file
+# does not define is looked up in Hugging Face's package, found on sys.path past this folder and loaded once; this
+# file keeps the name. Where that package is not installed, a missing name is the usual AttributeError.
+
+_hub = None  # Hugging Face's `kernels` package, once something asked this module for a name it does not define
+
+
+def __getattr__(name):  # (PEP 562: Python calls this only for a name the module does not define)
+    if name.startswith("__"):  # (dunder probes such as __path__ never load the other package)
+        raise AttributeError(name)
+    hub = _hugging_face_kernels()
+    if hub is None:
+        raise AttributeError(f"module {__name__!r} ({__file__}) has no attribute {name!r}")
+    return getattr(hub, name)
+
+
+def _hugging_face_kernels():
+    global _hub
+    if _hub is None:
+        import importlib.machinery
+        import importlib.util
+        import sys
+        here = os.path.dirname(os.path.realpath(__file__))
+        spec = importlib.machinery.PathFinder.find_spec(
+            "kernels", [p for p in sys.path if os.path.realpath(p or os.curdir) != here])
+        if spec is None or spec.submodule_search_locations is None:
+            return None  # not installed (or only another lone kernels.py)
+        hub, ours = importlib.util.module_from_spec(spec), sys.modules.get("kernels")
+        sys.modules["kernels"] = hub  # while it loads: its own modules import it by that name
+        try:
+            spec.loader.exec_module(hub)
+        except Exception as e:
+            for loaded in [m for m in sys.modules if m.startswith("kernels.")]:
+                del sys.modules[loaded]
+            raise ImportError(
+                f"{__file__} (minillm's Triton kernel) answers to the name `kernels` here, and Hugging Face's "
+                f"`kernels` package, which transformers asked for, failed to load beside it "
+                f"({type(e).__name__}: {e}); fix: `pip uninstall kernels` (transformers then runs without Hub "
+                f"kernels), or use transformers in a process that does not import minillm, started outside "
+                f"{here}") from None
+        finally:
+            if ours is None:
+                sys.modules.pop("kernels", None)
+            else:
+                sys.modules["kernels"] = ours
+        _hub = hub
+    return _hub
+
+# -----------------------------------------------------------------------------
 # Benchmark
 
 

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import unicodedata
 from contextlib import nullcontext
@@ -1247,43 +1248,192 @@ def test_eval_on_a_local_jsonl_file(tmp_path, capsys):
     assert "| student |" in capsys.readouterr().out
 
 # -----------------------------------------------------------------------------
+# transformers, the reference of the Hugging Face tests, in a process of its own
+#
+# Hugging Face publishes a package named `kernels`, which transformers (5.25 and later) imports; in this process that
+# name is our kernels.py (which lends transformers the other package's names: tested below, as users meet it). So
+# that no comparison with transformers depends on which module answers to the name, transformers runs in one child
+# process for the whole session, started in a temporary folder with `python -P` (nothing of this folder on its path).
+# A test sends it code and inputs (its variables); the code leaves what the test compares in `result`.
+
+HF_WORKER = r"""
+import contextlib, json, sys, traceback
+import torch, transformers
+shared = {"torch": torch, "transformers": transformers}
+exec(sys.argv[1], shared)  # HF_MODELS
+for line in sys.stdin:
+    job = json.loads(line)
+    scope = dict(shared, **torch.load(job["inputs"], weights_only=True))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            exec(job["code"], scope)
+        torch.save(scope.get("result"), job["inputs"] + ".out")
+        print(json.dumps({"ok": True}), flush=True)
+    except Exception:
+        print(json.dumps({"ok": False, "error": traceback.format_exc()}), flush=True)
+"""
+
+HF_MODELS = r"""
+def gpt2(seed=0, vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=2):
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head)).eval()
+
+def family(name, vocab_size=101, seed=0):
+    # a tiny random model of a family, with grouped-query attention and rope scaling where it has them
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                 initializer_range=0.3)  # (weights large enough that every part moves the logits)
+    made = {
+        "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}, rope_theta=500000.0, tie_word_embeddings=True)),
+        "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, rope_theta=1e6)),
+        "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**shape, head_dim=16,
+                                                                               tie_word_embeddings=True)),
+        "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**shape, sliding_window=64)),
+        "opt": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=vocab_size, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, word_embed_proj_dim=32, dropout=0.0, init_std=0.3)),
+    }[name]()
+    with torch.no_grad():  # (transformers initializes biases and norms to 0 and 1: made random, so they count)
+        for n, p in made.named_parameters():
+            if n.endswith(("bias", "norm.weight", "layernorm.weight", "layer_norm.weight")):
+                p.add_(torch.randn_like(p) * 0.5)
+    return made.eval()
+
+def greedy(model, x, n):  # transformers' greedy decoding: the n tokens after x (B, T) -> (B, n)
+    return model.generate(x, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)[:, x.size(1):]
+"""
+
+
+@pytest.fixture(scope="session")
+def hf(tmp_path_factory):
+    """hf(code, **inputs): runs `code` in the transformers process with `inputs` as its variables; returns `result`."""
+    folder = tmp_path_factory.mktemp("transformers")
+    env = {**{k: v for k, v in USER_ENV.items() if k != "PYTHONPATH"}, "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-P", "-c", HF_WORKER, HF_MODELS], cwd=folder, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    jobs = iter(range(10 ** 6))
+
+    def run(code, **inputs):
+        path = str(folder / f"job-{next(jobs)}.pt")
+        torch.save(inputs, path)
+        worker.stdin.write(json.dumps({"code": textwrap.dedent(code), "inputs": path}) + "\n")
+        worker.stdin.flush()
+        reply = worker.stdout.readline()
+        assert reply, f"the transformers process ended (exit code {worker.wait()}); its errors are above"
+        reply = json.loads(reply)
+        assert reply["ok"], "in the transformers process:\n" + reply["error"]
+        return torch.load(path + ".out", weights_only=True)
+    yield run
+    worker.stdin.close()
+    worker.wait(timeout=60)
+
+
+def test_the_transformers_process_loads_hugging_faces_kernels_package_not_ours(hf):
+    origin = hf("import importlib.util; spec = importlib.util.find_spec('kernels'); "
+                "result = spec and spec.origin; import transformers.integrations.hub_kernels")
+    assert origin is None or os.path.dirname(os.path.realpath(origin)) != HERE, origin
+
+
+def test_transformers_reads_an_export_in_a_process_that_imported_minillm(tmp_path):
+    """As users meet it: one process started from this folder imports minillm, then transformers loads an export
+    (transformers >= 5.25 imports Hugging Face's `kernels` package, whose name our kernels.py holds there); the
+    logits are ours, and minillm's kernel still answers to the name `kernels`."""
+    ours = tiny(vocab_size=97, block_size=64, seed=3)
+    minillm.save_pretrained(ours, str(tmp_path / "export"), 96)
+    x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    script = ("import sys, torch, minillm, transformers\n"
+              "hf = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+              "with torch.no_grad():\n"
+              "    torch.save(hf(torch.load(sys.argv[2])).logits, sys.argv[3])\n"
+              "import kernels\n"
+              "assert kernels is minillm.kernels and kernels.reverse_kl is minillm.kernels.reverse_kl\n"
+              "print('Hugging Face kernels:', minillm.kernels._hub)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "export"), str(tmp_path / "x.pt"),
+                           str(tmp_path / "logits.pt")], cwd=HERE, env={**USER_ENV, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with torch.no_grad():
+        assert_close(torch.load(tmp_path / "logits.pt"), ours(x)[0], 1e-5, "transformers' logits beside minillm")
+
+
+def test_kernels_py_lends_transformers_the_names_of_hugging_faces_package(tmp_path):
+    """A stand-in for Hugging Face's `kernels` package (whose modules import it by that name, as the real one's do),
+    on the path past this folder of a process where our kernels.py holds the name: `from kernels import
+    CUDAProperties` finds it and the name stays ours; a package that fails to load stops with one line that names
+    the clash and the fix; with no such package, a missing name is an AttributeError."""
+    for name, init in (("good", "from kernels._internals.layer import CUDAProperties\n"),
+                       ("broken", "raise OSError('libkernels.so: cannot open shared object file')\n")):
+        (tmp_path / name / "kernels" / "_internals").mkdir(parents=True)
+        (tmp_path / name / "kernels" / "__init__.py").write_text(init)
+        (tmp_path / name / "kernels" / "_internals" / "__init__.py").write_text("")
+        (tmp_path / name / "kernels" / "_internals" / "layer.py").write_text("class CUDAProperties:\n    pass\n")
+    script = """
+        import sys
+        import kernels  # ours: this folder is sys.path[0]
+        ours = kernels.__file__
+        sys.path[:] = ['', sys.argv[1]]  # the stand-in past this folder, where site-packages would be
+        from kernels import CUDAProperties
+        assert CUDAProperties.__module__ == 'kernels._internals.layer' and sys.modules['kernels'] is kernels
+        from kernels import reverse_kl, CUDAProperties as again
+        assert again is CUDAProperties and kernels.__file__ == ours
+        kernels._hub, sys.path[1] = None, sys.argv[2]
+        try:
+            from kernels import CUDAProperties
+        except ImportError as e:
+            print(e)
+        assert sys.modules['kernels'] is kernels and 'kernels._internals' not in sys.modules
+        kernels._hub, sys.path[:] = None, ['']
+        assert not hasattr(kernels, 'CUDAProperties') and not hasattr(kernels, '__path__')
+        print('done')
+    """
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(tmp_path / "good"),
+                           str(tmp_path / "broken")], cwd=HERE, env=USER_ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    message, last = done.stdout.splitlines()
+    assert last == "done" and "kernels.py (minillm's Triton kernel) answers to the name `kernels`" in message
+    assert "OSError: libkernels.so" in message and "fix: `pip uninstall kernels`" in message
+
+# -----------------------------------------------------------------------------
 # Hugging Face GPT-2 checkpoints (transformers is a test-only dependency)
 
 
-def hf_tiny(tmp_path, seed=0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=2)
-    return transformers, transformers.GPT2LMHeadModel(config).eval()
-
-
-def test_hugging_face_gpt2_loads_with_matching_logits(tmp_path):
-    transformers, hf = hf_tiny(tmp_path)
+def test_hugging_face_gpt2_loads_with_matching_logits(tmp_path, hf):
     x = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = hf(x).logits
-    for safe in (True, False):  # model.safetensors, and the older pytorch_model.bin (read with weights_only)
-        folder = tmp_path / f"hf-{safe}"
-        hf.save_pretrained(folder, safe_serialization=safe)
-        model, ckpt = minillm.load_checkpoint(str(folder))
+    # model.safetensors, and the older pytorch_model.bin (read with weights_only); a GPT-2 folder of 50,257 rows
+    expected = hf("""
+        model = gpt2()
+        for safe in (True, False):
+            model.save_pretrained(f"{folder}/hf-{safe}", safe_serialization=safe)
+        gpt2(vocab_size=50257, n_positions=16, n_embd=8, n_layer=1).save_pretrained(f"{folder}/gpt2-rows")
+        with torch.no_grad():
+            result = model(x).logits
+    """, folder=str(tmp_path), x=x)
+    for safe in (True, False):
+        model, ckpt = minillm.load_checkpoint(str(tmp_path / f"hf-{safe}"))
         assert ckpt["tokenizer"] is None and model.config.n_layer == 2 and model.config.block_size == 64
         with torch.no_grad():
             assert_close(model.eval()(x)[0], expected, 1e-5, f"logits (safetensors {safe})")
     # a GPT-2 folder without a tokenizer is GPT-2's (tiktoken's gpt2) only with GPT-2's 50,257 rows (not 97)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=16, n_embd=8, n_layer=1, n_head=2)).save_pretrained(
-        tmp_path / "gpt2-rows")
     assert minillm.load_checkpoint(str(tmp_path / "gpt2-rows"))[1]["tokenizer"] == "gpt2"
 
 
-def test_export_loads_in_transformers_with_the_same_logits_and_greedy_tokens(tmp_path):
-    transformers, _ = hf_tiny(tmp_path)
+def test_export_loads_in_transformers_with_the_same_logits_and_greedy_tokens(tmp_path, hf):
     ours = tiny(vocab_size=97, block_size=64, seed=3)
     minillm.save_pretrained(ours, str(tmp_path / "export"), 96)
-    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "export")).eval()
     x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    logits, hf_tokens = hf("""
+        model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+        with torch.no_grad():
+            result = model(x).logits, greedy(model, x, 12)
+    """, folder=str(tmp_path / "export"), x=x)
     with torch.no_grad():
-        assert_close(hf(x).logits, ours(x)[0], 1e-5, "logits after export")
-        hf_tokens = hf.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[:, 16:]
+        assert_close(logits, ours(x)[0], 1e-5, "logits after export")
     assert torch.equal(minillm.generate(ours, x.tolist(), 12, None, greedy=True), hf_tokens)
     back, _ = minillm.load_checkpoint(str(tmp_path / "export"))  # and back into ours
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ours.state_dict().values()))
@@ -1291,12 +1441,11 @@ def test_export_loads_in_transformers_with_the_same_logits_and_greedy_tokens(tmp
 
 
 @pytest.mark.parametrize("name", ["builtin", "builtin-bytes"])
-def test_the_export_of_a_builtin_model_carries_its_tokenizer(tmp_path, name):
+def test_the_export_of_a_builtin_model_carries_its_tokenizer(tmp_path, name, hf):
     """save_pretrained writes the tiktoken tokenizer a model was trained with: its name in config.json (read back
     exactly) and a tokenizer.json that transformers' AutoTokenizer loads and that gives the same ids; without the
     name, tokenizer.json alone reads back as the same tokenizer by content. A folder without either is GPT-2's only
     with GPT-2's 50,257 rows."""
-    transformers = pytest.importorskip("transformers")
     enc = data.get_encoding(name)
     model = tiny(vocab_size=enc.n_vocab, block_size=256, seed=4)
     minillm.save_pretrained(model, str(tmp_path / "hf"), enc.eot_token, name)
@@ -1309,15 +1458,18 @@ def test_the_export_of_a_builtin_model_carries_its_tokenizer(tmp_path, name):
     assert minillm.respond(back, enc, prompts, seed=1, max_new_tokens=16) == minillm.respond(model, enc, prompts,
                                                                                               seed=1, max_new_tokens=16)
     # transformers: the built-in encoding's ids on the built-in task's text (and on text it never saw), decoded back
-    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     docs = data.pretrain_documents(random.Random(0))
     texts = [data.prompt_text(r, "builtin") + r["response"] for r in rows] + [next(docs) for _ in range(50)] + [
         "Ünïcödé, ÆØÅ & 東京 emoji 🙂 tabs\tand\r\nCRLF   spaces 12345 don't it's", "aaaaaaaa xqzzy Tomato Annabel."]
-    for text in texts:
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+    hf_ids, hf_texts, eos, eot = hf("""
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        ids = [tok(text, add_special_tokens=False)["input_ids"] for text in texts]
+        result = ids, [tok.decode(i) for i in ids], tok.eos_token_id, tok.convert_tokens_to_ids(eot)
+    """, folder=str(tmp_path / "hf"), texts=texts, eot=data.EOT)
+    for text, ids, back_text in zip(texts, hf_ids, hf_texts):
         assert ids == enc.encode_ordinary(text), text
-        assert tok.decode(ids) == text
-    assert tok.eos_token_id == enc.eot_token and tok.convert_tokens_to_ids(data.EOT) == enc.eot_token
+        assert back_text == text
+    assert eos == enc.eot_token and eot == enc.eot_token
     # tokenizer.json alone (a config.json without the recorded name): the same tokenizer, compared by content
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     del config["minillm_tokenizer"]
@@ -1353,78 +1505,64 @@ def test_an_unsupported_folder_is_one_clear_line(tmp_path):
 # The other families: Llama, Qwen2, Qwen3, Mistral and OPT checkpoints made by transformers (tiny, random)
 
 
-def hf_family(name, vocab_size=101, seed=0):
-    """A tiny random transformers model of a family, with grouped-query attention and rope scaling where it has them."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    shape = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                 initializer_range=0.3)  # (weights large enough that every part moves the logits)
-    made = {
-        "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16}, rope_theta=500000.0, tie_word_embeddings=True)),
-        "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, rope_theta=1e6)),
-        "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**shape, head_dim=16,
-                                                                               tie_word_embeddings=True)),
-        "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**shape, sliding_window=64)),
-        "opt": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
-            vocab_size=vocab_size, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=128, word_embed_proj_dim=32, dropout=0.0, init_std=0.3)),
-    }[name]()
-    with torch.no_grad():  # (transformers initializes biases and norms to 0 and 1: made random, so they count)
-        for n, p in made.named_parameters():
-            if n.endswith(("bias", "norm.weight", "layernorm.weight", "layer_norm.weight")):
-                p.add_(torch.randn_like(p) * 0.5)
-    return transformers, made.eval()
-
-
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "opt")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_each_family_loads_with_the_same_logits_and_greedy_tokens_and_exports_back(tmp_path, family):
-    transformers, hf = hf_family(family)
-    hf.save_pretrained(tmp_path / "hf")
+def test_each_family_loads_with_the_same_logits_and_greedy_tokens_and_exports_back(tmp_path, family, hf):
+    x = torch.randint(3, 101, (3, 20), generator=torch.Generator().manual_seed(0))
+    expected, hf_tokens, hf_class = hf("""
+        model = family(name)
+        model.save_pretrained(folder)
+        with torch.no_grad():
+            result = model(x).logits, greedy(model, x, 10), type(model).__name__
+    """, name=family, folder=str(tmp_path / "hf"), x=x)
     model, ckpt = minillm.load_checkpoint(str(tmp_path / "hf"))
     assert model.config.model_type == family and ckpt["tokenizer"] is None  # (a folder without a tokenizer)
-    x = torch.randint(3, 101, (3, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert_close(model(x)[0], hf(x).logits, 1e-4, f"{family} logits")
-        hf_tokens = hf.generate(x, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[:, 20:]
+        assert_close(model(x)[0], expected, 1e-4, f"{family} logits")
     assert torch.equal(minillm.generate(model, x.tolist(), 10, None, greedy=True), hf_tokens)  # our KV cache
     minillm.save_pretrained(model, str(tmp_path / "export"), eos_id=2)
-    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
-    assert type(back) is type(hf)
-    with torch.no_grad():
-        assert_close(back(x).logits, hf(x).logits, 1e-5, f"{family} logits after export")
+    back, back_class = hf("""
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            result = model(x).logits, type(model).__name__
+    """, folder=str(tmp_path / "export"), x=x)
+    assert back_class == hf_class
+    assert_close(back, expected, 1e-5, f"{family} logits after export")
 
 
-def test_left_padded_prompts_and_the_kv_cache_agree_for_rotary_and_offset_positions(tmp_path):
-    for family in ("qwen3", "opt"):
-        _, hf = hf_family(family)
-        hf.save_pretrained(tmp_path / family)
-        model, _ = minillm.load_checkpoint(str(tmp_path / family))
-        prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+def test_left_padded_prompts_and_the_kv_cache_agree_for_rotary_and_offset_positions(tmp_path, hf):
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    for name in ("qwen3", "opt"):
+        alone = hf("""
+            model = family(name)
+            model.save_pretrained(folder)
+            with torch.no_grad():  # each row alone, unpadded, as transformers generates it
+                result = [greedy(model, torch.tensor([p]), 8)[0] for p in prompts]
+        """, name=name, folder=str(tmp_path / name), prompts=prompts)
+        model, _ = minillm.load_checkpoint(str(tmp_path / name))
         cached = minillm.generate(model, prompts, 8, None, greedy=True)
         assert torch.equal(cached, minillm.generate(model, prompts, 8, None, greedy=True, use_cache=False))
-        for i, p in enumerate(prompts):  # each row alone, unpadded, as transformers generates it
-            with torch.no_grad():
-                alone = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                                    pad_token_id=0)[0, len(p):]
-            assert torch.equal(cached[i], alone), (family, i)
+        for i in range(len(prompts)):
+            assert torch.equal(cached[i], alone[i]), (name, i)
 
 
-def test_sharded_safetensors_and_bin_checkpoints_load(tmp_path):
-    _, hf = hf_family("qwen2")
+def test_sharded_safetensors_and_bin_checkpoints_load(tmp_path, hf):
     x = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = hf(x).logits
-    for name, kw in (("sharded", dict(max_shard_size="20KB")), ("bin", dict(safe_serialization=False))):
-        try:
-            hf.save_pretrained(tmp_path / name, **kw)
-        except TypeError:  # a transformers version without .bin writing
-            continue
+    expected, written = hf("""
+        model, written = family("qwen2"), []
+        for name, kw in (("sharded", dict(max_shard_size="20KB")), ("bin", dict(safe_serialization=False))):
+            try:
+                model.save_pretrained(f"{folder}/{name}", **kw)
+                written.append(name)
+            except TypeError:  # a transformers version without .bin writing
+                pass
+        with torch.no_grad():
+            result = model(x).logits, written
+    """, folder=str(tmp_path), x=x)
+    assert "sharded" in written
+    for name in written:
         files = os.listdir(tmp_path / name)
         model, _ = minillm.load_checkpoint(str(tmp_path / name))
         with torch.no_grad():
@@ -1446,7 +1584,7 @@ CORPUS = ["Hello world! It's 2026, and 12345 + 678 = 13023.\n\nTabs\tand   runs 
 
 def trained_tokenizer(style):
     """A small tokenizer trained on CORPUS in a family's style, as a tokenizers.Tokenizer."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
     specials = ["<|endoftext|>", "<|im_end|>"]
     if style == "sentencepiece":  # LLaMA / Llama-2 / Mistral v0.1: "▁" for spaces, unknown characters as bytes
@@ -1488,22 +1626,26 @@ def write_tokenizer(folder, style, eos="<|endoftext|>", bos=None):
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama3", "qwen2", "sentencepiece"])
-def test_a_checkpoints_tokenizer_gives_the_hugging_face_ids_and_decodes_back(tmp_path, style):
-    transformers = pytest.importorskip("transformers")
+def test_a_checkpoints_tokenizer_gives_the_hugging_face_ids_and_decodes_back(tmp_path, style, hf):
     write_tokenizer(str(tmp_path), style, eos="<|im_end|>")
     spec = data.hf_tokenizer(str(tmp_path))
     enc = data.get_encoding(spec)
     assert isinstance(enc, data.HFTokenizer) == (style == "sentencepiece")  # byte-level BPE: a tiktoken Encoding
-    hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
-    assert enc.eot_token == hf.convert_tokens_to_ids("<|im_end|>") == spec["eos_token_id"]
     unseen = "Zebras 9876543 juggle\u00a0quietly\t\t→ ☃ ünïcödé\n\r\n  x"
-    for text in CORPUS[:4] + [unseen]:
+    texts = CORPUS[:4] + [unseen]
+    eos, hf_ids, hf_texts, hf_n_vocab = hf("""
+        tok = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+        ids = [tok.encode(text, add_special_tokens=False) for text in texts]
+        result = tok.convert_tokens_to_ids("<|im_end|>"), ids, [tok.decode(i) for i in ids], len(tok)
+    """, folder=str(tmp_path), texts=texts)
+    assert enc.eot_token == eos == spec["eos_token_id"]
+    for text, expected, expected_text in zip(texts, hf_ids, hf_texts):
         ids = enc.encode(text, allowed_special="all")
-        assert ids == hf.encode(text, add_special_tokens=False), text
-        assert enc.decode(ids) == hf.decode(ids)
+        assert ids == expected, text
+        assert enc.decode(ids) == expected_text
         if style != "sentencepiece":  # byte-level: exactly the text back (NFC-normalized where the file asks)
             assert enc.decode(ids) == (unicodedata.normalize("NFC", text) if style == "qwen2" else text)
-    assert enc.n_vocab == len(hf)
+    assert enc.n_vocab == hf_n_vocab
 
 
 def test_tokenizers_are_compared_by_content_and_vocab_json_merges_txt_load(tmp_path):
@@ -1523,11 +1665,10 @@ def test_tokenizers_are_compared_by_content_and_vocab_json_merges_txt_load(tmp_p
     assert data.hf_tokenizer(str(tmp_path / "nothing")) is None
 
 
-def test_a_tokenizer_that_starts_texts_with_bos_puts_it_where_transformers_does(tmp_path):
+def test_a_tokenizer_that_starts_texts_with_bos_puts_it_where_transformers_does(tmp_path, hf):
     """Llama-3 (<|begin_of_text|>), LLaMA / Llama-2 / Mistral (<s>) and OPT (</s>, from tokenizer_config.json's
     add_bos_token) put a BOS before every text: before each prompt and each pretraining document, never before a
     response; the same ids as transformers; and a tokenizer differs from itself without its BOS."""
-    transformers = pytest.importorskip("transformers")
     row = {"instruction": "Write a long story about Anna.", "context": "", "response": "Anna bakes bread."}
     (tmp_path / "docs.txt").write_text("First document.\n\nSecond one, longer.\n\nThird.")
     tok = trained_tokenizer("gpt2")  # OPT: GPT-2-style vocab.json + merges.txt, tokenizer_config.json's BOS
@@ -1539,14 +1680,15 @@ def test_a_tokenizer_that_starts_texts_with_bos_puts_it_where_transformers_does(
         folder = str(tmp_path / style)
         if style != "opt":
             write_tokenizer(folder, style, bos=bos)
-            hf = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
-        else:
-            hf = transformers.GPT2Tokenizer.from_pretrained(folder)
+        bos_id, hf_prompt = hf("""
+            kind = transformers.GPT2Tokenizer if style == "opt" else transformers.PreTrainedTokenizerFast
+            tok = kind.from_pretrained(folder)
+            result = tok.convert_tokens_to_ids(bos), tok.encode(text)
+        """, style=style, folder=folder, bos=bos, text=data.prompt_text(row, "dolly"))
         enc = data.get_encoding(data.hf_tokenizer(folder))
-        bos_id = hf.convert_tokens_to_ids(bos)
         assert data.bos_ids(enc) == [bos_id], style
         _, (prompt,) = data.encode_prompts([row], enc, "dolly")
-        assert prompt[0] == bos_id and prompt == hf.encode(data.prompt_text(row, "dolly")), style
+        assert prompt[0] == bos_id and prompt == hf_prompt, style
         ((p, r),), _ = data.tokenize([row], enc, "dolly", 256, 256)
         assert p == prompt and bos_id not in r and r[-1] == enc.eot_token
         x, y = next(data.pretrain_batches(str(tmp_path / "docs.txt"), enc, 1, 40, 0))
@@ -1561,22 +1703,23 @@ def test_a_tokenizer_that_starts_texts_with_bos_puts_it_where_transformers_does(
                                                                    data.hf_tokenizer(with_bos))
 
 
-def llama_folder(folder, vocab_size, seed, tokenizer_style="llama3", layers=2):
-    """A tiny random Llama (transformers) with a trained tokenizer that starts every text with <|begin_of_text|>,
-    embedding rows padded to vocab_size."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256, tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+def llama_folder(hf, folder, vocab_size, seed, tokenizer_style="llama3", layers=2):
+    """A tiny random Llama (made by transformers) with a trained tokenizer that starts every text with
+    <|begin_of_text|>, embedding rows padded to vocab_size."""
+    hf("""
+        torch.manual_seed(seed)
+        config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=256, tie_word_embeddings=False)
+        transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    """, folder=folder, vocab_size=vocab_size, seed=seed, layers=layers)
     write_tokenizer(folder, tokenizer_style, bos="<|begin_of_text|>")
 
 
 @pytest.mark.parametrize("method", ["minillm", "kd"])
-def test_a_step_with_llama_shaped_models_whose_embeddings_are_padded_differently(tmp_path, method):
-    llama_folder(str(tmp_path / "teacher"), 640, seed=0, layers=2)
-    llama_folder(str(tmp_path / "student"), 608, seed=1, layers=1)
+def test_a_step_with_llama_shaped_models_whose_embeddings_are_padded_differently(tmp_path, method, hf):
+    llama_folder(hf, str(tmp_path / "teacher"), 640, seed=0, layers=2)
+    llama_folder(hf, str(tmp_path / "student"), 608, seed=1, layers=1)
     rows = [{"instruction": f"Say {i} and {i + 1}.", "context": "", "response": f"{i} and {i + 1}."}
             for i in range(80)]
     write_jsonl(str(tmp_path / "mine.jsonl"), rows)
@@ -1594,14 +1737,18 @@ def test_a_step_with_llama_shaped_models_whose_embeddings_are_padded_differently
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     log = (out / "log.txt").read_text()
     assert "nan" not in log.lower()
-    transformers = pytest.importorskip("transformers")  # the export: transformers loads the model and tokenizer
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "hf")).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(out / "hf"))
+    # the export: transformers loads the model and tokenizer
+    x, bos_ids, logits = hf("""
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        x = torch.tensor([tok.encode("Say 3 and 4.")])  # (after <|begin_of_text|>, as our prompts were)
+        with torch.no_grad():
+            result = x, (model.config.bos_token_id, tok.convert_tokens_to_ids("<|begin_of_text|>")), model(x).logits
+    """, folder=str(out / "hf"))
     model, _ = minillm.load_checkpoint(str(out / "best.pt"))
-    x = torch.tensor([tok.encode("Say 3 and 4.")])  # (after <|begin_of_text|>, as our prompts were)
-    assert x[0, 0] == hf.config.bos_token_id == tok.convert_tokens_to_ids("<|begin_of_text|>")
+    assert x[0, 0] == bos_ids[0] == bos_ids[1]
     with torch.no_grad():
-        assert_close(hf(x).logits[..., :n_vocab], model(x)[0], 1e-4, "exported logits")
+        assert_close(logits[..., :n_vocab], model(x)[0], 1e-4, "exported logits")
 
 
 def test_a_large_vocabulary_chunks_the_single_step_term_unless_chunk_is_typed(tmp_path, monkeypatch):
@@ -1628,9 +1775,9 @@ def test_a_large_vocabulary_chunks_the_single_step_term_unless_chunk_is_typed(tm
     assert path.endswith("step-000100.pt") and ckpt["step"] == 100
 
 
-def test_a_student_with_another_tokenizer_is_refused_before_training(tmp_path):
-    llama_folder(str(tmp_path / "teacher"), 640, seed=0, tokenizer_style="llama3")
-    llama_folder(str(tmp_path / "student"), 640, seed=1, tokenizer_style="qwen2")
+def test_a_student_with_another_tokenizer_is_refused_before_training(tmp_path, hf):
+    llama_folder(hf, str(tmp_path / "teacher"), 640, seed=0, tokenizer_style="llama3")
+    llama_folder(hf, str(tmp_path / "student"), 640, seed=1, tokenizer_style="qwen2")
     write_jsonl(str(tmp_path / "mine.jsonl"), dolly_rows(40))
     args = minillm.get_args(["--method", "kd", "--teacher", str(tmp_path / "teacher"), "--init",
                              str(tmp_path / "student"), "--data", str(tmp_path / "mine.jsonl"), "--out",
