@@ -136,6 +136,9 @@ MINILLM_OPTIONS = {
     "rollout_size": (256, 64, "responses rolled out per round (onpolicy: default --batch_size, a fresh round "
                               "every step)"),
     "ppo_epochs": (4, 4, "passes over each round's rollouts, in mini-batches of --batch_size (onpolicy: default 1)"),
+    "target_kl": (0.0, 0.002, "drift guard on PPO's reuse: once the mean kl_old of a round's mini-batches so far "
+                              "passes 1.5x this, the round's remaining passes are skipped and a new round is rolled "
+                              "out (0: off; the paper has none)"),
     "clip_eps": (0.2, 0.2, "PPO clipping of the ratio rho_t = q_theta(y_t) / p_mix(y_t)"),
     "max_new_tokens": (256, 96, "longest response sampled"),
     "length_norm": (True, True, "the long-term return is the mean of the later rewards (Eq. 6); "
@@ -611,15 +614,19 @@ def onpolicy_loss(student, teacher, batch, args, ctx):
     reuse. Returns (loss, {name: value} for the log)."""
     mask = batch["mask"]
     if args.divergence == "rkl":
-        div, _ = reverse_kl_tokens(student, teacher, batch, args, ctx)  # (b, n)
+        div, logq = reverse_kl_tokens(student, teacher, batch, args, ctx)  # (b, n) each
     else:
         with ctx:
             logits_q = response_logits(student, batch)  # (b, n, V)
             with torch.no_grad(), timed("teacher"):
                 logits_p = response_logits(teacher, batch)
         div = generalized_jsd(logits_q, logits_p, 0.0 if args.divergence == "fkl" else args.beta)
-    loss = (div * mask).sum() / mask.sum().clamp(min=1)
-    return loss, {f"token_{args.divergence}": loss.detach(), "len": mask.sum(1).float().mean()}
+        logq = F.log_softmax(logits_q.detach().float(), -1).gather(-1, batch["tokens"].unsqueeze(-1)).squeeze(-1)
+    n = mask.sum().clamp(min=1)
+    loss = (div * mask).sum() / n
+    log_ratio = (logq.detach() - batch["logq_old"]) * mask  # log q_theta(y_t) / q_old(y_t): 0 on a fresh round
+    return loss, {f"token_{args.divergence}": loss.detach(), "len": mask.sum(1).float().mean(),
+                  "kl_old": (log_ratio.exp() - 1 - log_ratio).sum() / n}  # (as minillm_loss's: --target_kl reads it)
 
 # -----------------------------------------------------------------------------
 # The rollout buffer: rounds of scored rollouts, served in shuffled mini-batches (Algorithm 1, step 2)
@@ -630,8 +637,13 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
     for each of args.rollout_size training prompts with the student of now (q_old), scores the round once, and yields
     ppo_epochs passes over it in shuffled mini-batches of args.batch_size; under torchrun each process makes 1/world
     of both. `state` (kept up to date; saved in a checkpoint, so that a resumed run goes on exactly here): the round,
-    its mini-batches to come, the random generators, and the responses rolled out. ctx: the training's autocast."""
+    its mini-batches to come, the random generators, and the responses rolled out. ctx: the training's autocast.
+    The drift guard (--target_kl): the training loop appends each mini-batch's kl_old (how far q_theta has moved from
+    the q_old that sampled the round) to state["kl_old"]; at the end of a pass, if their mean passes 1.5 x target_kl,
+    the round's remaining passes are skipped (PPO's early stop on target KL), and state["passes"] collects how many
+    passes each round used."""
     seed, size, batch_size = args.seed + rank, args.rollout_size // world, max(1, args.batch_size // world)
+    per_pass = -(-size // batch_size)  # mini-batches in one pass over a round
     rng, gen = random.Random(seed), torch.Generator(device=device).manual_seed(seed)  # prompts, sampling
     shuffle = torch.Generator().manual_seed(seed)  # mini-batch order
     state = {} if state is None else state
@@ -641,7 +653,13 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
         shuffle.set_state(state["shuffle"])
         state["round"] = {k: v.to(device) for k, v in state["round"].items()}
     while True:
+        kl_old = state.get("kl_old")
+        if args.target_kl and kl_old and state["minibatches"] and len(kl_old) % per_pass == 0 and \
+                sum(kl_old) / len(kl_old) > 1.5 * args.target_kl:  # a pass has ended, and the student has drifted
+            state["minibatches"] = []
         if not state.get("minibatches"):  # a new round
+            if args.target_kl and kl_old:
+                state["passes"] = state.get("passes", []) + [len(kl_old) / per_pass]
             with evaluating(student), timed("rollout"), ctx:  # q_old without dropout noise
                 batch = rollout(student, teacher, rng.sample(prompts, size), args.max_new_tokens, args.eos_id,
                                 args.alpha, gen, args.fast_decode)
@@ -650,6 +668,8 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
             state.update(round=score_round(batch, args), samples=state.get("samples", 0) + size,
                          minibatches=[o[i:i + batch_size] for o in orders for i in range(0, size, batch_size)],
                          rng=rng.getstate(), gen=gen.get_state(), shuffle=shuffle.get_state())
+            if args.target_kl:
+                state["kl_old"] = []
         rows = state["minibatches"].pop(0).to(device)
         yield {k: v[rows] for k, v in state["round"].items()}
 
@@ -811,6 +831,8 @@ def train(args):
             loss, stats = (minillm_loss if args.method == "minillm" else onpolicy_loss)(wrapped, teacher, batch, args,
                                                                                         ctx)
             progress["tokens"] += batch["prompt_idx"].numel() + batch["tokens"].numel()
+            if args.target_kl:  # the drift guard's measure, the same on every process (rollout_batches)
+                rollout_state["kl_old"].append(mean_over_processes(stats["kl_old"], world))
         else:  # teacher-forced on the responses: CE (sft), (1 - kd_ratio) CE + kd_ratio KL[p || q] (kd, seqkd)
             epoch, x, y = next(batches)
             x, y, weight = my_rows(x, y, rank, world, device)  # (torchrun: this process's rows, weighted)
@@ -844,6 +866,9 @@ def train(args):
             if teacher is not None:
                 stats = {"rkl": reverse_kl_k3(student, teacher, task["val"]["prompts"][:16], args, log_gen)[0],
                          **stats}
+            if rollout_state.get("passes"):  # --target_kl: the passes the rounds since the last line used, on average
+                passes = rollout_state.pop("passes")
+                stats["passes"] = sum(passes) / len(passes)
             log(step_line(step, stats.pop("loss"), stats, lr, progress["tokens"] * world, time.time() - t_start,
                           args))
             interval.clear()
@@ -2002,6 +2027,15 @@ def agree_to_stop(last, rank, world, device):
     flag = torch.tensor([float(last and rank == 0), float(sigterm)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag[0]), bool(flag[1])
+
+
+def mean_over_processes(x, world):
+    """A scalar tensor's mean over the processes, as a float that every process agrees on."""
+    if world > 1:
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        x = x / world
+    return float(x)
 
 # -----------------------------------------------------------------------------
 # The pipeline's input checks and its table

@@ -902,11 +902,12 @@ def test_every_method_runs_in_the_same_loop(tmp_path, monkeypatch, method):
             "--out", str(tmp_path / "run"), "--max_steps", "6", "--eval_interval", "3", "--log_interval", "2",
             "--batch_size", "4", "--max_new_tokens", "8", "--n_train", "70", "--n_valid", "14",
             "--n_test", "14", "--lm_coef", "1", "--pt_length", "16", "--warmup_steps", "1"]
-    argv += ["--rollout_size", "8"] if method == "minillm" else []  # (on-policy: its default, a fresh batch a step)
+    # (minillm: one round of 8, the drift guard off so that all 4 passes use it; on-policy: a fresh batch a step)
+    argv += ["--rollout_size", "8", "--target_kl", "0"] if method == "minillm" else []
     best = minillm.train(minillm.get_args(argv))
     log = open(tmp_path / "run" / "log.txt").read()
     fields = {"sft": ["ce", "L_PT"], "kd": ["rkl", "ce", "fkl", "L_PT"], "seqkd": ["rkl", "ce", "fkl", "L_PT"],
-              "onpolicy": ["rkl", "token_rkl", "len", "L_PT"],
+              "onpolicy": ["rkl", "token_rkl", "len", "kl_old", "L_PT"],
               "minillm": ["rkl", "reward", "single", "long", "adv", "kl_old", "clip", "ent", "w", "len",
                           "L_PT"]}[method]
     step_lines = [line for line in log.splitlines() if line.startswith("step") and "| loss" in line]
@@ -932,6 +933,37 @@ def test_every_method_runs_in_the_same_loop(tmp_path, monkeypatch, method):
         minillm.train(minillm.get_args(argv + ["--resume"]))
         log = open(tmp_path / "run" / "log.txt").read()
         assert "step-000003.pt (step 3)" in log and "reusing the teacher's responses" in log
+
+
+@pytest.mark.parametrize("method", ["minillm", "onpolicy"])
+def test_the_drift_guard_ends_a_round_once_the_student_has_moved_from_q_old(tmp_path, monkeypatch, method):
+    """--target_kl, at the end of each pass over a round of 8 in mini-batches of 4: a learning rate that carries the
+    student far from q_old in one step ends every round after its first pass; one that barely moves it uses all 4
+    passes; the log line says how many; and off (0) trains the same weights, bit for bit, as a target never reached."""
+    monkeypatch.setattr(kernels, "USE_TRITON", False)  # (the reference: the kernel's own tests are above)
+    enc = data.get_encoding("builtin")
+    for name, model in (("teacher", eos_teacher(enc)), ("student", tiny(vocab_size=enc.n_vocab, block_size=64))):
+        minillm.save_checkpoint(str(tmp_path / f"{name}.pt"), model, None, 0, None, "builtin", {})
+
+    def run(name, lr, target):
+        argv = ["--method", method, "--teacher", str(tmp_path / "teacher.pt"), "--init", str(tmp_path / "student.pt"),
+                "--out", str(tmp_path / name), "--max_steps", "12", "--eval_interval", "12", "--log_interval", "9",
+                "--rollout_size", "8", "--batch_size", "4", "--ppo_epochs", "4", "--max_new_tokens", "8",
+                "--n_train", "70", "--n_valid", "14", "--n_test", "14", "--lm_coef", "0", "--warmup_steps", "1",
+                "--min_lr", lr, "--lr", lr, "--target_kl", target]
+        minillm.train(minillm.get_args(argv))
+        lines = [line for line in open(tmp_path / name / "log.txt") if "| loss " in line]
+        passes = [float(line.split("| passes ")[1].split()[0]) for line in lines if "| passes " in line]
+        return passes, minillm.read_checkpoint(str(tmp_path / name / "last.pt"))
+    far, _ = run("far", "0.3", "0.002")
+    assert far and all(p == 1.0 for p in far), far  # (never half a pass: the guard looks at the end of a pass)
+    near, _ = run("near", "1e-7", "0.002")
+    assert near and all(p == 4.0 for p in near), near
+    if method == "minillm":
+        off, off_ckpt = run("off", "1e-2", "0")
+        never, never_ckpt = run("never", "1e-2", "1e9")
+        assert off == [] and never and all(p == 4.0 for p in never)
+        assert all(torch.equal(off_ckpt["model"][k], v) for k, v in never_ckpt["model"].items())
 
 
 def test_generalized_jsd_by_hand_and_its_ends_are_the_two_kls():
