@@ -553,6 +553,10 @@ def get_args(argv=None):
     ap.add_argument("--sweep_seeds", type=int, nargs="+", default=[1337],
                     help="--sweep: the training seeds of every setting of the grid (their mean validation chooses)")
     ap.add_argument("--sweep_record", help="--sweep: an earlier sweep's sweep.json, whose grid runs are not run again")
+    ap.add_argument("--guard", action="store_true",
+                    help="the drift guard (--target_kl) on the rounds that reuse (eval.GUARD_ROWS): its target chosen "
+                         "on validation, then those rows and the sweep's one-pass rows once per --train_seeds on the "
+                         "test set")
     ap.add_argument("--pipeline_out", default="out", help="--table1, --sweep: where `python minillm.py` keeps its "
                                                           "models")
     ap.add_argument("--patience", type=int, default=5, help="--table1: evaluations without improvement to stop")
@@ -582,7 +586,8 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    args.out = args.out or ("out/table1" if args.table1 else "out/sweep" if args.sweep else "out/eval")
+    args.out = args.out or ("out/table1" if args.table1 else "out/sweep" if args.sweep else "out/guard" if args.guard
+                            else "out/eval")
     try:
         if args.bench == "generate":
             return bench_generate(args.device)
@@ -596,6 +601,8 @@ def main(argv=None):
             return table1(args)
         if args.sweep:
             return sweep(args)
+        if args.guard:
+            return guard(args)
         if not args.checkpoints:
             raise minillm.InputError("give one or more checkpoints to evaluate (or --table1)")
         device = minillm.pick_device(args.device)
@@ -620,7 +627,7 @@ def main(argv=None):
 # The built-in Table 1: each student starts from the same SFT student and trains until its validation score (the
 # validity of sampled validation responses) stops improving for --patience evaluations; best.pt is kept. Every
 # distillation row is trained once per --train_seeds (the teacher and the SFT student are shared).
-ROLLOUTS = "--lr 1e-3 --lm_coef 0 --max_steps 2000 --eval_interval 100 --log_interval 100"
+ROLLOUTS = "--lr 1e-3 --lm_coef 0 --max_steps 2000 --eval_interval 100 --log_interval 100 --target_kl 0"  # (no guard)
 TABLE1 = {  # row: minillm.py flags (the teacher, the initialization, the output folder, the seed, the patience added)
     "kd": "--method kd --lr 1e-3 --max_steps 6000 --eval_interval 250 --log_interval 250",
     "seqkd": "--method seqkd --lr 1e-3 --max_steps 1500 --eval_interval 250 --log_interval 250",
@@ -695,7 +702,7 @@ def test_table(runs, teacher, args, t0):
     teacher_model = (model.eval(), ckpt["tokenizer"])
     splits, _ = data.load_instructions("builtin", n_test=args.n_test, cache_dir=None)
     args.data = "builtin"
-    results = []
+    results, seeds = [], {}
     for name, folders in runs.items():
         per_seed = []
         for folder in folders:
@@ -705,6 +712,8 @@ def test_table(runs, teacher, args, t0):
                      samples=[float(samples), 0.0])
             per_seed.append(r)
         results.append({**over_training_seeds(per_seed), "label": name, "train_seeds": len(folders)})
+        seeds[name] = [{k: round(r[k][0], 4) for k in ("valid", "rougeL", "minutes", "samples", "best_step")}
+                       for r in per_seed]  # each training run's own numbers (valid, rougeL: means over --seeds)
     write_reports(results, args.out)
     cost_plot(runs, args.out)
     print(table(results, COLUMNS + ["samples"]))
@@ -712,12 +721,14 @@ def test_table(runs, teacher, args, t0):
           f"{args.seeds}; teacher and SFT: one run, ± over the sampling seeds; {len(splits['test'])} test prompts; "
           f"steps, minutes and responses sampled in training, on this machine) -> {args.out}/; whole run "
           f"{(time.time() - t0) / 60:.1f} min")
+    return seeds
 
 
 # The fair comparison: every distillation method gets the same small search on the pipeline's budget (DISTILL: 600
 # steps from the SFT student, lr decayed to 1e-4, no L_PT), chosen on validation only: the peak learning rate, and
 # for the methods that roll out, the passes over each round of 64 responses (1 or 4) and the mini-batch (the round
-# or half of it). Each row's reference: the setting Table 1 and the paper use.
+# or half of it). Each row's reference: the setting Table 1 and the paper use. The sweep predates the drift guard
+# (--target_kl): its runs have none.
 SWEEP_BUDGET = "--max_steps 600 --min_lr 1e-4 --lm_coef 0 --eval_interval 100 --log_interval 100"
 SWEEP_LRS = ("3e-4", "1e-3", "3e-3")
 SWEEP_ROUND = 64  # --rollout_size
@@ -735,7 +746,7 @@ SWEEP = {  # row: (minillm.py flags, the reference setting)
 def sweep_settings(row):
     """{setting name: minillm.py flags} of a row's grid."""
     method = SWEEP[row][0]
-    settings = {f"lr {lr}": f"{method} {SWEEP_BUDGET} --lr {lr}" for lr in SWEEP_LRS}
+    settings = {f"lr {lr}": f"{method} {SWEEP_BUDGET} --lr {lr} --target_kl 0" for lr in SWEEP_LRS}
     if "--method onpolicy" not in method and "--method minillm" not in method:
         return settings
     return {f"{name}, {k} epoch{'s' * (k > 1)}, batch {b}": f"{flags} --rollout_size {SWEEP_ROUND} --ppo_epochs {k} "
@@ -814,6 +825,75 @@ def sweep(args):
             runs[f"{row}, {name} [{mark}]"] = [train_run(f"{row} ({name})", sweep_settings(row)[name], os.path.join(
                 args.out, slug(row), slug(name) + f"-seed{seed}"), seed, args) for seed in args.train_seeds]
     test_table(runs, teacher, args, t0)
+
+
+# The drift guard (--target_kl) where PPO reuses a round: the paper's rounds (256 responses, 4 passes, mini-batches of
+# 64) and the short rounds (64, 4, 32), with the paper's loss and with the official recipe's, at lr 1e-3 (what the
+# pipeline runs on your data) on the sweep's budget. One target for all four rows, chosen on validation from
+# GUARD_TARGETS (the best mean of the four rows' best validation validity; the test set never looked at); target 0,
+# no guard, is each row's reference. Then the four rows at the chosen target, and the sweep's one-pass rows chosen on
+# validation (docs/sweep.json), once per --train_seeds on the test set.
+GUARD_TARGETS = ("0.001", "0.002", "0.005")
+GUARD_ROWS = {
+    "minillm, paper rounds": "--method minillm --rollout_size 256 --ppo_epochs 4 --batch_size 64",
+    "minillm, short rounds": "--method minillm --rollout_size 64 --ppo_epochs 4 --batch_size 32",
+    "minillm, official, paper rounds": "--method minillm --recipe official --rollout_size 256 --ppo_epochs 4 "
+                                       "--batch_size 64",
+    "minillm, official, short rounds": "--method minillm --recipe official --rollout_size 64 --ppo_epochs 4 "
+                                       "--batch_size 32",
+}
+GUARD_ONE_PASS = ("minillm", "minillm, official")  # the sweep's rows whose one-pass setting stands beside them
+
+
+def guard_settings(row):
+    """{setting name: minillm.py flags} of a guard row: no guard (the reference), then each of GUARD_TARGETS."""
+    return {f"target {t}": f"{GUARD_ROWS[row]} {SWEEP_BUDGET} --lr 1e-3 --target_kl {t}" for t in ("0",) + GUARD_TARGETS}
+
+
+def guard(args):
+    """`python eval.py --guard`: trains every setting of GUARD_ROWS once per --sweep_seeds from the pipeline's SFT
+    student, chooses the target on validation, then trains the four rows at that target once per --train_seeds and
+    evaluates them on the test set beside the sweep's chosen one-pass rows (trained the same way) and the SFT student.
+    Writes guard.json (every validation score, the chosen target, each test run's own numbers) and guard.md; finished
+    runs are reused."""
+    t0 = time.time()
+    teacher, sft = pipeline_models(args)
+    record = {"validation": {}, "test": {}}
+    lines = ["| row | " + " | ".join(guard_settings(next(iter(GUARD_ROWS)))) + " |",
+             "|---|" + "---|" * (len(GUARD_TARGETS) + 1)]
+    for row in GUARD_ROWS:
+        for name, flags in guard_settings(row).items():
+            for seed in args.sweep_seeds:
+                folder = os.path.join(args.out, slug(row), slug(name) + f"-seed{seed}")
+                best = best_validation(train_run(f"{row} ({name})", flags, folder, seed, args))
+                record["validation"].setdefault(row, {}).setdefault(name, {})[str(seed)] = list(best)
+    mean = lambda row, name: sum(v for v, _ in record["validation"][row][name].values()) / len(args.sweep_seeds)
+    chosen = max(GUARD_TARGETS, key=lambda t: sum(mean(row, f"target {t}") for row in GUARD_ROWS))
+    record["chosen"] = chosen
+    for row in GUARD_ROWS:
+        lines.append(f"| {row} | " + " | ".join(f"{mean(row, name):.1f}" for name in guard_settings(row)) + " |")
+    lines.append("| mean of the four | " + " | ".join(f"{sum(mean(row, name) for row in GUARD_ROWS) / len(GUARD_ROWS):.1f}"
+                                                        for name in guard_settings(next(iter(GUARD_ROWS)))) + " |")
+    print(f"the target chosen on validation: {chosen}\n" + "\n".join(lines), flush=True)
+    runs = {"teacher": [os.path.dirname(teacher)], "sft": [os.path.dirname(sft)]}
+    for row in GUARD_ROWS:
+        runs[f"{row}, target {chosen}"] = [train_run(
+            f"{row} (target {chosen})", guard_settings(row)[f"target {chosen}"],
+            os.path.join(args.out, slug(row), f"target-{chosen}-seed{seed}"), seed, args) for seed in args.train_seeds]
+    sweep_record = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "sweep.json")))
+    for row in GUARD_ONE_PASS:  # the one-pass setting the sweep chose on validation
+        scores = {n: sum(v for v, _ in s.values()) / len(s) for n, s in sweep_record[row].items() if "1 epoch," in n}
+        name = max(scores, key=scores.get)
+        runs[f"{row}, {name} (the sweep's choice)"] = [train_run(
+            f"{row} ({name})", sweep_settings(row)[name], os.path.join(args.out, slug(row), slug(name) + f"-seed{seed}"),
+            seed, args) for seed in args.train_seeds]
+    record["test"] = test_table(runs, teacher, args, t0)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "guard.md"), "w") as f:
+        f.write(f"the target chosen on validation: {chosen}\n\n" + "\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "guard.json") + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(os.path.join(args.out, "guard.json") + ".tmp", os.path.join(args.out, "guard.json"))
 
 
 def over_training_seeds(per_seed):
