@@ -643,7 +643,7 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
     the round's remaining passes are skipped (PPO's early stop on target KL), and state["passes"] collects how many
     passes each round used."""
     seed, size, batch_size = args.seed + rank, args.rollout_size // world, max(1, args.batch_size // world)
-    per_pass = -(-size // batch_size)  # mini-batches in one pass over a round
+    per_pass, target_kl = -(-size // batch_size), guarded(args)  # (mini-batches in one pass over a round)
     rng, gen = random.Random(seed), torch.Generator(device=device).manual_seed(seed)  # prompts, sampling
     shuffle = torch.Generator().manual_seed(seed)  # mini-batch order
     state = {} if state is None else state
@@ -654,11 +654,11 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
         state["round"] = {k: v.to(device) for k, v in state["round"].items()}
     while True:
         kl_old = state.get("kl_old")
-        if args.target_kl and kl_old and state["minibatches"] and len(kl_old) % per_pass == 0 and \
-                sum(kl_old) / len(kl_old) > 1.5 * args.target_kl:  # a pass has ended, and the student has drifted
+        if target_kl and kl_old and state["minibatches"] and len(kl_old) % per_pass == 0 and \
+                sum(kl_old) / len(kl_old) > 1.5 * target_kl:  # a pass has ended, and the student has drifted
             state["minibatches"] = []
         if not state.get("minibatches"):  # a new round
-            if args.target_kl and kl_old:
+            if target_kl and kl_old:
                 state["passes"] = state.get("passes", []) + [len(kl_old) / per_pass]
             with evaluating(student), timed("rollout"), ctx:  # q_old without dropout noise
                 batch = rollout(student, teacher, rng.sample(prompts, size), args.max_new_tokens, args.eos_id,
@@ -668,10 +668,14 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
             state.update(round=score_round(batch, args), samples=state.get("samples", 0) + size,
                          minibatches=[o[i:i + batch_size] for o in orders for i in range(0, size, batch_size)],
                          rng=rng.getstate(), gen=gen.get_state(), shuffle=shuffle.get_state())
-            if args.target_kl:
+            if target_kl:
                 state["kl_old"] = []
         rows = state["minibatches"].pop(0).to(device)
         yield {k: v[rows] for k, v in state["round"].items()}
+
+def guarded(args):
+    """The drift guard's target, where it can act: on rounds that are reused (0: no guard)."""
+    return args.target_kl if args.ppo_epochs > 1 else 0.0
 
 # -----------------------------------------------------------------------------
 # Validation: the numbers that choose best.pt and that the log follows (their measures are below main())
@@ -694,17 +698,22 @@ def validate(student, teacher, val, args, ctx):
         if teacher is not None:
             metrics["rkl"], _ = reverse_kl_k3(student, teacher, val["prompts"][:64], args,
                                               torch.Generator(device).manual_seed(0))
-            if args.data == "builtin":
-                metrics["valid"] = validity(student, val["enc"], val["rows"], greedy=False, seed=0,
-                                            max_new_tokens=args.max_new_tokens, sigterm=sigterm)["all"]
-            else:  # the paper's selection: Rouge-L of responses sampled at T = 1 to validation prompts
-                prompts, references = zip(*val["rouge"])
-                responses = respond(student, val["enc"], prompts, seed=0, max_new_tokens=args.max_new_tokens,
-                                    sigterm=sigterm)
-                metrics["rougeL"] = sum(map(data.rouge_l, responses, ([r] for r in references))) / len(responses)
+            metrics.update(task_score(student, val, args, sigterm))
     except Stopped:
         return None
     return metrics
+
+
+def task_score(model, val, args, sigterm=False):
+    """{name: value} of the score that chooses a distilled best.pt: on the built-in task the validity of responses
+    sampled at T = 1 to the validation prompts (fixed seed); elsewhere the paper's, Rouge-L of responses sampled at
+    T = 1 to the first 256 validation prompts."""
+    if args.data == "builtin":
+        return {"valid": validity(model, val["enc"], val["rows"], greedy=False, seed=0,
+                                  max_new_tokens=args.max_new_tokens, sigterm=sigterm)["all"]}
+    prompts, references = zip(*val["rouge"])
+    responses = respond(model, val["enc"], prompts, seed=0, max_new_tokens=args.max_new_tokens, sigterm=sigterm)
+    return {"rougeL": sum(map(data.rouge_l, responses, ([r] for r in references))) / len(responses)}
 
 
 def selection_score(metrics, method):
@@ -831,7 +840,7 @@ def train(args):
             loss, stats = (minillm_loss if args.method == "minillm" else onpolicy_loss)(wrapped, teacher, batch, args,
                                                                                         ctx)
             progress["tokens"] += batch["prompt_idx"].numel() + batch["tokens"].numel()
-            if args.target_kl:  # the drift guard's measure, the same on every process (rollout_batches)
+            if guarded(args):  # the drift guard's measure, the same on every process (rollout_batches)
                 rollout_state["kl_old"].append(mean_over_processes(stats["kl_old"], world))
         else:  # teacher-forced on the responses: CE (sft), (1 - kd_ratio) CE + kd_ratio KL[p || q] (kd, seqkd)
             epoch, x, y = next(batches)
@@ -933,6 +942,8 @@ def pipeline(args):
               f" --out {folder}")
         if name == "minillm":
             print(paper_difference(args, settings))
+        if name == "kd":  # the first distillation stage: is the teacher ahead of the student it is to teach?
+            teacher_ahead(args, settings)
         # --resume: a finished stage is reused, an interrupted one goes on from its last checkpoint
         train(argparse.Namespace(**{**vars(args), **settings, "out": folder, "resume": True}))
         if not finished:
@@ -2092,7 +2103,31 @@ def paper_difference(args, settings):
         why = ("chosen on validation (python eval.py --sweep; docs/results.md) among settings that fit this run in 15 "
                "minutes; with the paper's 4 passes over each round the 0.033M student moves too far from the q_old "
                "that sampled it and falls below its SFT start")
-    return f"minillm: {diff or 'as the paper'}, lr {settings.get('lr', args.lr):g}: {why}"
+    guard = ""
+    if ours["ppo_epochs"] > 1:  # rounds that are reused: the drift guard, or its absence
+        guard = (f"; with the drift guard --target_kl {args.target_kl:g} (not in the paper: a round's remaining passes "
+                 "are skipped once the mean kl_old passes 1.5x it)" if args.target_kl else
+                 "; without the drift guard (--target_kl 0)")
+    return f"minillm: {diff or 'as the paper'}, lr {settings.get('lr', args.lr):g}: {why}{guard}"
+
+
+def teacher_ahead(args, settings):
+    """Distillation presumes a teacher better than the student on the task. Before the first distillation stage,
+    the score that chooses its best.pt (task_score) on the validation set, for the teacher and the SFT student, printed;
+    where the teacher is not ahead, one line says what that means, and the pipeline goes on. Returns both scores."""
+    run = argparse.Namespace(**{**vars(args), **settings})
+    set_method_defaults(run)
+    device = pick_device(args.device)
+    student, teacher, tokenizer = load_models(run, device)
+    val = load_data(run, student, teacher, tokenizer, 0)["val"]
+    with evaluating(student), evaluating(teacher):
+        (name, ours), (_, theirs) = task_score(student, val, run).popitem(), task_score(teacher, val, run).popitem()
+    print(f"validation {name} (what chooses each distilled best.pt): teacher {theirs:.4f}, SFT student {ours:.4f}")
+    if theirs <= ours:
+        print(f"the teacher is not ahead of the SFT student on validation {name}: distillation can only pull the "
+              "student toward the teacher, so expect no gain; each stage keeps its step 0 (the SFT student) unless a "
+              "later checkpoint scores higher")
+    return theirs, ours
 
 
 def print_comparison(args, tokenizer, stages, seeds=(0, 1, 2)):

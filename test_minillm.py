@@ -480,6 +480,7 @@ def test_builtin_default_trains_then_reuses(tmp_path, monkeypatch, capsys):
     ours = {**minillm.CHOSEN["minillm"], "batch_size": 16, "rollout_size": 16}  # (the typed ones)
     assert "minillm: " + ", ".join(f"--{k} {ours[k]} (the paper: {v})" for k, v in minillm.PAPER.items()
                                    if ours[k] != v) + f", lr {ours['lr']:g}: " in first  # where it differs
+    assert "validation valid (what chooses each distilled best.pt): teacher " in first  # before the first stage
     minillm.main(argv)
     second = capsys.readouterr().out
     assert second.count(" has finished ") == 5 and "trained" not in second  # finished stages are reused
@@ -2277,12 +2278,22 @@ def test_the_pipeline_on_your_own_data(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "kd: trained" in out and "minillm: trained" in out and "Rouge-L on the 10 test prompts" in out
     assert "minillm: --batch_size 8 (the paper: 64), --rollout_size 8 (the paper: 256), lr 0.001: as typed " \
-           "(--batch_size, --rollout_size)" in out  # (the built-in task's lr 3e-3 and one pass not taken)
+           "(--batch_size, --rollout_size); with the drift guard --target_kl " \
+           f"{minillm.MINILLM_OPTIONS['target_kl'][1]:g}" in out  # (the built-in task's lr 3e-3 and one pass not taken)
     rows = out[out.index("KD, on-policy and MiniLLM: "):].splitlines()[3:13]
     assert [r.split()[:2] for r in rows] == [[m, d] for m in ("teacher", "sft", "kd", "on-policy", "minillm")
                                             for d in ("greedy", "sampled")]
     for stage in ("kd", "on-policy", "minillm"):  # the pipeline's lr, not the built-in task's CHOSEN
         assert minillm.read_checkpoint(str(tmp_path / "out" / stage / "last.pt"))["args"]["lr"] == 1e-3
+    # before the first distillation stage: the teacher and the SFT student on validation Rouge-L, and a line where
+    # the teacher is not ahead (here, one with the student's own weights cannot be)
+    teacher, student = re.search(r"validation rougeL \(what chooses each distilled best.pt\): teacher ([\d.]+), SFT "
+                                 r"student ([\d.]+)", out).groups()
+    assert ("the teacher is not ahead of the SFT student" in out) == (float(teacher) <= float(student))
+    args = minillm.get_args(argv + ["--teacher", "student.pt", "--init", "student.pt"])
+    minillm.teacher_ahead(args, dict(minillm.pipeline_stages(args))["kd"])
+    assert "the teacher is not ahead of the SFT student on validation rougeL: distillation can only pull the " \
+           "student toward the teacher" in capsys.readouterr().out
     assert json.load(open(tmp_path / "out" / "kd" / "hf" / "config.json"))["minillm_data"] == "mine.jsonl"
 
 
