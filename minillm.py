@@ -49,6 +49,11 @@ What this version simplifies or changes (relative to the paper and its official 
   the paper; --recipe official gives the official code's loss, each difference a switch (RECIPES).
 - The teacher's logits are recomputed for each mini-batch instead of being stored with the rollouts (memory over
   time; the teacher forward is cheap next to the rollouts).
+- A drift guard on PPO's reuse of a round (--target_kl, default 0.001; the paper has none; PPO's usual early stop
+  on a target KL): at the end of each pass over a round, once the mean kl_old (how far q_theta has moved from the
+  q_old that sampled the round) of its mini-batches so far passes 1.5x the target, the round's remaining passes are
+  skipped. It acts where rounds are reused (--ppo_epochs above 1: on your data, and --method minillm typed alone);
+  the default was chosen on validation (eval.py --guard; docs/results.md).
 - On the built-in task the distilled checkpoint is chosen by the validity of sampled validation responses (the
   paper chooses by validation Rouge-L, as this does on other data).
 """
@@ -136,7 +141,7 @@ MINILLM_OPTIONS = {
     "rollout_size": (256, 64, "responses rolled out per round (onpolicy: default --batch_size, a fresh round "
                               "every step)"),
     "ppo_epochs": (4, 4, "passes over each round's rollouts, in mini-batches of --batch_size (onpolicy: default 1)"),
-    "target_kl": (0.0, 0.002, "drift guard on PPO's reuse: once the mean kl_old of a round's mini-batches so far "
+    "target_kl": (0.0, 0.001, "drift guard on PPO's reuse: once the mean kl_old of a round's mini-batches so far "
                               "passes 1.5x this, the round's remaining passes are skipped and a new round is rolled "
                               "out (0: off; the paper has none)"),
     "clip_eps": (0.2, 0.2, "PPO clipping of the ratio rho_t = q_theta(y_t) / p_mix(y_t)"),
@@ -672,6 +677,7 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
                 state["kl_old"] = []
         rows = state["minibatches"].pop(0).to(device)
         yield {k: v[rows] for k, v in state["round"].items()}
+
 
 def guarded(args):
     """The drift guard's target, where it can act: on rounds that are reused (0: no guard)."""

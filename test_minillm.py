@@ -1205,6 +1205,49 @@ def test_table1_trains_each_row_from_the_sft_student_and_reuses_finished_runs(tm
         ev.main(argv + ["--rows", "nope"])
 
 
+def test_the_guard_study_chooses_its_target_on_validation_then_runs_the_test_set(tmp_path, monkeypatch, capsys):
+    """python eval.py --guard: every row at no guard and at each target (the sweep seeds), the target with the best
+    mean over the rows chosen, then the rows at that target and the sweep's one-pass row (docs/sweep.json's choice)
+    with every training seed on the test set; guard.json holds each validation and each test run's own numbers."""
+    import eval as ev
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(kernels, "USE_TRITON", False)
+    enc = data.get_encoding("builtin")
+    for name, model in (("teacher", eos_teacher(enc)), ("student-sft", tiny(vocab_size=enc.n_vocab, block_size=64))):
+        os.makedirs(tmp_path / "pipe" / name)
+        minillm.save_checkpoint(str(tmp_path / "pipe" / name / "best.pt"), model, None, 0, None, "builtin", {})
+        (tmp_path / "pipe" / name / "log.txt").write_text("done: 7 steps in 3s; best.pt is step 5 -> best.pt\n")
+    monkeypatch.setattr(ev, "SWEEP_BUDGET", "--max_steps 4 --eval_interval 2 --n_train 70 --n_valid 14 --n_test 14 "
+                                            "--max_new_tokens 8 --lm_coef 0")
+    monkeypatch.setattr(ev, "GUARD_TARGETS", ("0.001", "1"))
+    monkeypatch.setattr(ev, "GUARD_ROWS", {"minillm, short": "--method minillm --rollout_size 8 --ppo_epochs 2 "
+                                                             "--batch_size 4",
+                                           "official, short": "--method minillm --recipe official --rollout_size 8 "
+                                                              "--ppo_epochs 2 --batch_size 4"})
+    monkeypatch.setattr(ev, "GUARD_ONE_PASS", ("minillm",))
+    argv = ["--guard", "--pipeline_out", str(tmp_path / "pipe"), "--out", str(tmp_path / "g"), "--n_test", "14",
+            "--seeds", "1", "--max_new_tokens", "8", "--exposure_len", "4", "--sweep_seeds", "1", "--train_seeds",
+            "1", "2"]
+    ev.main(argv)
+    out = capsys.readouterr().out
+    record = json.load(open(tmp_path / "g" / "guard.json"))
+    means = {t: sum(ev.best_validation(str(tmp_path / "g" / ev.slug(row) / f"target-{t}-seed1"))[0]
+                    for row in ev.GUARD_ROWS) for t in ev.GUARD_TARGETS}
+    chosen = max(ev.GUARD_TARGETS, key=means.get)  # (a tie: the first)
+    assert record["chosen"] == chosen and f"the target chosen on validation: {chosen}" in out
+    assert set(record["validation"]["official, short"]) == {"target 0", "target 0.001", "target 1"}
+    assert "'recipe': 'official'" in open(tmp_path / "g" / "official-short" / "target-0-seed1" / "log.txt").read()
+    one_pass = json.load(open(os.path.join(HERE, "docs", "sweep.json")))["minillm"]
+    name = max((n for n in one_pass if "1 epoch," in n), key=lambda n: sum(v for v, _ in one_pass[n].values()))
+    labels = ["teacher", "sft", f"minillm, short, target {chosen}", f"official, short, target {chosen}",
+              f"minillm, {name} (the sweep's choice)"]
+    assert list(record["test"]) == labels and all(len(record["test"][k]) == 2 for k in labels[2:])
+    assert set(record["test"][labels[2]][1]) == {"valid", "rougeL", "minutes", "samples", "best_step"}
+    assert "'ppo_epochs': 1" in open(tmp_path / "g" / "minillm" / f"{ev.slug(name)}-seed2" / "log.txt").read()
+    ev.main(argv)  # everything reused
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("training ")]
+
+
 def test_the_sweep_chooses_on_validation_then_runs_the_test_set(tmp_path, monkeypatch, capsys):
     import eval as ev
     monkeypatch.chdir(tmp_path)
