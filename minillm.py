@@ -1810,6 +1810,9 @@ def set_method_defaults(args):
     if args.method == "onpolicy":  # on-policy distillation: fresh samples every step, unless rounds are typed
         args.rollout_size = args.rollout_size if "rollout_size" in typed else args.batch_size
         args.ppo_epochs = args.ppo_epochs if "ppo_epochs" in typed else 1
+    if args.method in ("minillm", "onpolicy") and guarded(args) and "target_kl" not in typed:
+        notes.append(f"the drift guard is on (--target_kl {args.target_kl:g}, not in the paper): a round's remaining "
+                     f"passes are skipped once the mean kl_old passes 1.5x it; --target_kl 0 turns it off")
     return notes
 
 
