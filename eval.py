@@ -5,6 +5,8 @@ Evaluation as the paper does it, and the built-in Table 1.
     python eval.py CKPT --data dolly --seeds 10 20 30 --out out/eval
     python eval.py --table1                  # train KD, SeqKD, on-policy, MiniLLM and its ablations (3 training
                                              # seeds each) from the SFT student, then evaluate them all
+    python eval.py --sweep                   # every method's small grid chosen on validation, then the test set
+    python eval.py --guard                   # the drift guard's target chosen on validation, then the test set
     python eval.py --bench generate          # generation: KV cache vs recomputing the prefix
     python eval.py --bench minillm [--shapes qwen] [minillm.py flags]  # MiniLLM steps at real scale, per loss path
     python eval.py --bench rollout [minillm.py flags]    # rollouts eager / fast vs transformers; MiniLLM vs KD cost
