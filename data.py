@@ -29,9 +29,10 @@ and yesno repeat prompts across splits, as facts do in real data, and so does li
 thousands of valid answers. Training lists are written alphabetically and stories in the trade's order of the day
 (any order is valid): with random orders the teacher kept repeating items (measured: 20% valid lists, greedy).
 
-`encode` is the family where reverse KL measurably beats forward KL with an under-capacity student
-(../shared/MINILLM.md section 9): forward KL spreads the student over four styles it cannot all finish, reverse KL
-lets it commit to the ones it can. Responses run from 3 words (reverse) to 54 (long stories).
+`encode` is the family where reverse KL measurably beat forward KL with an under-capacity student (a prototype
+measured before this task was built: a 1-layer, 16-dim student, four minutes each from its SFT start, sampled
+validity 5.5-6.2% after SFT, 3.5-5.2% after KD, 9.8-12.0% after a plain MiniLLM loop, two seeds): forward KL
+spreads the student over four styles it cannot all finish, reverse KL lets it commit to the ones it can. Responses run from 3 words (reverse) to 54 (long stories).
 
 Tokenizer. GPT-2 checkpoints use tiktoken's `gpt2` encoding. The built-in task uses its own tiktoken Encoding
 built here with no download: the 256 byte values, every word of the world as one token (with and without a
