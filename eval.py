@@ -20,7 +20,7 @@ once per seed; the metrics averaged over the seeds (mean and standard deviation)
 - on the built-in task: validity (data.is_valid), exact match on the single-answer families, validity per family;
 - the test-set language-modelling loss (cross-entropy on the reference responses; no sampling);
 - with --teacher: the reverse KL of the student to the teacher on its own samples (k3 per token, summed per
-  response), and the exposure bias ExAccErr(l) (../shared/MINILLM.md section 8), a curve per model (PNG);
+  response), and the exposure bias ExAccErr(l) (the paper's; exposure_bias below), a curve per model (PNG);
 - calibration, on the built-in yes/no family: expected calibration error of the answer token's probability
   (10 bins), with a reliability diagram (PNG).
 Each checkpoint's numbers go to a JSON file beside it (best.pt -> best-eval.json); the table of all of them to
@@ -770,9 +770,14 @@ def save_record(record, path):
     for row, settings in record.items():
         for name, seeds in settings.items():
             merged.setdefault(row, {}).setdefault(name, {}).update(seeds)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json(merged, path)
+
+
+def write_json(record, path):
+    """record as JSON at path, atomically (a temporary file, then renamed)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(merged, f, indent=1)
+        json.dump(record, f, indent=1)
     os.replace(path + ".tmp", path)
 
 
@@ -849,7 +854,8 @@ GUARD_ONE_PASS = ("minillm", "minillm, official")  # the sweep's rows whose one-
 
 def guard_settings(row):
     """{setting name: minillm.py flags} of a guard row: no guard (the reference), then each of GUARD_TARGETS."""
-    return {f"target {t}": f"{GUARD_ROWS[row]} {SWEEP_BUDGET} --lr 1e-3 --target_kl {t}" for t in ("0",) + GUARD_TARGETS}
+    return {f"target {t}": f"{GUARD_ROWS[row]} {SWEEP_BUDGET} --lr 1e-3 --target_kl {t}"
+            for t in ("0",) + GUARD_TARGETS}
 
 
 def guard(args):
@@ -860,9 +866,8 @@ def guard(args):
     runs are reused."""
     t0 = time.time()
     teacher, sft = pipeline_models(args)
-    record = {"validation": {}, "test": {}}
-    lines = ["| row | " + " | ".join(guard_settings(next(iter(GUARD_ROWS)))) + " |",
-             "|---|" + "---|" * (len(GUARD_TARGETS) + 1)]
+    record, names = {"validation": {}, "test": {}}, list(guard_settings(next(iter(GUARD_ROWS))))  # (every row's)
+    lines = ["| row | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for row in GUARD_ROWS:
         for name, flags in guard_settings(row).items():
             for seed in args.sweep_seeds:
@@ -873,9 +878,9 @@ def guard(args):
     chosen = max(GUARD_TARGETS, key=lambda t: sum(mean(row, f"target {t}") for row in GUARD_ROWS))
     record["chosen"] = chosen
     for row in GUARD_ROWS:
-        lines.append(f"| {row} | " + " | ".join(f"{mean(row, name):.1f}" for name in guard_settings(row)) + " |")
-    lines.append("| mean of the four | " + " | ".join(f"{sum(mean(row, name) for row in GUARD_ROWS) / len(GUARD_ROWS):.1f}"
-                                                        for name in guard_settings(next(iter(GUARD_ROWS)))) + " |")
+        lines.append(f"| {row} | " + " | ".join(f"{mean(row, name):.1f}" for name in names) + " |")
+    lines.append("| mean of the four | " + " | ".join(
+        f"{sum(mean(row, name) for row in GUARD_ROWS) / len(GUARD_ROWS):.1f}" for name in names) + " |")
     print(f"the target chosen on validation: {chosen}\n" + "\n".join(lines), flush=True)
     runs = {"teacher": [os.path.dirname(teacher)], "sft": [os.path.dirname(sft)]}
     for row in GUARD_ROWS:
@@ -887,15 +892,12 @@ def guard(args):
         scores = {n: sum(v for v, _ in s.values()) / len(s) for n, s in sweep_record[row].items() if "1 epoch," in n}
         name = max(scores, key=scores.get)
         runs[f"{row}, {name} (the sweep's choice)"] = [train_run(
-            f"{row} ({name})", sweep_settings(row)[name], os.path.join(args.out, slug(row), slug(name) + f"-seed{seed}"),
-            seed, args) for seed in args.train_seeds]
+            f"{row} ({name})", sweep_settings(row)[name],
+            os.path.join(args.out, slug(row), slug(name) + f"-seed{seed}"), seed, args) for seed in args.train_seeds]
     record["test"] = test_table(runs, teacher, args, t0)
-    os.makedirs(args.out, exist_ok=True)
+    write_json(record, os.path.join(args.out, "guard.json"))
     with open(os.path.join(args.out, "guard.md"), "w") as f:
         f.write(f"the target chosen on validation: {chosen}\n\n" + "\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "guard.json") + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(os.path.join(args.out, "guard.json") + ".tmp", os.path.join(args.out, "guard.json"))
 
 
 def over_training_seeds(per_seed):

@@ -1169,15 +1169,20 @@ def test_eval_reads_a_builtin_export_offline(tmp_path, monkeypatch):
         ev.main([str(hf), *common, "--out", str(tmp_path / "eval")])
 
 
+def pipeline_folder(folder):
+    """What `python minillm.py` leaves for eval.py's --table1, --sweep and --guard: a tiny teacher and SFT student."""
+    enc = data.get_encoding("builtin")
+    for name, model in (("teacher", eos_teacher(enc)), ("student-sft", tiny(vocab_size=enc.n_vocab, block_size=64))):
+        os.makedirs(folder / name)
+        minillm.save_checkpoint(str(folder / name / "best.pt"), model, None, 0, None, "builtin", {})
+        (folder / name / "log.txt").write_text("done: 7 steps in 3s; best.pt is step 5 -> best.pt\n")
+
+
 def test_table1_trains_each_row_from_the_sft_student_and_reuses_finished_runs(tmp_path, monkeypatch, capsys):
     import eval as ev
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(kernels, "USE_TRITON", False)  # the reference: the interpreter is slow (the kernel has tests)
-    enc = data.get_encoding("builtin")
-    for name, model in (("teacher", eos_teacher(enc)), ("student-sft", tiny(vocab_size=enc.n_vocab, block_size=64))):
-        os.makedirs(tmp_path / "pipe" / name)
-        minillm.save_checkpoint(str(tmp_path / "pipe" / name / "best.pt"), model, None, 0, None, "builtin", {})
-        (tmp_path / "pipe" / name / "log.txt").write_text("done: 7 steps in 3s; best.pt is step 5 -> best.pt\n")
+    pipeline_folder(tmp_path / "pipe")
     small = " --max_steps 4 --eval_interval 2 --n_train 70 --n_valid 14 --n_test 14 --max_new_tokens 8 --batch_size 4"
     monkeypatch.setattr(ev, "TABLE1", {"kd": "--method kd" + small, "on-policy rkl": "--method onpolicy" + small,
                                        "minillm, alpha 0": "--method minillm --alpha 0 --rollout_size 8" + small})
@@ -1214,11 +1219,7 @@ def test_the_guard_study_chooses_its_target_on_validation_then_runs_the_test_set
     import eval as ev
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(kernels, "USE_TRITON", False)
-    enc = data.get_encoding("builtin")
-    for name, model in (("teacher", eos_teacher(enc)), ("student-sft", tiny(vocab_size=enc.n_vocab, block_size=64))):
-        os.makedirs(tmp_path / "pipe" / name)
-        minillm.save_checkpoint(str(tmp_path / "pipe" / name / "best.pt"), model, None, 0, None, "builtin", {})
-        (tmp_path / "pipe" / name / "log.txt").write_text("done: 7 steps in 3s; best.pt is step 5 -> best.pt\n")
+    pipeline_folder(tmp_path / "pipe")
     monkeypatch.setattr(ev, "SWEEP_BUDGET", "--max_steps 4 --eval_interval 2 --n_train 70 --n_valid 14 --n_test 14 "
                                             "--max_new_tokens 8 --lm_coef 0")
     monkeypatch.setattr(ev, "GUARD_TARGETS", ("0.001", "1"))
@@ -1254,11 +1255,7 @@ def test_the_sweep_chooses_on_validation_then_runs_the_test_set(tmp_path, monkey
     import eval as ev
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(kernels, "USE_TRITON", False)
-    enc = data.get_encoding("builtin")
-    for name, model in (("teacher", eos_teacher(enc)), ("student-sft", tiny(vocab_size=enc.n_vocab, block_size=64))):
-        os.makedirs(tmp_path / "pipe" / name)
-        minillm.save_checkpoint(str(tmp_path / "pipe" / name / "best.pt"), model, None, 0, None, "builtin", {})
-        (tmp_path / "pipe" / name / "log.txt").write_text("done: 7 steps in 3s; best.pt is step 5 -> best.pt\n")
+    pipeline_folder(tmp_path / "pipe")
     monkeypatch.setattr(ev, "SWEEP_BUDGET", "--max_steps 2 --eval_interval 1 --n_train 70 --n_valid 14 --n_test 14 "
                                             "--max_new_tokens 8 --lm_coef 0")
     monkeypatch.setattr(ev, "SWEEP_LRS", ("1e-4", "3e-2"))
@@ -1471,7 +1468,8 @@ def test_kernels_py_lends_transformers_the_names_of_hugging_faces_package(tmp_pa
         print('done')
     """
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(tmp_path / "good"),
-                           str(tmp_path / "broken")], cwd=HERE, env=USER_ENV, capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "broken")], cwd=HERE, env=USER_ENV, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     message, last = done.stdout.splitlines()
     assert last == "done" and "kernels.py (minillm's Triton kernel) answers to the name `kernels`" in message
