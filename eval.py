@@ -735,9 +735,10 @@ SWEEP_BUDGET = "--max_steps 600 --min_lr 1e-4 --lm_coef 0 --eval_interval 100 --
 SWEEP_LRS = ("3e-4", "1e-3", "3e-3")
 SWEEP_ROUND = 64  # --rollout_size
 SWEEP_ROUNDS = ((1, 64), (1, 32), (4, 64), (4, 32))  # (--ppo_epochs, --batch_size)
+SWEEP_BATCHES = (64, 32)  # KD and SeqKD: the same two mini-batches as the rows that roll out
 SWEEP = {  # row: (minillm.py flags, the reference setting)
-    "kd": ("--method kd", "lr 1e-3"),
-    "seqkd": ("--method seqkd", "lr 1e-3"),
+    "kd": ("--method kd", "lr 1e-3, batch 32"),
+    "seqkd": ("--method seqkd", "lr 1e-3, batch 32"),
     "on-policy rkl": ("--method onpolicy", "lr 1e-3, 1 epoch, batch 64"),  # (fresh samples every step: GKD)
     "on-policy jsd 0.5": ("--method onpolicy --divergence jsd --beta 0.5", "lr 1e-3, 1 epoch, batch 64"),
     "minillm": ("--method minillm", "lr 1e-3, 4 epochs, batch 32"),  # (the paper's 4 epochs, a quarter round: 256/64)
@@ -750,7 +751,8 @@ def sweep_settings(row):
     method = SWEEP[row][0]
     settings = {f"lr {lr}": f"{method} {SWEEP_BUDGET} --lr {lr} --target_kl 0" for lr in SWEEP_LRS}
     if "--method onpolicy" not in method and "--method minillm" not in method:
-        return settings
+        return {f"{name}, batch {b}": f"{flags} --batch_size {b}" for name, flags in settings.items()
+                for b in SWEEP_BATCHES}
     return {f"{name}, {k} epoch{'s' * (k > 1)}, batch {b}": f"{flags} --rollout_size {SWEEP_ROUND} --ppo_epochs {k} "
             f"--batch_size {b}" for name, flags in settings.items() for k, b in SWEEP_ROUNDS}
 
