@@ -5,8 +5,7 @@ Language Models", ICLR 2024), in one file that reads top to bottom.
 
     python minillm.py                                  # Algorithm 1 end to end on the built-in task, and the comparison
     python minillm.py --teacher CKPT [--init STUDENT_CKPT]         # the same with your teacher (and SFT student)
-    python minillm.py --method sft --model teacher --out out/teacher          # supervised fine-tuning (stage 1)
-    python minillm.py --method sft --model student --out out/student-sft
+    python minillm.py --method sft --model student --out out/student-sft    # supervised fine-tuning (stage 1)
     python minillm.py --method minillm --teacher out/teacher/best.pt --init out/student-sft/best.pt --out out/minillm
     python minillm.py --method kd|seqkd|onpolicy --teacher ... --init ... --out out/kd   # the baselines, the same loop
     torchrun --nproc_per_node=N minillm.py --method ...            # any method on N processes (DDP)
@@ -14,48 +13,73 @@ Language Models", ICLR 2024), in one file that reads top to bottom.
     python minillm.py --teacher Qwen/Qwen2.5-1.5B-Instruct --init Qwen/Qwen2.5-0.5B-Instruct --data dolly \
         --pt_data openwebtext       # Hugging Face checkpoints: gpt2, opt, llama, mistral, qwen2, qwen3 (README)
 
-The method. Knowledge distillation usually minimizes the forward KL[p || q_theta] on given text, which makes a small
-student spread itself over everything the teacher might say. MiniLLM minimizes the reverse KL at the sequence level,
-on the student's own samples, so that the student commits to what it can say well (mode seeking):
+The method, from Eq. 1 to Eq. 7. Knowledge distillation usually minimizes the forward KL[p || q_theta] on given
+text: wherever the teacher p puts mass the student q_theta must too, so a small student spreads itself over
+everything the teacher might say, including what it cannot say well. MiniLLM minimizes the reverse KL at the
+sequence level, on the student's own samples: the student is punished for saying what the teacher would not, and
+may leave out what it cannot say well (mode seeking):
 
     L(theta) = KL[q_theta || p] = - E_{x ~ D, y ~ q_theta(.|x)} log( p(y|x) / q_theta(y|x) )                 (Eq. 1)
 
-Its gradient is a policy gradient with the per-token reward r_t = log p(y_t|y_<t,x) - log q_theta(y_t|y_<t,x) and the
-return R_t = sum_{t' >= t} r_t' (Eq. 2). Three changes make it train: the step-t part of the return is taken in
-expectation over the vocabulary, exactly (the single-step term, Eq. 3); responses are sampled from the teacher-mixed
-p_mix = alpha p + (1 - alpha) q_theta and reweighted by w_t = q_theta(y_t) / p_mix(y_t) (Eq. 4-5); and the long-term
-return is a mean over the later steps, not a sum (R^Norm_{t+1}, Eq. 6). Together:
+1. A policy gradient (Eq. 2). The samples y depend on theta, so the gradient goes through log q_theta (REINFORCE):
+   the student is the policy, and each token earns the reward r_t = log p(y_t|y_<t,x) - log q_theta(y_t|y_<t,x),
+   whose sum over t is the log-ratio inside Eq. 1. A token can only change the rewards from its own step on, so
+       grad L = - E_{x, y ~ q_theta} sum_t (R_t - 1) grad log q_theta(y_t|y_<t,x),   R_t = sum_{t' >= t} r_t'  (Eq. 2)
+   (the -1, from the log q_theta inside r_t, has expectation 0 and is dropped). Unbiased, but R_t sums T - t + 1
+   sampled rewards: the estimate is noisy.
+2. Its variance: the single-step term (Eq. 3). Split R_t = r_t + R_{t+1}. The first part depends on y_t alone, whose
+   distribution q_theta(.|y_<t,x) is known, so its expectation is a sum over the vocabulary, taken exactly instead of
+   sampled: sum_{y'} q_theta(y') log(p(y') / q_theta(y')) = -KL_t, with KL_t = KL(q_theta(.|y_<t,x) || p(.|y_<t,x)).
+   Then grad L = E sum_t [ grad KL_t - R_{t+1} grad log q_theta(y_t) ]: a dense, exact signal at every step (the
+   token-level reverse KL), plus a long-term term for what y_t does to the later tokens, whose return R_{t+1}
+   excludes step t.
+3. Reward hacking: teacher-mixed sampling (Eq. 4-5). A small student early in training samples degenerate responses
+   (repeated phrases, say) that the teacher happens to score well, and the policy gradient reinforces them. So each
+   token is sampled from p_mix = alpha p + (1 - alpha) q_theta (alpha = 0.2), which keeps rollouts near text the
+   teacher would write, and the expectation is corrected by importance weights. The exact weight, the product of
+   q_theta / p_mix over steps 1..t, has too much variance; the per-step w_t = q_theta(y_t|.) / p_mix(y_t|.) is used.
+4. The bias toward short responses: length normalization (Eq. 6). Each r_t is on average -KL_t < 0, so the sum
+   R_{t+1} is more negative the more tokens follow, and the policy gradient learns to stop early. The mean of the
+   later rewards removes that: R^Norm_{t+1} = R_{t+1} / (T - t), over the T - t steps t+1..T.
+Together (Eq. 7; . = y_<t, x):
 
     grad L = - E_{x, y ~ p_mix} sum_t w_t [ grad sum_{y' in V} q_theta(y'|.) log( p(y'|.) / q_theta(y'|.) )
-                                            + R^Norm_{t+1} grad log q_theta(y_t|.) ]          (Eq. 7; . = y_<t, x)
+                                            + R^Norm_{t+1} grad log q_theta(y_t|.) ]
+           =   E_{x, y ~ p_mix} sum_t w_t [ grad KL_t - R^Norm_{t+1} grad log q_theta(y_t|.) ]
 
-Algorithm 1: (1) fine-tune the student on the instruction data (SFT) and keep the checkpoint with the lowest validation
-loss; (2) repeat: roll out responses to a round of prompts from p_mix, score them once (r_t, R^Norm_{t+1}, w_t), and
-take PPO-style steps over mini-batches of the round on Eq. 7 (the long-term term's ratio clipped) plus the language-
-modelling loss L_PT on pretraining text.
+In code (minillm_terms, minillm_loss): w_t KL_t plus the long-term term -w_t R^Norm_{t+1} q_theta(y_t)/q_old(y_t),
+whose gradient at q_theta = q_old is -w_t R^Norm_{t+1} grad log q_theta(y_t); both averaged over the response tokens
+of a mini-batch, as the official code does, rather than summed over t and averaged over responses: the same
+direction for each mini-batch, scaled by 1 / (its mean response length), so that the step size does not grow with
+the responses' length. Why a fused kernel (kernels.py): KL_t needs both models' log-softmax over the whole
+vocabulary at every response token, (b, n, V) tensors (a GPT-2 vocabulary: 50,257 floats a token); done with
+PyTorch ops that is several passes and (b, n, V) temporaries kept for the backward; the kernel reads each row of
+logits once, and its backward recomputes the gradient q_j (log q_j - log p_j - KL_t) from them.
 
-This file, top to bottom: the settings, the GPT model, the KV cache, teacher-mixed rollouts, scoring a round, the
-loss terms, the baselines' losses and L_PT, the rollout buffer, validation, the optimizer, train(), Algorithm 1 end
-to end, main(). Below main, under a ruler, what a first reading can skip: the other families' pieces, the fast
-decode, generation for evaluation, and the plumbing (errors, checkpoints, Hugging Face import/export, run folders
-and resume, devices and processes, the command line).
-Data and tokenizers live in data.py, the fused reverse-KL kernel in kernels.py, evaluation and benchmarks in eval.py.
+Algorithm 1: (1) fine-tune the student on the instruction data (SFT), keeping the checkpoint with the lowest
+validation loss; (2) repeat: roll out a round of responses from p_mix, score it once with q_old, the student that
+sampled it (r_t, R^Norm_{t+1}, w_t), and take PPO-style steps over mini-batches of the round on Eq. 7 (the long-term
+term's ratio q_theta / p_mix clipped to 1 +- eps) plus the language-modelling loss L_PT on pretraining text.
 
-What this version simplifies or changes (relative to the paper and its official code):
-- The built-in task is a small procedurally generated instruction world (data.py) so that the whole method runs
-  on a 2-core CPU in minutes; GPT-2 shapes are available by name for real runs.
-- Where the official code departs from the paper (the return includes step t, a discount of 0.95, scaled and
-  clipped rewards, advantages whitened per mini-batch, no importance weight on the single-step term), this follows
-  the paper; --recipe official gives the official code's loss, each difference a switch (RECIPES).
-- The teacher's logits are recomputed for each mini-batch instead of being stored with the rollouts (memory over
-  time; the teacher forward is cheap next to the rollouts).
-- A drift guard on PPO's reuse of a round (--target_kl, default 0.001; the paper has none; PPO's usual early stop
-  on a target KL): at the end of each pass over a round, once the mean kl_old (how far q_theta has moved from the
-  q_old that sampled the round) of its mini-batches so far passes 1.5x the target, the round's remaining passes are
-  skipped. It acts where rounds are reused (--ppo_epochs above 1: on your data, and --method minillm typed alone);
-  the default was chosen on validation (eval.py --guard; docs/results.md).
-- On the built-in task the distilled checkpoint is chosen by the validity of sampled validation responses (the
-  paper chooses by validation Rouge-L, as this does on other data).
+This file: settings, model, rollouts, scoring, loss, baselines and L_PT, rollout buffer, validation, optimizer,
+train(), Algorithm 1 end to end, main(); below main, under a ruler, what a first reading can skip. data.py holds the
+data and tokenizers, kernels.py the fused kernel, eval.py the evaluation and benchmarks.
+
+What this version changes (relative to the paper and its official code):
+- Where the official code departs from the paper (RECIPES: the return includes step t and is discounted, rewards
+  are scaled and clipped, advantages whitened, no w_t on the single-step term; and its L_PT is half distillation,
+  --kd_ratio 0.5), this follows the paper; --recipe official gives the official code's loss.
+- The teacher's logits are recomputed for each mini-batch, not stored with the rollouts (memory over time).
+- A drift guard on PPO's reuse of a round (--target_kl, default 0.001; not in the paper; PPO's early stop on a
+  target KL): at the end of a pass, once the mean kl_old (how far q_theta has moved from q_old) of the round's
+  mini-batches passes 1.5x the target, the round's remaining passes are skipped. It acts where rounds are reused
+  (--ppo_epochs above 1: on your data, and --method minillm typed alone); chosen on validation (eval.py --guard).
+- The built-in task (data.py) is a small generated instruction world that runs on a 2-core CPU in minutes. There
+  the distilled checkpoint is chosen by the validity of sampled validation responses (elsewhere, as in the paper, by
+  validation Rouge-L), and the pipeline's MiniLLM stage (CHOSEN) runs one pass over rounds of 64 in mini-batches of
+  32 at lr 3e-3 with L_PT off, where the paper has 4 passes over rounds of 256 and L_PT: chosen on validation
+  (eval.py --sweep: one pass scored above four in 22 of 24 paired settings), and L_PT on a text the 0.033M student
+  never learned cost it validity at every weight tried (docs/results.md).
 """
 import argparse
 import functools
@@ -159,9 +183,9 @@ MINILLM_OPTIONS = {
 }
 
 # The two recipes of MiniLLM's loss: `paper` is Eq. 7 as the paper writes it (the default), `official` the loss of
-# the official code (microsoft/LMOps, minillm/minillm/), which differs from Eq. 7 by these switches and nothing
-# else. --recipe sets them all; a typed switch (--gamma 1, --no_whiten, ...) wins. Each is used where it acts:
-# score_round (the first four) and minillm_loss (the last two). switch: (paper, official, what and where)
+# the official code (microsoft/LMOps, minillm/minillm/), which differs from Eq. 7 by these switches (and its L_PT by
+# --kd_ratio 0.5, MINILLM_OPTIONS). --recipe sets them all; a typed switch (--gamma 1, --no_whiten, ...) wins. Each
+# is used where it acts: score_round (the first four) and minillm_loss (the last two). (paper, official, what, where)
 RECIPES = {
     "include_t": (False, True, "the long-term return includes step t: R_t / (T - t + 1) instead of R^Norm_{t+1} "
                                "(losses.py 39-49: rw_t = r_t + gamma rw_{t+1}, divided by the valid steps from t on)"),
@@ -456,8 +480,9 @@ def response_logits(model, batch, hidden=False):
 
 
 def returns(r, mask, length_norm=True, gamma=1.0, include_t=False):
-    """Long-term return R_{t+1} = sum over the steps t' > t of gamma^(t' - t - 1) r_t' (Eq. 2: the paper's return
-    excludes step t and has no discount, gamma = 1; the official code discounts with 0.95).
+    """Long-term return R_{t+1} = sum over the steps t' > t of gamma^(t' - t - 1) r_t': Eq. 2's return R_t from the
+    step after t on, since the single-step term takes r_t in expectation (Eq. 3); the paper has no discount, gamma =
+    1 (the official code: 0.95, and R_t, step t included).
     length_norm (Eq. 6): R^Norm_{t+1} = that sum divided by the number of valid steps t' = t+1 .. T of the response
     (T - t terms, the number actually summed; 0 at the last step). Without it: the plain sum.
     include_t: R_t = r_t + gamma R_{t+1} instead (the plain policy gradient of Eq. 2, for the ablation without the
@@ -490,22 +515,6 @@ def score_round(batch, args):
     batch["w"] = torch.exp(batch["logq_old"] - batch["log_pmix"])          # Eq. 5: w_t = q_old(y_t) / p_mix(y_t)
     return batch
 
-
-def whiten(A, mask, width):
-    """The official code's whitening of a mini-batch's advantages (losses.py 53, utils.py whiten): (A - mean) / std
-    over every entry of its (b, width) response tensor, padded to width = max_new_tokens with zeros that count (so
-    short responses keep part of their mean), with the population variance of its distributed statistics (over every
-    process's rows under torchrun). Entries outside the mask stay 0 (the loss masks them anyway)."""
-    A = A * mask
-    entries = A.size(0) * width
-    stats = torch.stack([A.sum(), torch.tensor(float(entries), device=A.device)])  # sum, count
-    if dist.is_initialized():
-        dist.all_reduce(stats)
-    mean = stats[0] / stats[1]
-    sq = ((A - mean) ** 2 * mask).sum() + (entries - mask.sum()) * mean ** 2  # (each zero: (0 - mean)^2)
-    if dist.is_initialized():
-        dist.all_reduce(sq)
-    return (A - mean) * torch.rsqrt(sq / stats[1] + 1e-8) * mask
 
 # -----------------------------------------------------------------------------
 # The loss: Eq. 7 per response token, the long-term term clipped as in PPO (Algorithm 1)
@@ -558,13 +567,15 @@ def minillm_loss(student, teacher, batch, args, ctx):
     mean = lambda x: (x * mask).sum() / n  # over the mini-batch's response tokens
     loss_single, loss_long = mean(single), mean(long_term)
     log_ratio = (logq.detach() - batch["logq_old"]) * mask  # log q_theta(y_t) / q_old(y_t)
+    rho = log_ratio.exp() * batch["w"]  # q_theta(y_t) / p_mix(y_t), the ratio the clip acts on (w_t at q_old)
     stats = {"reward": mean(batch["r"]), "single": loss_single.detach(), "long": loss_long.detach(),
              "adv": mean(A),  # the mean advantage
              "kl_old": mean(log_ratio.exp() - 1 - log_ratio),  # approximate KL(q_old || q_theta) on these tokens (k3)
-             "clip": mean(((log_ratio.exp() - 1).abs() > args.clip_eps).float()),  # share of q_theta/q_old outside
+             # the share of tokens whose long-term gradient the clip takes away (rho_t past 1 +- eps on A_t's side)
+             "clip": mean((-A * rho.clamp(1 - args.clip_eps, 1 + args.clip_eps) > -A * rho).float()),
              "ent": mean(-logq.detach()),  # -log q_theta(y_t): the student's entropy, estimated on its samples
              "w": mean(batch["w"]), "len": mask.sum(1).float().mean()}
-    # Eq. 7: grad L = E_{y ~ p_mix} sum_t [ w_t grad KL_t (single-step) + w_t R^Norm_{t+1} grad log q_theta(y_t)
+    # Eq. 7: grad L = E_{y ~ p_mix} sum_t [ w_t grad KL_t (single-step) - w_t R^Norm_{t+1} grad log q_theta(y_t)
     # (long-term, clipped) ]: the gradient of this sum (ablations: --no_single_step, --no_long_term, one term alone)
     return (loss_single if args.single_step else 0) + (loss_long if args.long_term else 0), stats
 
@@ -595,20 +606,6 @@ def token_loss(student, teacher, x, y, kd_ratio, ctx):
         logits_p = teacher(x, y)[0]  # (N, V)
     fkl = forward_kl(logits, logits_p).mean()
     return (1 - kd_ratio) * ce + kd_ratio * fkl, {"ce": ce.detach(), "fkl": fkl.detach()}
-
-
-def generalized_jsd(logits_q, logits_p, beta):
-    """The generalized Jensen-Shannon divergence at each position, (..., V) logits -> (...), as TRL's GKD defines it:
-    beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q; at beta 0 the forward KL[p || q] and at
-    beta 1 the reverse KL[q || p] (the ends TRL takes as those two KLs)."""
-    if beta == 0:
-        return forward_kl(logits_q, logits_p)
-    if beta == 1:
-        return forward_kl(logits_p, logits_q)  # KL[q || p]: the roles swapped
-    log_q, log_p = F.log_softmax(logits_q.float(), -1), F.log_softmax(logits_p.float(), -1)
-    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), 0)  # log m
-    kl_to_m = lambda log_a: torch.where(log_a > -math.inf, log_a.exp() * (log_a - log_m), 0.0).sum(-1)
-    return beta * kl_to_m(log_p) + (1 - beta) * kl_to_m(log_q)
 
 
 def onpolicy_loss(student, teacher, batch, args, ctx):
@@ -684,42 +681,7 @@ def guarded(args):
     return args.target_kl if args.ppo_epochs > 1 else 0.0
 
 # -----------------------------------------------------------------------------
-# Validation: the numbers that choose best.pt and that the log follows (their measures are below main())
-
-
-def validate(student, teacher, val, args, ctx):
-    """The validation numbers: loss (CE on the ground-truth responses), pt_loss (CE on held-out pretraining text, the
-    built-in task's), and with a teacher rkl (KL[q || p], k3 on pure student samples of 64 validation prompts, fixed
-    seed) and, on the built-in task, valid (the fraction of valid responses sampled at T = 1 for the validation
-    prompts, fixed seed), elsewhere rougeL (Rouge-L of responses sampled at T = 1, fixed seed, for the first 256
-    validation prompts). None if a SIGTERM cut it short (not with a sharded teacher, whose forwards every process
-    must run to the end together)."""
-    device = next(student.parameters()).device
-    sigterm = not args.shard_teacher
-    try:
-        metrics = {"loss": validation_loss(student, val["pairs"], 64, device, ctx, sigterm=sigterm)}
-        if "pt" in val:  # the loss on held-out pretraining text, which L_PT is there to keep
-            with torch.no_grad(), evaluating(student), ctx:
-                metrics["pt_loss"] = student(*(t.to(device) for t in val["pt"]))[1].item()  # (its mean CE)
-        if teacher is not None:
-            metrics["rkl"], _ = reverse_kl_k3(student, teacher, val["prompts"][:64], args,
-                                              torch.Generator(device).manual_seed(0))
-            metrics.update(task_score(student, val, args, sigterm))
-    except Stopped:
-        return None
-    return metrics
-
-
-def task_score(model, val, args, sigterm=False):
-    """{name: value} of the score that chooses a distilled best.pt: on the built-in task the validity of responses
-    sampled at T = 1 to the validation prompts (fixed seed); elsewhere the paper's, Rouge-L of responses sampled at
-    T = 1 to the first 256 validation prompts."""
-    if args.data == "builtin":
-        return {"valid": validity(model, val["enc"], val["rows"], greedy=False, seed=0,
-                                  max_new_tokens=args.max_new_tokens, sigterm=sigterm)["all"]}
-    prompts, references = zip(*val["rouge"])
-    responses = respond(model, val["enc"], prompts, seed=0, max_new_tokens=args.max_new_tokens, sigterm=sigterm)
-    return {"rougeL": sum(map(data.rouge_l, responses, ([r] for r in references))) / len(responses)}
+# Validation (validate, below main(): the loss, the reverse KL to the teacher, the task score) chooses best.pt
 
 
 def selection_score(metrics, method):
@@ -987,6 +949,77 @@ def main(argv=None):
 # and processes, the pipeline's checks and table, the command line), and the pieces the method calls but a first
 # reading skips: the other families' RMSNorm and rotary positions, the fast decode, generation for evaluation.
 # =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# Pieces of the method a first reading can skip: the official recipe's whitening (minillm_loss), the generalized JSD
+# of on-policy distillation (onpolicy_loss), and the validation numbers (validate, task_score)
+
+
+def whiten(A, mask, width):
+    """The official code's whitening of a mini-batch's advantages (losses.py 53, utils.py whiten): (A - mean) / std
+    over every entry of its (b, width) response tensor, padded to width = max_new_tokens with zeros that count (so
+    short responses keep part of their mean), with the population variance of its distributed statistics (over every
+    process's rows under torchrun). Entries outside the mask stay 0 (the loss masks them anyway)."""
+    A = A * mask
+    entries = A.size(0) * width
+    stats = torch.stack([A.sum(), torch.tensor(float(entries), device=A.device)])  # sum, count
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    mean = stats[0] / stats[1]
+    sq = ((A - mean) ** 2 * mask).sum() + (entries - mask.sum()) * mean ** 2  # (each zero: (0 - mean)^2)
+    if dist.is_initialized():
+        dist.all_reduce(sq)
+    return (A - mean) * torch.rsqrt(sq / stats[1] + 1e-8) * mask
+
+
+def generalized_jsd(logits_q, logits_p, beta):
+    """The generalized Jensen-Shannon divergence at each position, (..., V) logits -> (...), as TRL's GKD defines it:
+    beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q; at beta 0 the forward KL[p || q] and at
+    beta 1 the reverse KL[q || p] (the ends TRL takes as those two KLs)."""
+    if beta == 0:
+        return forward_kl(logits_q, logits_p)
+    if beta == 1:
+        return forward_kl(logits_p, logits_q)  # KL[q || p]: the roles swapped
+    log_q, log_p = F.log_softmax(logits_q.float(), -1), F.log_softmax(logits_p.float(), -1)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), 0)  # log m
+    kl_to_m = lambda log_a: torch.where(log_a > -math.inf, log_a.exp() * (log_a - log_m), 0.0).sum(-1)
+    return beta * kl_to_m(log_p) + (1 - beta) * kl_to_m(log_q)
+
+
+def validate(student, teacher, val, args, ctx):
+    """The validation numbers: loss (CE on the ground-truth responses), pt_loss (CE on held-out pretraining text, the
+    built-in task's), and with a teacher rkl (KL[q || p], k3 on pure student samples of 64 validation prompts, fixed
+    seed) and, on the built-in task, valid (the fraction of valid responses sampled at T = 1 for the validation
+    prompts, fixed seed), elsewhere rougeL (Rouge-L of responses sampled at T = 1, fixed seed, for the first 256
+    validation prompts). None if a SIGTERM cut it short (not with a sharded teacher, whose forwards every process
+    must run to the end together)."""
+    device = next(student.parameters()).device
+    sigterm = not args.shard_teacher
+    try:
+        metrics = {"loss": validation_loss(student, val["pairs"], 64, device, ctx, sigterm=sigterm)}
+        if "pt" in val:  # the loss on held-out pretraining text, which L_PT is there to keep
+            with torch.no_grad(), evaluating(student), ctx:
+                metrics["pt_loss"] = student(*(t.to(device) for t in val["pt"]))[1].item()  # (its mean CE)
+        if teacher is not None:
+            metrics["rkl"], _ = reverse_kl_k3(student, teacher, val["prompts"][:64], args,
+                                              torch.Generator(device).manual_seed(0))
+            metrics.update(task_score(student, val, args, sigterm))
+    except Stopped:
+        return None
+    return metrics
+
+
+def task_score(model, val, args, sigterm=False):
+    """{name: value} of the score that chooses a distilled best.pt: on the built-in task the validity of responses
+    sampled at T = 1 to the validation prompts (fixed seed); elsewhere the paper's, Rouge-L of responses sampled at
+    T = 1 to the first 256 validation prompts."""
+    if args.data == "builtin":
+        return {"valid": validity(model, val["enc"], val["rows"], greedy=False, seed=0,
+                                  max_new_tokens=args.max_new_tokens, sigterm=sigterm)["all"]}
+    prompts, references = zip(*val["rouge"])
+    responses = respond(model, val["enc"], prompts, seed=0, max_new_tokens=args.max_new_tokens, sigterm=sigterm)
+    return {"rougeL": sum(map(data.rouge_l, responses, ([r] for r in references))) / len(responses)}
 
 
 # -----------------------------------------------------------------------------

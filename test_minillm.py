@@ -2151,7 +2151,9 @@ def test_rollout_batches_advantages_and_the_official_whitening():
 
 
 def test_ppo_diagnostics_in_the_loss_stats(monkeypatch):
-    """kl_old and clip are 0 while q_theta = q_old and grow once it moves; ent is -log q_theta(y_t), adv the mean A."""
+    """kl_old is 0 while q_theta = q_old and grows once it moves; clip is the share of tokens whose long-term
+    gradient the clip takes away, where the ratio it acts on, q_theta / p_mix (w_t at q_old), is past 1 +- eps on the
+    side A_t pushes it; ent is -log q_theta(y_t), adv the mean A."""
     monkeypatch.setattr(kernels, "USE_TRITON", False)
     student, teacher = estimator_models(seed=7)
     args = minillm.get_args(["--rollout_size", "12", "--batch_size", "12", "--max_new_tokens", "5"])
@@ -2159,7 +2161,14 @@ def test_ppo_diagnostics_in_the_loss_stats(monkeypatch):
     mb = next(minillm.rollout_batches(student, teacher, [[0, 1], [2], [1, 2, 0]] * 4, args, "cpu"))
     _, stats = minillm.minillm_loss(student, teacher, mb, args, nullcontext())
     mask = mb["mask"]
-    assert abs(stats["kl_old"]) < 1e-6 and stats["clip"] == 0
+    assert abs(stats["kl_old"]) < 1e-6
+    A, w = mb["A"], mb["w"]
+    removed = (A > 0) & (w > 1.2) | (A < 0) & (w < 0.8)  # at q_old rho_t = w_t; eps 0.2
+    assert removed[mask].any() and abs(stats["clip"] - removed[mask].float().mean()) < 1e-6
+    logq = mb["logq_old"].clone().requires_grad_()  # the same tokens, by the gradient: none where the clip acts
+    _, long_term = minillm.minillm_terms(logq, torch.zeros_like(A), mb["logq_old"], A, w, w, args.clip_eps)
+    (long_term * mask).sum().backward()
+    assert torch.equal((logq.grad == 0) & mask & (A != 0), removed & mask & (A != 0))
     assert abs(stats["ent"] - (-mb["logq_old"][mask]).mean()) < 1e-5
     assert abs(stats["adv"] - mb["A"][mask].mean()) < 1e-6
     with torch.no_grad():
