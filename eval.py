@@ -7,6 +7,8 @@ Evaluation as the paper does it, and the built-in Table 1.
                                              # seeds each) from the SFT student, then evaluate them all
     python eval.py --sweep                   # every method's small grid chosen on validation, then the test set
     python eval.py --guard                   # the drift guard's target chosen on validation, then the test set
+    python eval.py --report                  # the sweep, Table 1 and the guard study from their records (docs/)
+    python eval.py --curves out [DIR ...]    # the runs' curves (validity, reverse KL, loss) in one PNG
     python eval.py --bench generate          # generation: KV cache vs recomputing the prefix
     python eval.py --bench minillm [--shapes qwen] [minillm.py flags]  # MiniLLM steps at real scale, per loss path
     python eval.py --bench rollout [minillm.py flags]    # rollouts eager / fast vs transformers; MiniLLM vs KD cost
@@ -43,6 +45,8 @@ import torch.nn.functional as F
 import data
 import kernels
 import minillm
+
+HERE = os.path.dirname(os.path.abspath(__file__))  # docs/ holds the records --report reads
 
 BUCKETS = ((0, 5), (6, 10), (11, math.inf))  # reference length in words, as the paper's length analysis
 
@@ -266,6 +270,9 @@ def table(results, columns=None):
     for r in results:
         cells = []
         for c in cols:
+            if isinstance(r.get(c), str):  # (a cell already written, e.g. "valid per seed")
+                cells.append(r[c])
+                continue
             digits = DIGITS.get(c, 1)
             m, s = r.get(c, (math.nan, 0.0))
             spread = s or r.get("train_seeds", 1) > 1  # (over training seeds: shown even when 0)
@@ -279,8 +286,7 @@ def write_reports(results, folder):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    keys = list(dict.fromkeys(k for r in results for k in r if isinstance(r[k], list) and len(r[k]) == 2
-                              and all(isinstance(x, float) for x in r[k])))
+    keys = list(dict.fromkeys(k for r in results for k in pairs(r)))
     with open(os.path.join(folder, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model"] + [f"{k} {s}" for k in keys for s in ("mean", "std")])
@@ -322,6 +328,65 @@ def plots(results, folder):
         fig.tight_layout()
         fig.savefig(os.path.join(folder, "reliability.png"), dpi=120)
         plt.close(fig)
+
+STAGES = ("teacher", "student-sft", "kd", "on-policy", "minillm")  # the pipeline's run folders, in its order
+
+
+def run_folders(paths):
+    """The run folders that paths name: a folder with a curves.jsonl is one; a folder of them (the pipeline's out/)
+    stands for those in it, the pipeline's stages in their order."""
+    folders = []
+    for path in paths:
+        if os.path.isfile(os.path.join(path, "curves.jsonl")):
+            folders.append(path)
+            continue
+        inside = sorted((f for f in (os.listdir(path) if os.path.isdir(path) else [])
+                         if os.path.isfile(os.path.join(path, f, "curves.jsonl"))),
+                        key=lambda f: (STAGES.index(f) if f in STAGES else len(STAGES), f))
+        if not inside:
+            raise minillm.InputError(f"{path}: no curves.jsonl in it or in its folders (a run folder of minillm.py, "
+                                     "or a folder of them)")
+        folders += [os.path.join(path, f) for f in inside]
+    return folders
+
+
+def read_curves(folder):
+    """(training records, validation records) of a run's curves.jsonl, by step; a step logged twice (a run resumed
+    from before it) keeps its last record."""
+    train, val = {}, {}
+    for line in open(os.path.join(folder, "curves.jsonl")):
+        record = json.loads(line)
+        (val if any(k.startswith("val ") for k in record) else train)[record["step"]] = record
+    return [train[k] for k in sorted(train)], [val[k] for k in sorted(val)]
+
+
+def draw_curves(paths, out):
+    """`python eval.py --curves DIR ...`: one PNG of the runs' curves: validation validity (or Rouge-L), reverse KL to
+    the teacher and loss (on the validation responses) against the step (top row) and the training minutes (bottom
+    row), a line per run. Returns the PNG's path."""
+    import matplotlib  # imported here: only the reports need it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    folders = run_folders(paths)
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    panels = (("val valid", "validation validity (%)", 100), ("val rkl", "reverse KL to the teacher (validation)", 1),
+              ("val loss", "validation loss (CE on the responses)", 1))
+    for folder in folders:
+        _, val = read_curves(folder)
+        label = os.path.basename(os.path.normpath(folder))
+        for col, (key, title, scale) in enumerate(panels):
+            key = key if key != "val valid" or any(key in r for r in val) else "val rougeL"
+            points = [(r["step"], r["seconds"] / 60, scale * r[key]) for r in val if key in r]
+            for row in range(2):
+                if points:
+                    axes[row, col].plot([p[row] for p in points], [p[2] for p in points], marker=".", label=label)
+                axes[row, col].set(xlabel=("step", "training minutes")[row], title=title if row == 0 else None)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 # -----------------------------------------------------------------------------
 # Benchmarks (they print tables; the tests run them small)
@@ -534,8 +599,8 @@ def bench_tokenizers(n=2000, steps=20):
 # main
 
 
-def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="Evaluate checkpoints as the MiniLLM paper does (see the docstring)")
+def arg_parser():
+    ap = minillm.ArgumentParser(description="Evaluate checkpoints as the MiniLLM paper does (see the docstring)")
     ap.add_argument("checkpoints", nargs="*", help="checkpoints to evaluate (one table row each)")
     ap.add_argument("--teacher", help="also the reverse KL to this teacher and the exposure bias")
     ap.add_argument("--data", help="builtin | dolly | a .jsonl/.json file | a folder (its test split); default: the "
@@ -547,7 +612,7 @@ def get_args(argv=None):
     ap.add_argument("--exposure_len", type=int, default=64, help="longest l of ExAccErr(l)")
     ap.add_argument("--out", help="folder for the table and the plots (default out/eval; --table1: out/table1, "
                                   "with a run folder per row)")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
     ap.add_argument("--table1", action="store_true", help="train and evaluate the built-in Table 1 (README)")
     ap.add_argument("--sweep", action="store_true",
                     help="every row's small grid (eval.SWEEP) chosen on validation, then the chosen and the reference "
@@ -559,6 +624,13 @@ def get_args(argv=None):
                     help="the drift guard (--target_kl) on the rounds that reuse (eval.GUARD_ROWS): its target chosen "
                          "on validation, then those rows and the sweep's one-pass rows once per --train_seeds on the "
                          "test set")
+    ap.add_argument("--curves", nargs="+", metavar="DIR",
+                    help="draw the runs' curves (validity or Rouge-L, reverse KL, loss against step and minutes) from "
+                         "their curves.jsonl into one PNG, curves.png in --out (default: the first DIR); a folder of "
+                         "runs (the pipeline's out/) stands for them")
+    ap.add_argument("--report", action="store_true",
+                    help="print the sweep, Table 1 and the guard study from their records (docs/sweep.json, "
+                         "docs/guard.json), in seconds, with no checkpoint")
     ap.add_argument("--pipeline_out", default="out", help="--table1, --sweep: where `python minillm.py` keeps its "
                                                           "models")
     ap.add_argument("--patience", type=int, default=5, help="--table1: evaluations without improvement to stop")
@@ -572,6 +644,11 @@ def get_args(argv=None):
     ap.add_argument("--bench", choices=["generate", "minillm", "rollout", "tokenizers"],
                     help="run a benchmark instead (--bench minillm also takes minillm.py's flags: --max_steps, "
                          "--rollout_size, --batch_size, --chunk, ...)")
+    return ap
+
+
+def get_args(argv=None):
+    ap = arg_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, rest = ap.parse_known_args(argv)
     if args.bench in ("minillm", "rollout"):  # every other flag is minillm.py's (--device, --max_new_tokens, ...)
@@ -589,7 +666,7 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     args.out = args.out or ("out/table1" if args.table1 else "out/sweep" if args.sweep else "out/guard" if args.guard
-                            else "out/eval")
+                            else None if args.curves else "out/eval")
     try:
         if args.bench == "generate":
             return bench_generate(args.device)
@@ -605,6 +682,10 @@ def main(argv=None):
             return sweep(args)
         if args.guard:
             return guard(args)
+        if args.report:
+            return report(args)
+        if args.curves:
+            return print(f"-> {draw_curves(args.curves, os.path.join(args.out or args.curves[0], 'curves.png'))}")
         if not args.checkpoints:
             raise minillm.InputError("give one or more checkpoints to evaluate (or --table1)")
         device = minillm.pick_device(args.device)
@@ -659,6 +740,7 @@ def table1(args):
     if unknown:
         raise minillm.InputError(f"--rows {unknown[0]!r}: not a row of Table 1 ({', '.join(TABLE1)})")
     runs = {"teacher": [os.path.dirname(teacher)], "sft": [os.path.dirname(sft)]}
+    expect_runs(len([n for n in TABLE1 if not args.rows or n in args.rows]) * len(args.train_seeds))
     for name, flags in TABLE1.items():
         if args.rows and name not in args.rows:
             continue
@@ -684,27 +766,46 @@ def slug(name):
     return name.replace(", ", "-").replace(" ", "-")
 
 
+PROGRESS = {"total": 0, "done": 0, "trained": 0, "seconds": 0.0}  # the runs of a --table1, --sweep or --guard
+
+
+def expect_runs(n):
+    """Starts counting the n training runs (at most; finished ones are reused) that train_run will be asked for."""
+    PROGRESS.update(total=n, done=0, trained=0, seconds=0.0)
+
+
 def train_run(name, flags, folder, seed, args):
     """Trains one run of a row from the pipeline's SFT student (a finished run is reused, a stopped one resumed);
-    returns its folder."""
+    returns its folder. Says which run of how many it is and, from the runs trained so far, the time left."""
+    PROGRESS["done"] += 1
+    t0 = None  # (a finished run is reused: not timed)
     if not os.path.isfile(os.path.join(folder, "last.pt")):
-        print(f"training {name}, seed {seed}: {flags}", flush=True)
+        per_run = PROGRESS["seconds"] / PROGRESS["trained"] if PROGRESS["trained"] else None
+        left = "" if per_run is None else (f"; about {per_run * (PROGRESS['total'] - PROGRESS['done'] + 1) / 60:.0f}"
+                                           " min left at most")
+        print(f"run {PROGRESS['done']} of {PROGRESS['total']}{left}: training {name}, seed {seed}: {flags}",
+              flush=True)
+        t0 = time.time()
     minillm.train(minillm.get_args(flags.split() + [
         "--teacher", args.teacher_path, "--init", args.sft_path, "--out", folder, "--seed", str(seed), "--patience",
         str(args.patience), "--device", args.device, "--resume"]))
+    if t0 is not None:
+        PROGRESS["trained"] += 1
+        PROGRESS["seconds"] += time.time() - t0
     return folder
 
 
 def test_table(runs, teacher, args, t0):
-    """Evaluates every run of runs ({row: [run folders]}) on the test prompts with the sampling seeds args.seeds, and
-    writes and prints the table: a row is the mean over its training runs of each run's mean over the sampling seeds,
-    ± the std over the training runs, with the steps, minutes and responses sampled of its training."""
+    """Evaluates every run of runs ({row: [run folders]}) on the test prompts with the sampling seeds args.seeds,
+    writes the reports and prints the table (test_lines); returns {row: [each run's numbers]}, the record the table
+    is recomputed from: every metric's [mean, std] over the sampling seeds, and the steps, best step, minutes and
+    responses sampled of its training."""
     device = minillm.pick_device(args.device)
     model, ckpt = minillm.load_checkpoint(teacher, device)
     teacher_model = (model.eval(), ckpt["tokenizer"])
     splits, _ = data.load_instructions("builtin", n_test=args.n_test, cache_dir=None)
     args.data = "builtin"
-    results, seeds = [], {}
+    results, record = [], {}
     for name, folders in runs.items():
         per_seed = []
         for folder in folders:
@@ -714,16 +815,38 @@ def test_table(runs, teacher, args, t0):
                      samples=[float(samples), 0.0])
             per_seed.append(r)
         results.append({**over_training_seeds(per_seed), "label": name, "train_seeds": len(folders)})
-        seeds[name] = [{k: round(r[k][0], 4) for k in ("valid", "rougeL", "minutes", "samples", "best_step")}
-                       for r in per_seed]  # each training run's own numbers (valid, rougeL: means over --seeds)
+        record[name] = [{k: [round(m, 6), round(s, 6)] for k, (m, s) in pairs(r).items()} for r in per_seed]
     write_reports(results, args.out)
     cost_plot(runs, args.out)
-    print(table(results, COLUMNS + ["samples"]))
+    print(test_lines(record))
     print(f"(mean ± std over the training seeds {args.train_seeds} of each run's mean over the sampling seeds "
           f"{args.seeds}; teacher and SFT: one run, ± over the sampling seeds; {len(splits['test'])} test prompts; "
           f"steps, minutes and responses sampled in training, on this machine) -> {args.out}/; whole run "
           f"{(time.time() - t0) / 60:.1f} min")
-    return seeds
+    return record
+
+
+def pairs(result):
+    """The [mean, std] metrics of an evaluation (its curves, bins and names left out)."""
+    return {k: v for k, v in result.items() if isinstance(v, list) and len(v) == 2 and all(isinstance(x, float)
+                                                                                           for x in v)}
+
+
+REPORT_COLUMNS = ["rougeL", "valid", "valid per seed", "exact", "dist4", "rkl", "ece", "best_step", "minutes",
+                  "samples"]
+
+
+def test_lines(record):
+    """The test-set table (Markdown) from a record {row: [each run's numbers]}: a row is the mean over its training
+    runs of each run's mean over the sampling seeds, ± the std over the runs (one run: ± over its sampling seeds),
+    with each run's validity; then validity per family and Rouge-L by reference length (words)."""
+    rows = [{**over_training_seeds(runs), "label": name, "train_seeds": len(runs),
+             "valid per seed": ", ".join(f"{r['valid'][0]:.1f}" for r in runs) if len(runs) > 1 else ""}
+            for name, runs in record.items()]
+    detail = [k for k in rows[0] if k.startswith("valid ") and k != "valid per seed"] + [
+        k for k in rows[0] if k.startswith("rougeL [")]
+    return table(rows, REPORT_COLUMNS) + "\n\nValidity per family, Rouge-L by reference length (words):\n\n" + \
+        table(rows, detail)
 
 
 # The fair comparison: every distillation method gets the same small search on the pipeline's budget (DISTILL: 600
@@ -757,21 +880,47 @@ def sweep_settings(row):
             f"--batch_size {b}" for name, flags in settings.items() for k, b in SWEEP_ROUNDS}
 
 
-def best_validation(folder):
-    """(best validation validity in %, its step) of a finished run, from its log.txt."""
-    points = [(float(line.split("| val valid ")[1].split()[0]), int(line.split()[1]))
-              for line in open(os.path.join(folder, "log.txt")) if "| val valid " in line]
-    valid, step = max(points, key=lambda p: (p[0], -p[1]))
-    return 100 * valid, step
+def log_fields(line):
+    """{name: value} of a log line's "name value" cells: "step 500 | val valid 0.3540 | kl_old 0.0021 | ..." ->
+    {"step": 500.0, "val valid": 0.354, "kl_old": 0.0021, ...} (cells without a number at the end are left out)."""
+    fields = {}
+    for cell in line.split("|"):
+        name, _, value = cell.strip().rpartition(" ")
+        try:
+            fields[name.strip()] = float(value)
+        except ValueError:
+            pass
+    return fields
+
+
+def run_record(folder):
+    """A finished training run as the records (sweep.json, guard.json) keep it, from its log.txt: the validation
+    validity % at step 0 (the start), its best and that step (the earliest of a tie), its last and that step, the
+    held-out pt_loss at the last validation, the training minutes and responses sampled, and the mean kl_old and
+    passes over the log lines that have them (the methods that roll out)."""
+    lines = [log_fields(line) for line in open(os.path.join(folder, "log.txt")) if line.startswith("step ")]
+    vals = [f for f in lines if "val valid" in f]
+    best = max(vals, key=lambda f: (f["val valid"], -f["step"]))
+    _, _, seconds, samples = minillm.run_summary(folder)
+    record = {"start": 100 * vals[0]["val valid"], "best": 100 * best["val valid"], "step": int(best["step"]),
+              "end": 100 * vals[-1]["val valid"], "end_step": int(vals[-1]["step"]), "pt_loss": vals[-1].get(
+                  "val pt_loss"), "minutes": round(seconds / 60, 2), "samples": samples}
+    for key in ("kl_old", "passes"):
+        xs = [f[key] for f in lines if key in f and "val valid" not in f]
+        if xs:
+            record[key] = sum(xs) / len(xs)
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}
 
 
 def save_record(record, path):
-    """Adds record ({row: {setting: {seed: [best validation validity %, its step]}}}) to the sweep.json at path (which
-    another sweep process with other --rows may be writing too), atomically."""
+    """Adds record ({"validation": {row: {setting: {seed: run_record}}}, "test": {row: [each run's numbers]}, ...})
+    to the sweep.json at path (which another sweep process with other --rows may be writing too), atomically; what
+    the file holds beside (its "about") is kept."""
     merged = json.load(open(path)) if os.path.isfile(path) else {}
-    for row, settings in record.items():
+    for row, settings in record.get("validation", {}).items():
         for name, seeds in settings.items():
-            merged.setdefault(row, {}).setdefault(name, {}).update(seeds)
+            merged.setdefault("validation", {}).setdefault(row, {}).setdefault(name, {}).update(seeds)
+    merged.setdefault("test", {}).update(record.get("test", {}))
     write_json(merged, path)
 
 
@@ -787,53 +936,74 @@ def sweep(args):
     """`python eval.py --sweep`: trains every setting of every row's grid (SWEEP) once per --sweep_seeds from the
     pipeline's SFT student, picks each row's setting with the best validation validity (the mean over those seeds;
     the test set is not looked at), then trains the chosen and the reference setting once per --train_seeds and
-    evaluates them on the test set. Writes sweep.json and sweep.md (every setting's validation score, the chosen in
-    bold) and the table; finished runs are reused, so a stopped sweep goes on where it was, and --sweep_record (an
-    earlier sweep's sweep.json, on the same code) stands for the grid's runs it holds."""
+    evaluates them on the test set. Writes sweep.json (every grid run's validation record, each test run's own
+    numbers: what `--report` prints from) and sweep.md; finished runs are reused, so a stopped sweep goes on where it
+    was, and --sweep_record (an earlier sweep's sweep.json, on the same code) stands for the grid's runs it holds."""
     t0 = time.time()
     teacher, sft = pipeline_models(args)
     unknown = sorted(set(args.rows or []) - set(SWEEP))
     if unknown:
         raise minillm.InputError(f"--rows {unknown[0]!r}: not a row of the sweep ({', '.join(SWEEP)})")
     rows = list(dict.fromkeys(args.rows or SWEEP))  # (in the order given)
-    chosen, lines = {}, ["| row | setting | " + " | ".join(f"seed {s}" for s in args.sweep_seeds) +
-                         " | mean best validation validity % | steps to best |", "|---|---|" +
-                         "---|" * (len(args.sweep_seeds) + 2)]
-    record = json.load(open(args.sweep_record)) if args.sweep_record else {}
+    known = json.load(open(args.sweep_record)).get("validation", {}) if args.sweep_record else {}
+    validation, path = {}, os.path.join(args.out, "sweep.json")
+    expect_runs(sum(len(sweep_settings(row)) * len(args.sweep_seeds) + 2 * len(args.train_seeds) for row in rows))
     for row in rows:
-        scores = {}
         for name, flags in sweep_settings(row).items():
-            bests = []
             for seed in args.sweep_seeds:
                 folder = os.path.join(args.out, slug(row), slug(name) + f"-seed{seed}")
-                known = record.get(row, {}).get(name, {}).get(str(seed))
-                if known and not os.path.isfile(os.path.join(folder, "last.pt")):  # (--sweep_record)
-                    bests.append(tuple(known))
-                    continue
-                bests.append(best_validation(train_run(f"{row} ({name})", flags, folder, seed, args)))
-                record.setdefault(row, {}).setdefault(name, {})[str(seed)] = list(bests[-1])
-            scores[name] = (sum(v for v, _ in bests) / len(bests), bests)
-        save_record({row: record[row]}, os.path.join(args.out, "sweep.json"))  # (what chose, --sweep_record's too)
-        chosen[row] = max(scores, key=lambda n: scores[n][0])  # (a tie: the first in the grid's order)
-        for name, (mean, bests) in scores.items():
-            mark = "**" if name == chosen[row] else ""
-            lines.append(f"| {row} | {mark}{name}{mark}{' (reference)' if name == SWEEP[row][1] else ''} | " +
-                         " | ".join(f"{v:.1f}" for v, _ in bests) + f" | {mark}{mean:.1f}{mark} | " +
-                         ", ".join(str(step) for _, step in bests) + " |")
-        print(f"{row}: chosen on validation: {chosen[row]} ({scores[chosen[row]][0]:.1f}%; the reference "
-              f"{SWEEP[row][1]}: {scores[SWEEP[row][1]][0]:.1f}%)", flush=True)
+                run = known.get(row, {}).get(name, {}).get(str(seed))
+                if not run:  # (one --sweep_record holds is not run again)
+                    run = run_record(train_run(f"{row} ({name})", flags, folder, seed, args))
+                validation.setdefault(row, {}).setdefault(name, {})[str(seed)] = run
+        save_record({"validation": {row: validation[row]}}, path)  # (what chose, --sweep_record's too)
+        scores = mean_best(validation[row])
+        print(f"{row}: chosen on validation: {chosen(scores)} ({scores[chosen(scores)]:.1f}%; the reference "
+              f"{SWEEP[row][1]}: {scores[SWEEP[row][1]]:.1f}%)", flush=True)
+    lines = sweep_lines(validation)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sweep.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        f.write(lines + "\n")
+    print(lines)
     runs = {"teacher": [os.path.dirname(teacher)], "sft": [os.path.dirname(sft)]}
     for row in rows:  # the test set: the reference and the chosen setting, once per --train_seeds
-        reference, best = SWEEP[row][1], chosen[row]
+        reference, best = SWEEP[row][1], chosen(mean_best(validation[row]))
         for name in dict.fromkeys([reference, best]):
             mark = ", ".join(m for m, yes in (("reference", name == reference), ("selected", name == best)) if yes)
             runs[f"{row}, {name} [{mark}]"] = [train_run(f"{row} ({name})", sweep_settings(row)[name], os.path.join(
                 args.out, slug(row), slug(name) + f"-seed{seed}"), seed, args) for seed in args.train_seeds]
-    test_table(runs, teacher, args, t0)
+    save_record({"test": test_table(runs, teacher, args, t0)}, path)
+
+
+def mean_best(settings):
+    """{setting: the mean over its seeds of each run's best validation validity %} of one row's grid record."""
+    return {name: sum(r["best"] for r in seeds.values()) / len(seeds) for name, seeds in settings.items()}
+
+
+def chosen(scores):
+    """The setting with the best score (a tie: the first in the grid's order)."""
+    return max(scores, key=scores.get)
+
+
+def sweep_lines(validation):
+    """The sweep's validation table (Markdown) from its record {row: {setting: {seed: run_record}}}: per setting the
+    best validation validity % (its step) of each seed's run, then, over the seeds, the mean of those, the last
+    validation, the held-out pt_loss there, the training minutes and the responses sampled; each row's choice in
+    bold, its reference marked."""
+    lines = ["| row | setting | best validation validity % (step), per seed | mean | at the end (step) | val pt_loss "
+             "at the end | minutes (1 thread) | responses sampled | start (the SFT student) |", "|---" * 9 + "|"]
+    for row in sorted(validation, key=lambda r: list(SWEEP).index(r) if r in SWEEP else len(SWEEP)):
+        settings, scores = validation[row], mean_best(validation[row])
+        for name, seeds in settings.items():
+            runs = list(seeds.values())
+            mean = lambda k: sum(r[k] for r in runs) / len(runs)
+            mark = "**" if name == chosen(scores) else ""
+            lines.append(
+                f"| {row} | {mark}{name}{mark}{' (reference)' if name == SWEEP.get(row, ('', ''))[1] else ''} | " +
+                ", ".join(f"{r['best']:.1f} ({r['step']})" for r in runs) + f" | {mark}{scores[name]:.1f}{mark} | " +
+                ", ".join(f"{r['end']:.1f} ({r['end_step']})" for r in runs) + f" | {mean('pt_loss'):.2f} | "
+                f"{mean('minutes'):.1f} | {mean('samples'):,.0f} | {mean('start'):.1f} |")
+    return "\n".join(lines)
 
 
 # The drift guard (--target_kl) where PPO reuses a round: the paper's rounds (256 responses, 4 passes, mini-batches of
@@ -864,42 +1034,79 @@ def guard(args):
     """`python eval.py --guard`: trains every setting of GUARD_ROWS once per --sweep_seeds from the pipeline's SFT
     student, chooses the target on validation, then trains the four rows at that target once per --train_seeds and
     evaluates them on the test set beside the sweep's chosen one-pass rows (trained the same way) and the SFT student.
-    Writes guard.json (every validation score, the chosen target, each test run's own numbers) and guard.md; finished
-    runs are reused."""
+    Writes guard.json (every validation run's record, the chosen target, each test run's own numbers: what
+    `--report` prints from) and guard.md; finished runs are reused."""
     t0 = time.time()
     teacher, sft = pipeline_models(args)
-    record, names = {"validation": {}, "test": {}}, list(guard_settings(next(iter(GUARD_ROWS))))  # (every row's)
-    lines = ["| row | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    record = {"validation": {}, "test": {}}
+    expect_runs(len(GUARD_ROWS) * ((len(GUARD_TARGETS) + 1) * len(args.sweep_seeds) + len(args.train_seeds)) +
+                len(GUARD_ONE_PASS) * len(args.train_seeds))
     for row in GUARD_ROWS:
         for name, flags in guard_settings(row).items():
             for seed in args.sweep_seeds:
                 folder = os.path.join(args.out, slug(row), slug(name) + f"-seed{seed}")
-                best = best_validation(train_run(f"{row} ({name})", flags, folder, seed, args))
-                record["validation"].setdefault(row, {}).setdefault(name, {})[str(seed)] = list(best)
-    mean = lambda row, name: sum(v for v, _ in record["validation"][row][name].values()) / len(args.sweep_seeds)
-    chosen = max(GUARD_TARGETS, key=lambda t: sum(mean(row, f"target {t}") for row in GUARD_ROWS))
-    record["chosen"] = chosen
-    for row in GUARD_ROWS:
-        lines.append(f"| {row} | " + " | ".join(f"{mean(row, name):.1f}" for name in names) + " |")
-    lines.append("| mean of the four | " + " | ".join(
-        f"{sum(mean(row, name) for row in GUARD_ROWS) / len(GUARD_ROWS):.1f}" for name in names) + " |")
-    print(f"the target chosen on validation: {chosen}\n" + "\n".join(lines), flush=True)
+                run = run_record(train_run(f"{row} ({name})", flags, folder, seed, args))
+                record["validation"].setdefault(row, {}).setdefault(name, {})[str(seed)] = run
+    record["chosen"] = chosen({t: sum(mean_best(record["validation"][row])[f"target {t}"] for row in GUARD_ROWS)
+                               for t in GUARD_TARGETS})
+    lines = guard_lines(record)
+    print(lines, flush=True)
     runs = {"teacher": [os.path.dirname(teacher)], "sft": [os.path.dirname(sft)]}
     for row in GUARD_ROWS:
-        runs[f"{row}, target {chosen}"] = [train_run(
-            f"{row} (target {chosen})", guard_settings(row)[f"target {chosen}"],
-            os.path.join(args.out, slug(row), f"target-{chosen}-seed{seed}"), seed, args) for seed in args.train_seeds]
-    sweep_record = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "sweep.json")))
+        runs[f"{row}, target {record['chosen']}"] = [train_run(
+            f"{row} (target {record['chosen']})", guard_settings(row)[f"target {record['chosen']}"],
+            os.path.join(args.out, slug(row), f"target-{record['chosen']}-seed{seed}"), seed, args)
+            for seed in args.train_seeds]
+    sweep_record = json.load(open(os.path.join(HERE, "docs", "sweep.json")))["validation"]
     for row in GUARD_ONE_PASS:  # the one-pass setting the sweep chose on validation
-        scores = {n: sum(v for v, _ in s.values()) / len(s) for n, s in sweep_record[row].items() if "1 epoch," in n}
-        name = max(scores, key=scores.get)
+        name = chosen({n: v for n, v in mean_best(sweep_record[row]).items() if "1 epoch," in n})
         runs[f"{row}, {name} (the sweep's choice)"] = [train_run(
             f"{row} ({name})", sweep_settings(row)[name],
             os.path.join(args.out, slug(row), slug(name) + f"-seed{seed}"), seed, args) for seed in args.train_seeds]
     record["test"] = test_table(runs, teacher, args, t0)
     write_json(record, os.path.join(args.out, "guard.json"))
     with open(os.path.join(args.out, "guard.md"), "w") as f:
-        f.write(f"the target chosen on validation: {chosen}\n\n" + "\n".join(lines) + "\n")
+        f.write(lines + "\n")
+
+
+def guard_lines(record):
+    """The guard study's validation table (Markdown) from its record: per row and target the best validation
+    validity % (its step), the mean kl_old and passes per round over the run's log lines (the mean over the seeds),
+    and the mean over the rows, the chosen target's in bold."""
+    names = list(next(iter(record["validation"].values())))
+    lines = [f"the target chosen on validation: {record['chosen']}", "", "| row | " + " | ".join(
+        "no guard" if n == "target 0" else f"T = {n.split()[1]}" for n in names) + " |", "|---" * (len(names) + 1) +
+        "|"]
+    for row, settings in record["validation"].items():
+        cells = []
+        for name in names:
+            runs = list(settings[name].values())
+            mean = lambda k: sum(r.get(k, 0) for r in runs) / len(runs)
+            steps = ", ".join(str(r["step"]) for r in runs)
+            cells.append(f"{mean('best'):.1f} ({steps}); kl_old {mean('kl_old'):.4f}" +
+                         (f", {mean('passes'):.1f} passes" if "passes" in runs[0] else ""))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    means = {n: sum(mean_best(s)[n] for s in record["validation"].values()) / len(record["validation"])
+             for n in names}
+    lines.append("| mean of the rows | " + " | ".join(
+        f"**{means[n]:.1f}**" if n == f"target {record['chosen']}" else f"{means[n]:.1f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def report(args):
+    """`python eval.py --report`: the sweep's validation table, Table 1 and the drift guard's tables, recomputed from
+    their records alone (docs/sweep.json, docs/guard.json, or --sweep_record): no checkpoint, no training. The tables
+    of docs/results.md are this command's output."""
+    paths = [args.sweep_record or os.path.join(HERE, "docs", "sweep.json"), os.path.join(HERE, "docs", "guard.json")]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise minillm.InputError(f"{path}: no such record")
+    sweep_record, guard_record = (json.load(open(p)) for p in paths)
+    print("\n".join(sweep_record.get("about", [])) + "\n")
+    print(f"# The sweep: validation ({paths[0]})\n\n{sweep_lines(sweep_record['validation'])}\n")
+    print(f"# Table 1: the test set ({paths[0]})\n\n{test_lines(sweep_record['test'])}\n")
+    print(f"# The drift guard: validation ({paths[1]})\n\n{guard_lines(guard_record)}\n")
+    print(f"# The drift guard: the test set ({paths[1]})\n\n{test_lines(guard_record['test'])}")
 
 
 def over_training_seeds(per_seed):
@@ -909,10 +1116,9 @@ def over_training_seeds(per_seed):
     if len(per_seed) == 1:
         return per_seed[0]
     row = dict(per_seed[0])
-    for k, v in per_seed[0].items():
-        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v):
-            means = [r[k][0] for r in per_seed]
-            row[k] = [sum(means) / len(means), minillm.std(means)]
+    for k in pairs(per_seed[0]):
+        means = [r[k][0] for r in per_seed]
+        row[k] = [sum(means) / len(means), minillm.std(means)]
     return row
 
 

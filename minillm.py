@@ -82,11 +82,13 @@ What this version changes (relative to the paper and its official code):
   never learned cost it validity at every weight tried (docs/results.md).
 """
 import argparse
+import difflib
 import functools
 import itertools
 import json
 import math
 import os
+import platform
 import random
 import re
 import shutil
@@ -739,10 +741,11 @@ def train(args):
         if rank == 0:
             print(f"{args.out} has finished ({ckpt['step']} steps): reusing {best_path}")
         return best_path
-    # the models and the data, every input checked before anything is written
+    # the models and the data, every input checked before anything is written (a data file's own errors first)
+    rows = read_rows(args) if os.path.exists(args.data) else None
     student, teacher, tokenizer = load_models(args, device)
     start = ckpt["step"] if ckpt else 0
-    task = load_data(args, student, teacher, tokenizer, start)  # (and args.eos_id, the tokenizer's EOS)
+    task = load_data(args, student, teacher, tokenizer, start, rows)  # (and args.eos_id, the tokenizer's EOS)
     log = start_log(args, rank, resume_path, notes + task["notes"])
     if args.method == "seqkd":  # the training responses are the teacher's
         seqkd_data(teacher, task, args, log, rank, world)
@@ -783,8 +786,7 @@ def train(args):
                 progress["best"], progress["best_step"] = selection_score(metrics, args.method), step
                 if rank == 0:
                     save_checkpoint(best_path, student, None, step, args, tokenizer, metrics)
-            log(f"step {step:5d} | " + " | ".join(f"val {k} {v:.4f}" for k, v in metrics.items()) +
-                f" | best: step {progress['best_step']} | {elapsed:6.1f}s")
+            log(*validation_line(step, metrics, progress["best_step"], elapsed))  # (log.txt and curves.jsonl)
             if args.patience and step - progress["best_step"] >= args.patience * args.eval_interval:
                 log(f"no better validation score in {args.patience} evaluations: stopping (--patience)")
                 last = True
@@ -846,8 +848,8 @@ def train(args):
             if rollout_state.get("passes"):  # --target_kl: the passes the rounds since the last line used, on average
                 passes = rollout_state.pop("passes")
                 stats["passes"] = sum(passes) / len(passes)
-            log(step_line(step, stats.pop("loss"), stats, lr, progress["tokens"] * world, time.time() - t_start,
-                          args))
+            log(*step_line(step, stats.pop("loss"), stats, lr, progress["tokens"] * world, time.time() - t_start,
+                           args))
             interval.clear()
     TRAINING["loop"] = False
     samples = rollout_state.get("samples", 0) * world + task.get("teacher_samples", 0)  # responses sampled
@@ -903,11 +905,11 @@ def pipeline(args):
     t_all, times = time.time(), {}
     tokenizer = check_pipeline(args)
     stages = pipeline_stages(args)
-    for name, settings in stages:
+    for number, (name, settings) in enumerate(stages, 1):
         folder = os.path.join(args.out, name)
         finished, t0 = os.path.isfile(os.path.join(folder, "last.pt")), time.time()
-        print(f"{name}: " + " ".join(f"--{k} {v}" for k, v in settings.items() if v is not None and k != "typed") +
-              f" --out {folder}")
+        print(f"[{stage_progress(number, stages, times)}] {name}: " + " ".join(
+            f"--{k} {v}" for k, v in settings.items() if v is not None and k != "typed") + f" --out {folder}")
         if name == "minillm":
             print(paper_difference(args, settings))
         if name == "kd":  # the first distillation stage: is the teacher ahead of the student it is to teach?
@@ -1341,7 +1343,14 @@ def read_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such checkpoint file")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+        if magic != b"PK" and magic[:1] != b"\x80":  # torch.save writes a zip archive (a pickle before torch 1.6)
+            raise InputError(f"{path}: not a checkpoint: not a file torch.save wrote (a minillm .pt file, or a "
+                             "Hugging Face model folder)")
         ckpt = torch.load(path, map_location=device, weights_only=True)
+    except InputError:
+        raise
     except OSError as e:  # unreadable: permissions, a disk error
         raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
     except Exception as e:  # pickled objects weights_only refuses; a truncated or damaged file; not a torch file
@@ -1610,14 +1619,17 @@ def save_pretrained(model, folder, eos_id, tokenizer=None, trained_on=None):
 # Two runs never share a folder: one that holds a run is refused unless --resume (go on with it, if it was made
 # with the same settings) or --overwrite (replace it).
 STEP_FILE = re.compile(r"step-\d+\.pt")
-RUN_FILES = re.compile(STEP_FILE.pattern + r"|last\.pt|best\.pt|log\.txt|hf|teacher_responses_\d+\.jsonl")
+RUN_FILES = re.compile(STEP_FILE.pattern + r"|last\.pt|best\.pt|log\.txt|curves\.jsonl|hf|teacher_responses_\d+\.jsonl")
 NOT_SETTINGS = {"out", "resume", "overwrite", "device", "compile", "max_minutes", "log_interval", "save_interval",
                 "keep", "eos_id", "teacher_steps", "student_steps", "typed", "chunk", "fast_decode"}  # a resume may
 # change these (--chunk and --fast_decode change how, not what: --chunk is also set by load_models, after this check)
 
 
 def open_run(args, world):
-    """find_resume(args), and under torchrun every process has read the folder before process 0 changes it."""
+    """find_resume(args), and under torchrun every process has read the folder before process 0 changes it. A folder
+    that exists is held first (hold_folder), so that a second run on it stops at once."""
+    if int(os.environ.get("RANK", "0")) == 0 and os.path.isdir(args.out):
+        hold_folder(args.out)
     resume_path, ckpt, notes = find_resume(args)
     if world > 1:
         dist.barrier()
@@ -1662,6 +1674,45 @@ def steps_logged(folder):
     """Whether the run in folder logged a training step ("step N | loss ...")."""
     path = os.path.join(folder, "log.txt")
     return os.path.isfile(path) and any(line.startswith("step") and "| loss" in line for line in open(path))
+
+
+HELD = {}  # run folder -> the open lock file that holds it for this process
+
+
+def hold_folder(folder):
+    """One process at a time in a run folder: an exclusive flock on folder/.lock, held until the process ends (or
+    let_go), which the kernel drops when the process dies, even by SIGKILL, so a stale lock never blocks. A second
+    process stops at once with one line naming the folder and the holder. (Where fcntl is missing: not held.)"""
+    key = os.path.realpath(folder)
+    try:
+        import fcntl  # (POSIX)
+    except ImportError:
+        return
+    if key in HELD:
+        return
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise InputError(f"{folder}: in use by {holder}: one run at a time in a folder (wait for it to end, stop "
+                         "it, or give another --out)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {platform.node()} ({' '.join(sys.argv[:3])} ..., since "
+            f"{time.strftime('%H:%M:%S')})")
+    f.flush()
+    HELD[key] = f
+
+
+def let_go(folder):
+    """Releases a run folder this process holds (the end of a run inside a longer process: eval.py's sweeps)."""
+    f = HELD.pop(os.path.realpath(folder), None)
+    if f is not None:
+        f.close()
 
 
 def clear_run(folder, keep_cache):
@@ -1743,6 +1794,7 @@ def finish_run(args, student, optimizer, step, tokenizer, metrics, state, progre
         log(f"done: {step} steps in {seconds:.0f}s; best.pt is step {progress['best_step']}; {samples} responses "
             f"sampled -> {best_path} (and {args.out}/hf)")
         save_checkpoint(os.path.join(args.out, "last.pt"), student, optimizer, step, args, tokenizer, metrics, state)
+        let_go(args.out)
     if world > 1:
         dist.barrier()  # the checkpoints exist before any process returns
         dist.destroy_process_group()
@@ -1760,9 +1812,17 @@ def skip_step(step, loss, stats, progress, optimizer, args, log):
                                  f"{', '.join(terms)}; stopping (lower --lr?)")
 
 
+def validation_line(step, metrics, best_step, elapsed):
+    """(log line, curves record) of a validation: each metric, the step of best.pt, the seconds so far."""
+    line = (f"step {step:5d} | " + " | ".join(f"val {k} {v:.4f}" for k, v in metrics.items()) +
+            f" | best: step {best_step} | {elapsed:6.1f}s")
+    return line, {"step": step, **{f"val {k}": float(v) for k, v in metrics.items()}, "best_step": best_step,
+                  "seconds": round(elapsed, 1)}
+
+
 def step_line(step, loss, stats, lr, tokens, elapsed, args):
-    """The log line at a step: loss and its terms (means over the steps since the last line), learning rate,
-    tokens/s, time left."""
+    """(log line, curves record) at a step: loss and its terms (means over the steps since the last line),
+    learning rate, tokens/s, time left; the record also has the seconds so far."""
     eta = elapsed / (step + 1) * (args.max_steps - step - 1)
     if args.max_minutes:
         eta = min(eta, args.max_minutes * 60 - elapsed)
@@ -1770,17 +1830,25 @@ def step_line(step, loss, stats, lr, tokens, elapsed, args):
     split = (f" | rollout {times['rollout']:.1f}s ({times['rollout tokens'] / times['rollout']:.0f} tok/s)"
              if times["rollout"] else "") + (f" | teacher {times['teacher']:.1f}s" if times["teacher"] else "")
     split += f" | student {times['step'] - times['rollout'] - times['teacher']:.1f}s" if split else ""
-    return (f"step {step:5d} | loss {float(loss):.4f} | " +
+    line = (f"step {step:5d} | loss {float(loss):.4f} | " +
             " | ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {float(v):.4f}" for k, v in stats.items()) +
             f" | lr {lr:.2e} | {tokens / elapsed:6.0f} tok/s{split} | ETA {eta:5.0f}s")
+    return line, {"step": step, "loss": float(loss), **{k: v if isinstance(v, int) else float(v)
+                                                        for k, v in stats.items()},
+                  "lr": lr, "tok/s": round(tokens / elapsed), **{k: round(v, 2) for k, v in times.items() if v},
+                  "seconds": round(elapsed, 1), "eta": round(eta)}
 
 
 def logger(folder):
-    """Returns log(line): prints the line and appends it to folder/log.txt."""
-    def log(line):
+    """Returns log(line, record=None): prints the line and appends it to folder/log.txt, and a record (the same
+    fields, for plots and other tools: eval.py --curves) as one JSON line to folder/curves.jsonl."""
+    def log(line, record=None):
         print(line, flush=True)
         with open(os.path.join(folder, "log.txt"), "a") as f:
             f.write(line + "\n")
+        if record is not None:
+            with open(os.path.join(folder, "curves.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
     return log
 
 
@@ -1790,7 +1858,7 @@ def start_log(args, rank, resume_path, lines):
     if rank == 0:
         if resume_path is None:
             clear_run(args.out, keep_cache=not args.overwrite)  # --overwrite, or a --resume that starts again
-        os.makedirs(args.out, exist_ok=True)
+        hold_folder(args.out)  # (made here if new)
         # the command and every setting in the log file; on the screen, what differs from the defaults
         with open(os.path.join(args.out, "log.txt"), "a") as f:
             f.write(f"# {' '.join(sys.argv)}\n# settings: {vars(args)}\n")
@@ -1852,20 +1920,24 @@ def set_method_defaults(args):
 def load_models(args, device):
     """The model to train (--init, or a fresh --model) and, for kd, seqkd and minillm, the teacher (--teacher),
     with the name of their shared tokenizer. Every mismatch stops here, before any training."""
-    if args.method in ("minillm", "onpolicy") and not args.init:
-        raise InputError(f"--method {args.method} needs --init STUDENT_CKPT (Algorithm 1 starts from the SFT student)")
+    missing = [flag for flag, needed in (("--teacher CKPT", args.method != "sft" and not args.teacher),
+                                         ("--init STUDENT_CKPT (the SFT student it starts from)",
+                                          args.method in ("minillm", "onpolicy") and not args.init)) if needed]
+    if missing:  # (every one at once)
+        raise InputError(f"--method {args.method} needs " + " and ".join(missing))
     if args.method == "onpolicy" and args.divergence != "rkl" and args.chunk:
         raise InputError(f"--chunk computes the reverse KL a chunk at a time: not --divergence {args.divergence}")
     if not (args.single_step or args.long_term):
         raise InputError("--no_single_step with --no_long_term leaves MiniLLM no loss")
-    if args.method != "sft" and not args.teacher:
-        raise InputError(f"--method {args.method} needs --teacher CKPT")
     tokenizer = args.tokenizer if args.tokenizer != "auto" else "builtin" if args.data == "builtin" else "gpt2"
     teacher = student = None
     for role, path in (("teacher", args.teacher if args.method != "sft" else None), ("student", args.init)):
         if path:
             bf16 = role == "teacher" and device.type == "cuda"  # (a Hugging Face teacher is read in bf16 at once)
-            model, ckpt = load_checkpoint(path, device, torch.bfloat16 if bf16 else torch.float32)
+            try:
+                model, ckpt = load_checkpoint(path, device, torch.bfloat16 if bf16 else torch.float32)
+            except InputError as e:  # (the flag that named the file)
+                raise InputError(f"--{'teacher' if role == 'teacher' else 'init'} {e}") from None
             name = ckpt["tokenizer"] and data.tokenizer_name(ckpt["tokenizer"])
             if ckpt["tokenizer"] is None:
                 raise InputError(f"{path}: no tokenizer.json (or vocab.json + merges.txt) beside the weights: "
@@ -1905,7 +1977,13 @@ def load_models(args, device):
     return student, teacher, tokenizer
 
 
-def load_data(args, student, teacher, tokenizer, start):
+def read_rows(args):
+    """({split: rows}, skipped) of --data (the built-in task made in memory: nothing is written)."""
+    return data.load_instructions(args.data, args.n_train, args.n_valid, args.n_test, skip_bad=args.skip_bad,
+                                  cache_dir=None)
+
+
+def load_data(args, student, teacher, tokenizer, start, rows=None):
     """The data of a run, checked: a dict of train_pairs ((prompt, response) token lists, prompt + response + EOS
     within the context), prompts (the training prompts that leave room for a response: MiniLLM's), val (what
     validate() needs), pt_batches (L_PT's text, after the `start` batches a resumed run has used; None without
@@ -1917,11 +1995,11 @@ def load_data(args, student, teacher, tokenizer, start):
     enc = data.get_encoding(tokenizer)
     args.eos_id = enc.eot_token
     template = "builtin" if args.data == "builtin" else "dolly"
-    splits, skipped = data.load_instructions(args.data, args.n_train, args.n_valid, args.n_test, skip_bad=args.skip_bad)
     block = min(student.config.block_size, teacher.config.block_size if teacher else student.config.block_size)
     max_length = min(args.max_length, block)
     if teacher is not None and block - args.max_new_tokens < 1:
         raise InputError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in block_size {block}")
+    splits, skipped = rows or read_rows(args)
     longest = min(args.max_prompt_length, block - args.max_new_tokens)  # a prompt that leaves room to answer
     train_pairs, dropped = data.tokenize(splits["train"], enc, template, max_length, args.max_prompt_length)
     prompts = [p for p, _ in train_pairs if len(p) <= longest]
@@ -2122,14 +2200,29 @@ def check_pipeline(args):
     if block - args.max_new_tokens < 1:  # and the distillation stages' prompts: as train() counts them
         raise InputError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in block_size {block}")
     enc = data.get_encoding(tokenizer)
-    rows = data.load_instructions(args.data, args.n_train, args.n_valid, args.n_test, skip_bad=args.skip_bad)[0]
+    rows = read_rows(args)[0]
     longest = min(args.max_prompt_length, block - args.max_new_tokens)
     usable = len(data.encode_prompts(rows["train"], enc, "builtin" if builtin else "dolly", longest)[1])
     if usable < args.rollout_size:
         raise InputError(f"{usable} training prompts of --data {args.data} fit in {longest} tokens (block_size "
                          f"{block} - --max_new_tokens {args.max_new_tokens}), fewer than --rollout_size "
                          f"{args.rollout_size}")
+    hold_folder(args.out)  # (every input checked: one pipeline at a time in --out)
     return tokenizer
+
+
+STAGE_SECONDS = {"teacher": 276, "student-sft": 39, "kd": 18, "on-policy": 63, "minillm": 89, "table": 12}  # a
+# default run on the 2-core CPU (docs/results.md): the shares of the pipeline's time-left estimate
+
+
+def stage_progress(k, stages, times):
+    """'stage k of n, about M min left' before the k-th stage: what is left of STAGE_SECONDS, scaled by how long the
+    stages trained so far (times: {stage: seconds}) took against their share there."""
+    names = [name for name, _ in stages][k - 1:] + ["table"]
+    done = sum(STAGE_SECONDS.get(name, 0) for name in times)
+    scale = sum(times.values()) / done if done else 1.0
+    left = scale * sum(STAGE_SECONDS.get(name, 0) for name in names) / 60
+    return f"stage {k} of {len(stages)}, about {left:.0f} min left" + ("" if done else " on a 2-core CPU")
 
 
 def paper_difference(args, settings):
@@ -2182,7 +2275,7 @@ def print_comparison(args, tokenizer, stages, seeds=(0, 1, 2)):
     args.eos_id = enc.eot_token
     builtin = args.data == "builtin"
     template = "builtin" if builtin else "dolly"
-    splits = data.load_instructions(args.data, args.n_train, args.n_valid, args.n_test, skip_bad=args.skip_bad)[0]
+    splits = read_rows(args)[0]
     val_pairs, _ = data.tokenize(splits["valid"], enc, template, args.max_length, args.max_prompt_length)
     _, val_prompts = data.encode_prompts(splits["valid"], enc, template, args.max_prompt_length)
     test_rows, test_prompts = data.encode_prompts(splits["test"], enc, template, args.max_prompt_length)
@@ -2221,6 +2314,9 @@ def print_comparison(args, tokenizer, stages, seeds=(0, 1, 2)):
                                    ("sampled", mean, f"{100 * mean['all']:.1f}{unit} ± {spread:.1f}")):
             print(f"{label:<9}{decoding:>8}{steps:>6}{minutes:>5}{loss:9.3f}{rkl:8.2f}" +
                   "".join(f"{100 * v[f]:7.1f}%" for f in columns) + f"{total:>13}")
+    import eval as evaluation  # (it imports this file: imported once the table is done)
+    print(f"the stages' curves (validity, reverse KL, loss against step and minutes): "
+          f"{evaluation.draw_curves([args.out], os.path.join(args.out, 'curves.png'))}")
 
 
 def std(xs):
@@ -2232,9 +2328,32 @@ def std(xs):
 # The command line
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse as the command line needs it: --help shows every flag's default, and a mistake is one line (no usage
+    block), a mistyped flag with the closest one (exit 2, argparse's code)."""
+    class Formatter(argparse.HelpFormatter):
+        def _get_help_string(self, action):  # "(default: X)" where the text does not already say it
+            text = action.help or ""
+            if action.nargs == 0 or "default" in text or action.default == argparse.SUPPRESS:
+                return text  # (a switch: off unless typed, or its text names its default)
+            return text + (" (default: none)" if action.default is None else " (default: %(default)s)")
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=self.Formatter, **kwargs)
+
+    def error(self, message):
+        typo = re.match(r"unrecognized arguments: (-\S+)", message)
+        if typo:
+            flag, flags = typo[1].split("=")[0], [o for a in self._actions for o in a.option_strings]
+            close = sorted((f for f in flags if flag.startswith(f + "_")), key=len)[-1:] or difflib.get_close_matches(
+                flag, flags, n=1)  # (--lr_rate: --lr, the flag it starts with; --teachr: --teacher, the nearest)
+            message = f"unrecognized argument {flag}" + (f": did you mean {close[0]}?" if close else "")
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def arg_parser():
     """The command line's flags, in groups (--help shows them so, and so does the run's settings block)."""
-    ap = argparse.ArgumentParser(description="MiniLLM distillation (see the docstring of minillm.py)", epilog=(
+    ap = ArgumentParser(description="MiniLLM distillation (see the docstring of minillm.py)", epilog=(
         "Without --method: the pipeline (teacher, SFT student, then KD, on-policy distillation and MiniLLM on the "
         "same budget, and their table; on other --data, give the teacher and the SFT student). A flag applies to "
         "every stage it means something for; those marked 'pipeline:' set the stage they name, and a typed flag "
@@ -2245,11 +2364,14 @@ def arg_parser():
                    help="sft: fine-tuning on ground truth; kd, seqkd, onpolicy: the baselines; minillm: reverse-KL "
                         "distillation (none: the pipeline, Algorithm 1 and the comparison; it trains the teacher and "
                         "the SFT student where not given, on the built-in task only)")
-    g.add_argument("--teacher", help="kd, seqkd, minillm: the teacher checkpoint")
+    g.add_argument("--teacher", help="kd, seqkd, onpolicy, minillm: the teacher checkpoint (a file of ours, a Hugging "
+                                      "Face folder or hub name; pipeline: skips training one)")
     g.add_argument("--model", default="student", choices=sorted(MODEL_SIZES),
                     help="size to train from scratch (pipeline: the SFT student's)")
-    g.add_argument("--init", help="start from this checkpoint instead of a fresh --model")
-    g.add_argument("--out", default="out", help="run folder: log.txt, best.pt, last.pt, step-N.pt")
+    g.add_argument("--init", help="start from this checkpoint instead of a fresh --model (onpolicy, minillm: the SFT "
+                                   "student; pipeline: skips training one)")
+    g.add_argument("--out", default="out", help="run folder: log.txt, curves.jsonl, best.pt, last.pt, step-N.pt "
+                                                 "(pipeline: a folder per stage in it)")
     g.add_argument("--resume", action="store_true",
                     help="go on with the run in --out from its newest checkpoint (a new run if it has none)")
     g.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
@@ -2261,17 +2383,17 @@ def arg_parser():
     g.add_argument("--n_test", type=int, default=500, help="built-in task: test examples (or PATH split)")
     g.add_argument("--max_length", type=int, default=512, help="prompt + response tokens (the paper: 512)")
     g.add_argument("--max_prompt_length", type=int, default=256, help="longer prompts are dropped (paper: 256)")
-    g.add_argument("--tokenizer", default="auto", help="auto: the checkpoints' own (a Hugging Face one brings its "
-                   "own), and for a fresh model builtin with --data builtin, else gpt2 | builtin | gpt2")
+    g.add_argument("--tokenizer", default="auto", help="auto | builtin | gpt2; auto: the checkpoints' own, and for a "
+                   "fresh model builtin with --data builtin, else gpt2")
     g.add_argument("--skip_bad", action="store_true", help="skip and count malformed data rows instead of stopping")
     g.add_argument("--pt_data", help="L_PT text: builtin | openwebtext | a .txt/.jsonl (default: builtin with "
                                       "--data builtin; other data must name it, or turn L_PT off with --lm_coef 0)")
     g.add_argument("--pt_batch_size", type=int, default=4, help="rows of pretraining text per L_PT batch")
-    g.add_argument("--pt_length", type=int, default=64, help="tokens per L_PT row [512]")
+    g.add_argument("--pt_length", type=int, default=64, help="tokens per L_PT row [paper: 512]")
     # MiniLLM (MINILLM_OPTIONS)
     g = ap.add_argument_group("MiniLLM")  # (MINILLM_OPTIONS, RECIPES)
     for name, (paper, default, meaning) in MINILLM_OPTIONS.items():
-        pipeline = f"; pipeline: the distillation stages', default {DISTILL[name]:g}" if name in DISTILL else ""
+        pipeline = f"; pipeline: the distillation stages': {DISTILL[name]:g}" if name in DISTILL else ""
         if isinstance(paper, bool):  # on by default: --no_NAME turns it off; off by default: --NAME turns it on
             g.add_argument(f"--no_{name}" if default else f"--{name}", dest=name, default=default,
                             action="store_false" if default else "store_true",
@@ -2291,7 +2413,7 @@ def arg_parser():
             g.add_argument(f"--no_{name}", dest=name, action="store_false", default=None, help=argparse.SUPPRESS)
         else:
             g.add_argument(f"--{name}", type=float, default=None, help=f"{meaning} [paper: {paper:g}; official: "
-                                                                          f"{official:g}]")
+                                                                          f"{official:g}] (default: --recipe's)")
     g.add_argument("--divergence", choices=["rkl", "fkl", "jsd"], default="rkl",
                     help="onpolicy: the token-level divergence on the student's samples: reverse KL (through the "
                          "kernel), forward KL, or the generalized JSD with --beta")
@@ -2303,17 +2425,18 @@ def arg_parser():
     # optimization
     g = ap.add_argument_group("optimization")
     g.add_argument("--max_steps", type=int, default=2000,
-                    help=f"training steps (pipeline: each distillation stage's, default {DISTILL['max_steps']})")
+                    help=f"training steps (pipeline: each distillation stage's: {DISTILL['max_steps']})")
     g.add_argument("--max_minutes", type=float, default=0, help="also stop after this much wall-clock time (0: off)")
     g.add_argument("--patience", type=int, default=0,
                     help="also stop after this many evaluations without a better validation score (0: off)")
-    g.add_argument("--batch_size", type=int, default=32)
+    g.add_argument("--batch_size", type=int, default=32, help="examples per step (minillm, onpolicy in rounds: "
+                                                               "responses per mini-batch of a round)")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (pipeline: the distillation stages' "
                                                            "instead of their CHOSEN; the SFT stages use their own)")
     g.add_argument("--min_lr", type=float, default=1e-4,
                     help="learning rate at the end of the cosine decay (pipeline: as --lr)")
-    g.add_argument("--warmup_steps", type=int, default=100)
-    g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--warmup_steps", type=int, default=100, help="steps of linear warm-up to --lr")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's, on the weight matrices")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout of a model trained from scratch")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     g.add_argument("--max_bad_steps", type=int, default=10,
@@ -2327,12 +2450,13 @@ def arg_parser():
     # bookkeeping
     g = ap.add_argument_group("bookkeeping")
     g.add_argument("--eval_interval", type=int, default=500,
-                    help="steps between validations (pipeline: the distillation stages', default 100)")
-    g.add_argument("--log_interval", type=int, default=250, help="steps between log lines (pipeline: as above, 50)")
+                    help=f"steps between validations (pipeline: the distillation stages': {DISTILL['eval_interval']})")
+    g.add_argument("--log_interval", type=int, default=250,
+                   help=f"steps between log lines (pipeline: the distillation stages': {DISTILL['log_interval']})")
     g.add_argument("--save_interval", type=int,
                     help="steps between the checkpoints that --resume goes on from (default: --eval_interval)")
     g.add_argument("--keep", type=int, default=2, help="how many of those checkpoints to keep")
-    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--seed", type=int, default=1337, help="of the data order, the sampling and a fresh model")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | mps")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
     g.add_argument("--fast_decode", action="store_true",

@@ -427,15 +427,65 @@ def test_refuses_pickled_code(tmp_path):
         torch.load = real
 
 
+def test_help_shows_every_default_and_a_mistyped_flag_is_one_line():
+    """--help: every flag that takes a value says its default; a mistyped flag is one line with the closest flag and
+    argparse's exit code 2, in minillm.py and eval.py."""
+    import eval as ev
+    for ap in (minillm.arg_parser(), ev.arg_parser()):
+        helper = ap.formatter_class("prog")
+        for action in ap._actions:
+            if action.option_strings and action.nargs != 0 and action.help != argparse.SUPPRESS:
+                assert "default" in helper._get_help_string(action), action.option_strings
+    text = minillm.arg_parser().format_help()
+    assert "[paper: 512] (default: 64)" in text and "(default: 32)" in text  # --pt_length, --batch_size
+    for script, typo, hint in (("minillm.py", "--lr_rate", "did you mean --lr?"),
+                               ("eval.py", "--teachr", "did you mean --teacher?"),
+                               ("minillm.py", "--xyzzy", "(--help lists the flags)")):
+        r = subprocess.run([sys.executable, os.path.join(HERE, script), typo, "1e-3"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"error: unrecognized argument {typo}" in r.stderr and hint in r.stderr, r.stderr
+
+
+def test_a_run_folder_is_held_by_one_process_and_a_killed_holder_never_blocks(tmp_path):
+    """Two real processes on one --out: the second stops at once with one line naming the folder and the holder;
+    once the first is killed (SIGKILL: no chance to clean up), a run on the folder goes on."""
+    run = [sys.executable, os.path.join(HERE, "minillm.py"), "--method", "sft", "--out", str(tmp_path / "run"),
+           "--n_train", "200", "--n_valid", "20", "--n_test", "20", "--eval_interval", "50", "--log_interval", "50"]
+    env = {**USER_ENV, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(run + ["--max_steps", "1000000"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "run" / "log.txt").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        t0 = time.time()
+        second = subprocess.run(run + ["--max_steps", "1000000", "--resume"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and len(second.stderr.strip().splitlines()) == 1 and time.time() - t0 < 30
+        assert second.stderr.startswith(f"error: {tmp_path / 'run'}: in use by process {first.pid} ")
+    finally:
+        first.kill()
+        first.wait()
+    third = subprocess.run(run + ["--max_steps", "100", "--overwrite"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert third.returncode == 0, third.stderr
+    assert "done: 100 steps" in open(tmp_path / "run" / "log.txt").read()
+
+
 def test_cli_bad_data_is_one_clear_line(tmp_path):
-    path = tmp_path / "bad.jsonl"
+    """A checkpoint that is not there, named with its flag; a data file's own error before any tokenizer is fetched
+    (--tokenizer auto on a data file means gpt2's, a download: the file's error comes first, offline too)."""
+    path, good = tmp_path / "bad.jsonl", tmp_path / "good.jsonl"
     write_jsonl(str(path), dolly_rows(5) + ["{oops"])
-    r = subprocess.run([sys.executable, os.path.join(HERE, "minillm.py"), "--method", "sft", "--data", str(path),
+    write_jsonl(str(good), dolly_rows(5))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "minillm.py"), "--method", "sft", "--data", str(good),
                         "--init", str(tmp_path / "nothing.pt"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert r.returncode != 0 and r.stderr.strip() == f"error: {tmp_path / 'nothing.pt'}: no such checkpoint file"
+    assert r.returncode != 0
+    assert r.stderr.strip() == f"error: --init {tmp_path / 'nothing.pt'}: no such checkpoint file"
     r = subprocess.run([sys.executable, os.path.join(HERE, "minillm.py"), "--method", "sft", "--data", str(path),
-                        "--out", str(tmp_path / "o"), "--model", "student", "--tokenizer", "builtin"],
+                        "--out", str(tmp_path / "o"), "--model", "student"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == (f"error: {path}:6: not valid JSON "
@@ -448,7 +498,8 @@ def test_distillation_without_its_checkpoints_is_one_line(tmp_path):
                            f"--data {tmp_path / 'mine.jsonl'}: the pipeline trains a teacher and an SFT student for the "
                            "built-in task only: give --teacher CKPT and --init STUDENT_CKPT"),
                           (["--method", "kd", "--init", "s.pt"], "--method kd needs --teacher CKPT"),
-                          (["--method", "seqkd", "--teacher", "none.pt"], "none.pt: no such checkpoint")):
+                          (["--method", "seqkd", "--teacher", "none.pt"], "--teacher none.pt: no such checkpoint"),
+                          (["--method", "minillm"], "--method minillm needs --teacher CKPT and --init STUDENT_CKPT")):
         with pytest.raises(SystemExit) as e:
             minillm.main(argv + ["--out", str(tmp_path / "o")])
         assert str(e.value).startswith(f"error: {message}") and "\n" not in str(e.value)
@@ -481,6 +532,17 @@ def test_builtin_default_trains_then_reuses(tmp_path, monkeypatch, capsys):
     assert "minillm: " + ", ".join(f"--{k} {ours[k]} (the paper: {v})" for k, v in minillm.PAPER.items()
                                    if ours[k] != v) + f", lr {ours['lr']:g}: " in first  # where it differs
     assert "validation valid (what chooses each distilled best.pt): teacher " in first  # before the first stage
+    # progress: the stage of the five and the time left; the curves of every stage in one figure, from curves.jsonl
+    assert "[stage 1 of 5, about " in first and "[stage 5 of 5, about " in first
+    assert f"{tmp_path / 'out' / 'curves.png'}" in first and os.path.getsize(tmp_path / "out" / "curves.png") > 0
+    for stage in ("teacher", "kd", "minillm"):
+        records = [json.loads(line) for line in open(tmp_path / "out" / stage / "curves.jsonl")]
+        logged = [line for line in open(tmp_path / "out" / stage / "log.txt") if line.startswith("step ")]
+        assert len(records) == len(logged) and all(f"step {r['step']:5d} | " in line for r, line in zip(records,
+                                                                                                         logged))
+        val = [r for r in records if "val loss" in r]
+        assert val and all(r["seconds"] >= 0 for r in records) and (stage == "teacher" or "val valid" in val[-1])
+        assert all(f"val loss {r['val loss']:.4f}" in line for r, line in zip(records, logged) if "val loss" in r)
     minillm.main(argv)
     second = capsys.readouterr().out
     assert second.count(" has finished ") == 5 and "trained" not in second  # finished stages are reused
@@ -536,7 +598,9 @@ def test_pipeline_checks_its_inputs_first(tmp_path, monkeypatch):
              (["--teacher", "ok.pt", "--max_new_tokens", "56", "--n_train", "350"],
               "0 training prompts of --data builtin fit in 8 tokens"),
              (["--teacher", "ok.pt", "--teacher_steps", "5"], "--teacher_steps sizes a stage that --teacher replaces"),
-             (["--init", "ok.pt", "--model", "gpt2"], "--model sizes a stage that --init replaces")]
+             (["--init", "ok.pt", "--model", "gpt2"], "--model sizes a stage that --init replaces"),
+             (["--teacher", "notes.txt"], "--teacher notes.txt: not a checkpoint: not a file torch.save wrote")]
+    (tmp_path / "notes.txt").write_text("my notes\n")
     for i, (argv, message) in enumerate(cases):
         if i == 0:  # as a user runs it, with a deadline (the others in this process: the same main(), faster)
             t0 = time.time()
@@ -552,6 +616,7 @@ def test_pipeline_checks_its_inputs_first(tmp_path, monkeypatch):
             assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
             assert time.time() - t0 < 30, argv
         assert not (tmp_path / "out").exists() and not (tmp_path / "pwned").exists()
+        assert not (tmp_path / "builtin_data").exists()  # (nothing written: the data cache neither)
 
 
 # -----------------------------------------------------------------------------
@@ -1191,6 +1256,7 @@ def test_table1_trains_each_row_from_the_sft_student_and_reuses_finished_runs(tm
     ev.main(argv)
     first = capsys.readouterr().out
     assert "training kd, seed 2" in first and "training minillm, alpha 0, seed 1" in first
+    assert "run 1 of 6: training kd, seed 1" in first and "run 6 of 6; about " in first  # (progress, time left)
     results = json.load(open(tmp_path / "t1" / "results.json"))
     assert [r["label"] for r in results] == ["teacher", "sft", "kd", "on-policy rkl", "minillm, alpha 0"]
     assert results[0]["steps"] == [7.0, 0.0] and results[2]["steps"] == [4.0, 0.0]
@@ -1203,8 +1269,8 @@ def test_table1_trains_each_row_from_the_sft_student_and_reuses_finished_runs(tm
     assert results[3]["rkl"] == [sum(means) / 2, minillm.std(means)] and results[3]["train_seeds"] == 2
     logs = [training_lines(log_of(tmp_path / "t1" / f"on-policy-rkl-seed{s}")) for s in (1, 2)]
     assert logs[0] != logs[1]  # the seeds trained differently (their best.pt may both be the SFT student)
-    table = [line for line in first.splitlines() if line.startswith("| ")]
-    assert len(table) == 6 and all(" ± " in line for line in table[3:])  # every distillation row with its spread
+    table = first[first.index("| model |"):].split("\n\n")[0].splitlines()  # (then: per family)
+    assert len(table) == 7 and all(" ± " in line for line in table[4:])  # every distillation row with its spread
     assert os.path.getsize(tmp_path / "t1" / "validity_vs_minutes.png") > 0
     ev.main(argv + ["--rows", "kd"])  # a subset of the rows, each run reused
     assert capsys.readouterr().out.count("reusing") == 2
@@ -1221,10 +1287,10 @@ def test_the_guard_study_chooses_its_target_on_validation_then_runs_the_test_set
     monkeypatch.setattr(kernels, "USE_TRITON", False)
     pipeline_folder(tmp_path / "pipe")
     monkeypatch.setattr(ev, "SWEEP_BUDGET", "--max_steps 4 --eval_interval 2 --n_train 70 --n_valid 14 --n_test 14 "
-                                            "--max_new_tokens 8 --lm_coef 0")
+                                            "--max_new_tokens 8 --lm_coef 0 --log_interval 1")
     monkeypatch.setattr(ev, "GUARD_TARGETS", ("0.001", "1"))
-    monkeypatch.setattr(ev, "GUARD_ROWS", {"minillm, short": "--method minillm --rollout_size 8 --ppo_epochs 2 "
-                                                             "--batch_size 4",
+    monkeypatch.setattr(ev, "GUARD_ROWS", {"minillm, short": "--method minillm --rollout_size 4 --ppo_epochs 2 "
+                                                             "--batch_size 4",  # (a round: 2 steps)
                                            "official, short": "--method minillm --recipe official --rollout_size 8 "
                                                               "--ppo_epochs 2 --batch_size 4"})
     monkeypatch.setattr(ev, "GUARD_ONE_PASS", ("minillm",))
@@ -1234,18 +1300,24 @@ def test_the_guard_study_chooses_its_target_on_validation_then_runs_the_test_set
     ev.main(argv)
     out = capsys.readouterr().out
     record = json.load(open(tmp_path / "g" / "guard.json"))
-    means = {t: sum(ev.best_validation(str(tmp_path / "g" / ev.slug(row) / f"target-{t}-seed1"))[0]
+    means = {t: sum(ev.run_record(str(tmp_path / "g" / ev.slug(row) / f"target-{t}-seed1"))["best"]
                     for row in ev.GUARD_ROWS) for t in ev.GUARD_TARGETS}
     chosen = max(ev.GUARD_TARGETS, key=means.get)  # (a tie: the first)
     assert record["chosen"] == chosen and f"the target chosen on validation: {chosen}" in out
     assert set(record["validation"]["official, short"]) == {"target 0", "target 0.001", "target 1"}
     assert "'recipe': 'official'" in open(tmp_path / "g" / "official-short" / "target-0-seed1" / "log.txt").read()
-    one_pass = json.load(open(os.path.join(HERE, "docs", "sweep.json")))["minillm"]
-    name = max((n for n in one_pass if "1 epoch," in n), key=lambda n: sum(v for v, _ in one_pass[n].values()))
+    one_pass = json.load(open(os.path.join(HERE, "docs", "sweep.json")))["validation"]["minillm"]
+    name = max((n for n in one_pass if "1 epoch," in n), key=lambda n: sum(r["best"] for r in one_pass[n].values()))
     labels = ["teacher", "sft", f"minillm, short, target {chosen}", f"official, short, target {chosen}",
               f"minillm, {name} (the sweep's choice)"]
     assert list(record["test"]) == labels and all(len(record["test"][k]) == 2 for k in labels[2:])
-    assert set(record["test"][labels[2]][1]) == {"valid", "rougeL", "minutes", "samples", "best_step"}
+    assert {"valid", "rougeL", "rkl", "valid add", "minutes", "samples", "best_step"} <= set(
+        record["test"][labels[2]][1])
+    run = record["validation"]["minillm, short"]["target 0.001"]["1"]
+    assert run == ev.run_record(str(tmp_path / "g" / "minillm-short" / "target-0.001-seed1"))
+    assert 1 <= run["passes"] <= 2 and run["kl_old"] >= 0 and run["samples"] >= 8  # (the log's means; the done line)
+    # the tables come back from the record alone, as the study printed them
+    assert ev.guard_lines(record) in out and ev.test_lines(record["test"]).split("\n\n")[0] in out
     assert "'ppo_epochs': 1" in open(tmp_path / "g" / "minillm" / f"{ev.slug(name)}-seed2" / "log.txt").read()
     ev.main(argv)  # everything reused
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("training ")]
@@ -1261,10 +1333,15 @@ def test_the_sweep_chooses_on_validation_then_runs_the_test_set(tmp_path, monkey
     monkeypatch.setattr(ev, "SWEEP_LRS", ("1e-4", "3e-2"))
     monkeypatch.setattr(ev, "SWEEP_ROUND", 8)
     monkeypatch.setattr(ev, "SWEEP_ROUNDS", ((1, 8), (2, 4)))
-    monkeypatch.setattr(ev, "SWEEP", {"kd": ("--method kd", "lr 1e-4"),
+    monkeypatch.setattr(ev, "SWEEP_BATCHES", (8, 4))
+    monkeypatch.setattr(ev, "SWEEP", {"kd": ("--method kd", "lr 1e-4, batch 4"),
                                       "on-policy rkl": ("--method onpolicy", "lr 1e-4, 1 epoch, batch 8")})
     assert list(ev.sweep_settings("on-policy rkl")) == ["lr 1e-4, 1 epoch, batch 8", "lr 1e-4, 2 epochs, batch 4",
                                                         "lr 3e-2, 1 epoch, batch 8", "lr 3e-2, 2 epochs, batch 4"]
+    # KD gets the same choice of mini-batch as the rows that roll out
+    assert list(ev.sweep_settings("kd")) == ["lr 1e-4, batch 8", "lr 1e-4, batch 4", "lr 3e-2, batch 8",
+                                             "lr 3e-2, batch 4"]
+    assert ev.sweep_settings("kd")["lr 3e-2, batch 8"].endswith("--lr 3e-2 --target_kl 0 --batch_size 8")
     argv = ["--sweep", "--pipeline_out", str(tmp_path / "pipe"), "--out", str(tmp_path / "sw"), "--n_test", "14",
             "--seeds", "1", "--max_new_tokens", "8", "--exposure_len", "4", "--sweep_seeds", "1", "2",
             "--train_seeds", "1", "3"]
@@ -1272,7 +1349,7 @@ def test_the_sweep_chooses_on_validation_then_runs_the_test_set(tmp_path, monkey
     out = capsys.readouterr().out
     # the choice: the setting with the best mean over the sweep seeds of each run's best validation validity
     for row, folder in (("kd", "kd"), ("on-policy rkl", "on-policy-rkl")):
-        means = {name: sum(ev.best_validation(str(tmp_path / "sw" / folder / f"{ev.slug(name)}-seed{s}"))[0]
+        means = {name: sum(ev.run_record(str(tmp_path / "sw" / folder / f"{ev.slug(name)}-seed{s}"))["best"]
                            for s in (1, 2)) / 2 for name in ev.sweep_settings(row)}
         best = max(means, key=means.get)
         assert f"{row}: chosen on validation: {best} ({means[best]:.1f}%" in out
@@ -1285,28 +1362,65 @@ def test_the_sweep_chooses_on_validation_then_runs_the_test_set(tmp_path, monkey
     assert minillm.run_summary(str(on_policy / "lr-1e-4-2-epochs-batch-4-seed1"))[3] == 8
     # the test set: the reference and the chosen setting with every training seed (seed 1's run reused)
     labels = [r["label"] for r in json.load(open(tmp_path / "sw" / "results.json"))]
-    assert labels[:3] == ["teacher", "sft", "kd, lr 1e-4 [reference" + (", selected]" if labels[2].endswith(
+    assert labels[:3] == ["teacher", "sft", "kd, lr 1e-4, batch 4 [reference" + (", selected]" if labels[2].endswith(
         "selected]") else "]")]
     assert all(os.path.isfile(on_policy / f"{ev.slug(ev.SWEEP['on-policy rkl'][1])}-seed{s}" / "best.pt")
                for s in (1, 2, 3))
     ev.main(argv)  # everything reused
     assert "training kd" not in capsys.readouterr().out
     record = json.load(open(tmp_path / "sw" / "sweep.json"))
-    assert record["kd"]["lr 3e-2"]["2"] == list(ev.best_validation(str(tmp_path / "sw" / "kd" / "lr-3e-2-seed2")))
+    assert record["validation"]["kd"]["lr 3e-2, batch 4"]["2"] == ev.run_record(str(tmp_path / "sw" / "kd" /
+                                                                                   "lr-3e-2-batch-4-seed2"))
+    assert list(record["test"]) == labels and all(len(record["test"][k]) == 2 for k in labels[2:])
+    # python eval.py --report: the same tables from the record alone, in a process with no checkpoint at hand
+    report = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--report", "--sweep_record",
+                             str(tmp_path / "sw" / "sweep.json")], capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert ev.sweep_lines(record["validation"]) in report.stdout and ev.sweep_lines(record["validation"]) in out
+    assert ev.test_lines(record["test"]) in report.stdout and ev.test_lines(record["test"]).split("\n\n")[0] in out
     # another folder with a record whose scores make the choice: the grid's runs are not run, the chosen and the
     # reference setting are, with seeds 1 and 3
-    record["kd"] = {"lr 1e-4": {"1": [30.0, 2], "2": [20.0, 0]}, "lr 3e-2": {"1": [24.0, 1], "2": [27.0, 2]}}
+    run = lambda best, step: {"start": 20.0, "best": best, "step": step, "end": 20.0, "end_step": 2, "pt_loss": 9.0,
+                              "minutes": 0.1, "samples": 0}
+    record["validation"]["kd"] = {"lr 1e-4, batch 8": {"1": run(10.0, 0), "2": run(10.0, 0)},
+                                  "lr 1e-4, batch 4": {"1": run(30.0, 2), "2": run(20.0, 0)},
+                                  "lr 3e-2, batch 8": {"1": run(24.0, 1), "2": run(27.0, 2)},
+                                  "lr 3e-2, batch 4": {"1": run(10.0, 0), "2": run(10.0, 0)}}
     (tmp_path / "record.json").write_text(json.dumps(record))
     ev.main(argv + ["--rows", "kd", "--out", str(tmp_path / "sw2"), "--sweep_record", str(tmp_path / "record.json")])
     again = capsys.readouterr().out
-    assert "kd: chosen on validation: lr 3e-2 (25.5%; the reference lr 1e-4: 25.0%)" in again
+    assert "kd: chosen on validation: lr 3e-2, batch 8 (25.5%; the reference lr 1e-4, batch 4: 25.0%)" in again
     assert "seed 2:" not in again and again.count("training kd") == 4
     assert [r["label"] for r in json.load(open(tmp_path / "sw2" / "results.json"))][2:] == [
-        "kd, lr 1e-4 [reference]", "kd, lr 3e-2 [selected]"]
-    assert "| kd | **lr 3e-2** | 24.0 | 27.0 | **25.5** | 1, 2 |" in open(tmp_path / "sw2" / "sweep.md").read()
-    assert json.load(open(tmp_path / "sw2" / "sweep.json")) == {"kd": record["kd"]}  # (the record's scores chose)
+        "kd, lr 1e-4, batch 4 [reference]", "kd, lr 3e-2, batch 8 [selected]"]
+    assert ("| kd | **lr 3e-2, batch 8** | 24.0 (1), 27.0 (2) | **25.5** | 20.0 (2), 20.0 (2) | 9.00 | 0.1 | 0 | 20.0 |"
+            in open(tmp_path / "sw2" / "sweep.md").read())
+    assert json.load(open(tmp_path / "sw2" / "sweep.json"))["validation"] == {"kd": record["validation"]["kd"]}
     with pytest.raises(SystemExit, match="not a row of the sweep"):
         ev.main(argv + ["--rows", "nope"])
+
+
+def test_the_method_part_of_minillm_py_fits_950_lines_and_the_readme_says_where_it_ends():
+    """A first reading of minillm.py, the method from the docstring's derivation to main(), stays at most 950 lines;
+    the README's reading guide names that range."""
+    lines = open(os.path.join(HERE, "minillm.py")).read().splitlines()
+    ruler = next(i for i, line in enumerate(lines) if line.startswith("# ====="))  # (after main(): stop here)
+    end = max(i for i in range(ruler) if lines[i].strip()) + 1
+    assert "def main(" in "\n".join(lines[end - 20:end]) and end <= 950
+    assert f"(lines 1-{end} of {len(lines):,})" in open(os.path.join(HERE, "README.md")).read()
+
+
+def test_the_tables_of_results_md_are_what_the_records_print():
+    """docs/results.md's sweep, Table 1 and drift-guard tables are `python eval.py --report`'s output: recomputed from
+    docs/sweep.json and docs/guard.json alone, in seconds, by a process with no checkpoint at hand."""
+    t0 = time.time()
+    report = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--report"], capture_output=True,
+                            text=True, timeout=60, cwd=HERE)
+    assert report.returncode == 0, report.stderr
+    assert time.time() - t0 < 30
+    results = open(os.path.join(HERE, "docs", "results.md")).read()
+    lines = [line for line in report.stdout.splitlines() if line.startswith("| ")]
+    assert len(lines) > 60 and [line for line in lines if line not in results] == []
 
 
 def test_eval_on_a_local_jsonl_file(tmp_path, capsys):
@@ -2386,7 +2500,7 @@ def test_more_bad_inputs_are_one_clear_line(tmp_path, monkeypatch):
         with pytest.raises(SystemExit) as e:
             minillm.main(base + argv)
         assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value), e.value
-        assert not (tmp_path / "o").exists()  # nothing written
+        assert not (tmp_path / "o").exists() and not (tmp_path / "builtin_data").exists()  # nothing written
 
 # -----------------------------------------------------------------------------
 # Resume after a crash, and run folders that never mix two runs
