@@ -1102,11 +1102,13 @@ def report(args):
         if not os.path.isfile(path):
             raise minillm.InputError(f"{path}: no such record")
     sweep_record, guard_record = (json.load(open(p)) for p in paths)
-    print("\n".join(sweep_record.get("about", [])) + "\n")
-    print(f"# The sweep: validation ({paths[0]})\n\n{sweep_lines(sweep_record['validation'])}\n")
-    print(f"# Table 1: the test set ({paths[0]})\n\n{test_lines(sweep_record['test'])}\n")
-    print(f"# The drift guard: validation ({paths[1]})\n\n{guard_lines(guard_record)}\n")
-    print(f"# The drift guard: the test set ({paths[1]})\n\n{test_lines(guard_record['test'])}")
+    names = [os.path.relpath(p, HERE) if os.path.abspath(p).startswith(HERE + os.sep) else p for p in paths]
+    for title, path, about, table in (
+            ("The sweep: validation", names[0], sweep_record.get("about"), sweep_lines(sweep_record["validation"])),
+            ("Table 1: the test set", names[0], None, test_lines(sweep_record["test"])),
+            ("The drift guard: validation", names[1], guard_record.get("about"), guard_lines(guard_record)),
+            ("The drift guard: the test set", names[1], None, test_lines(guard_record["test"]))):
+        print(f"# {title} ({path})\n\n" + (f"{about}\n\n" if about else "") + f"{table}\n")
 
 
 def over_training_seeds(per_seed):
