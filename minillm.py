@@ -859,8 +859,9 @@ def train(args):
 # -----------------------------------------------------------------------------
 # Algorithm 1 end to end: the built-in pipeline, and the paper's comparison. Each stage's settings where they differ
 # between stages; any other flag applies to every stage, and a typed flag wins where it applies (PIPELINE_FLAGS).
-# Peak learning rates: for the student, 1e-2 beat 3e-3 and 3e-2 (validation loss after 15,000 steps). The
-# distillation stages run L_PT off: the built-in student never learned the plain-text stream, and teaching it costs
+# Peak learning rates: for the student, 1e-2 beat 3e-3 and 3e-2 (validation loss after 15,000 steps). The teacher
+# trains 4,000 steps (--teacher_steps): far above every student, in two thirds of 6,000's time (docs/performance.md).
+# The distillation stages run L_PT off: the built-in student never learned the plain-text stream, and teaching it costs
 # the 0.033M student its task at every weight (docs/results.md); the paper's "without L_PT" row.
 DISTILL = dict(max_steps=600, lr=1e-3, min_lr=1e-4, lm_coef=0.0, eval_interval=100, log_interval=50)
 # Each distillation stage's own settings, chosen on validation by `python eval.py --sweep` (the same grid for every
@@ -1833,9 +1834,12 @@ def step_line(step, loss, stats, lr, tokens, elapsed, args):
     line = (f"step {step:5d} | loss {float(loss):.4f} | " +
             " | ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {float(v):.4f}" for k, v in stats.items()) +
             f" | lr {lr:.2e} | {tokens / elapsed:6.0f} tok/s{split} | ETA {eta:5.0f}s")
+    split = {"rollout_s": times["rollout"], "rollout_tokens": times["rollout tokens"], "teacher_s": times["teacher"],
+             "student_s": times["step"] - times["rollout"] - times["teacher"]} if times["rollout"] or times["teacher"] \
+        else {}  # (the seconds since the last line, as the line splits them)
     return line, {"step": step, "loss": float(loss), **{k: v if isinstance(v, int) else float(v)
                                                         for k, v in stats.items()},
-                  "lr": lr, "tok/s": round(tokens / elapsed), **{k: round(v, 2) for k, v in times.items() if v},
+                  "lr": lr, "tok/s": round(tokens / elapsed), **{k: round(v, 2) for k, v in split.items()},
                   "seconds": round(elapsed, 1), "eta": round(eta)}
 
 
@@ -1863,7 +1867,7 @@ def start_log(args, rank, resume_path, lines):
         with open(os.path.join(args.out, "log.txt"), "a") as f:
             f.write(f"# {' '.join(sys.argv)}\n# settings: {vars(args)}\n")
         print(settings_block(args, os.path.join(args.out, "log.txt")), flush=True)
-    log = logger(args.out) if rank == 0 else (lambda line: None)
+    log = logger(args.out) if rank == 0 else (lambda line, record=None: None)
     for line in lines:
         log(line)
     return log
@@ -2211,17 +2215,18 @@ def check_pipeline(args):
     return tokenizer
 
 
-STAGE_SECONDS = {"teacher": 276, "student-sft": 39, "kd": 18, "on-policy": 63, "minillm": 89, "table": 12}  # a
-# default run on the 2-core CPU (docs/results.md): the shares of the pipeline's time-left estimate
+STAGE_COST = {"teacher": (183, 4000), "student-sft": (42, 10000), "kd": (21, 600), "on-policy": (59, 600),
+              "minillm": (89, 600), "table": (14, 1)}  # (seconds, steps) of a default run on the 2-core CPU
 
 
 def stage_progress(k, stages, times):
-    """'stage k of n, about M min left' before the k-th stage: what is left of STAGE_SECONDS, scaled by how long the
-    stages trained so far (times: {stage: seconds}) took against their share there."""
-    names = [name for name, _ in stages][k - 1:] + ["table"]
-    done = sum(STAGE_SECONDS.get(name, 0) for name in times)
-    scale = sum(times.values()) / done if done else 1.0
-    left = scale * sum(STAGE_SECONDS.get(name, 0) for name in names) / 60
+    """'stage k of n, about M min left' before the k-th stage: STAGE_COST scaled to each stage's steps, and by how
+    long the stages trained so far (times: {stage: seconds}) took against their share there (this machine's speed)."""
+    plan = {name: STAGE_COST[name][0] * s["max_steps"] / STAGE_COST[name][1] for name, s in stages}
+    plan["table"] = STAGE_COST["table"][0]
+    done = sum(plan[name] for name in times)
+    speed = sum(times.values()) / done if done else 1.0
+    left = speed * sum(list(plan.values())[k - 1:]) / 60
     return f"stage {k} of {len(stages)}, about {left:.0f} min left" + ("" if done else " on a 2-core CPU")
 
 
@@ -2444,7 +2449,7 @@ def arg_parser():
     # applies to every stage it means something for, and --max_steps, --lr, --min_lr, --lm_coef, --eval_interval and
     # --log_interval, when typed, set the distillation stages (the SFT stages keep the pipeline's)
     g = ap.add_argument_group("the built-in pipeline (no --method)")
-    g.add_argument("--teacher_steps", type=int, default=6000, help="pipeline: the teacher's SFT steps")
+    g.add_argument("--teacher_steps", type=int, default=4000, help="pipeline: the teacher's SFT steps")
     g.add_argument("--student_steps", type=int, default=10000, help="pipeline: the student's SFT steps")
     # bookkeeping
     g = ap.add_argument_group("bookkeeping")

@@ -410,12 +410,16 @@ def test_refuses_pickled_code(tmp_path):
     with pytest.raises(minillm.InputError, match="evil.pt: refused: it holds pickled objects that are not tensors"):
         minillm.load_checkpoint(path)
     assert not (tmp_path / "pwned").exists()
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(minillm.InputError, match="junk.pt: not a loadable checkpoint"):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")  # (text: not a file torch.save wrote at all)
+    with pytest.raises(minillm.InputError, match="junk.pt: not a checkpoint: not a file torch.save wrote"):
         minillm.load_checkpoint(str(tmp_path / "junk.pt"))
+    (tmp_path / "cut.pt").write_bytes(open(path, "rb").read()[:200])  # (a zip archive cut short)
+    with pytest.raises(minillm.InputError, match="cut.pt: not a loadable checkpoint, truncated or damaged"):
+        minillm.load_checkpoint(str(tmp_path / "cut.pt"))
     with pytest.raises(minillm.InputError, match="no such checkpoint"):
         minillm.load_checkpoint(str(tmp_path / "missing.pt"))
-    (tmp_path / "locked.pt").write_bytes(b"")  # unreadable (root reads anything: the error is simulated)
+    minillm.save_checkpoint(str(tmp_path / "locked.pt"), tiny(), None, 0, None, "builtin", {})  # unreadable (root
+    # reads anything: the error is simulated)
 
     def no_permission(path, **kwargs):
         raise PermissionError(13, "Permission denied", path)
@@ -546,7 +550,7 @@ def test_builtin_default_trains_then_reuses(tmp_path, monkeypatch, capsys):
     minillm.main(argv)
     second = capsys.readouterr().out
     assert second.count(" has finished ") == 5 and "trained" not in second  # finished stages are reused
-    table = lambda out: out[out.index("KD, on-policy and MiniLLM: "):out.index("built-in pipeline:")]
+    table = lambda out: out[out.index("KD, on-policy and MiniLLM: "):out.index("the stages' curves")]
     assert table(first) == table(second)
     rows = table(first).splitlines()[3:]
     assert [r.split()[:2] for r in rows] == [[m, d] for m in ("teacher", "sft", "kd", "on-policy", "minillm")
@@ -1376,7 +1380,9 @@ def test_the_sweep_chooses_on_validation_then_runs_the_test_set(tmp_path, monkey
     report = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--report", "--sweep_record",
                              str(tmp_path / "sw" / "sweep.json")], capture_output=True, text=True, timeout=60)
     assert report.returncode == 0, report.stderr
-    assert ev.sweep_lines(record["validation"]) in report.stdout and ev.sweep_lines(record["validation"]) in out
+    unmarked = lambda text: text.replace(" (reference)", "")  # (the report's process has the real SWEEP's references)
+    assert unmarked(ev.sweep_lines(record["validation"])) in unmarked(report.stdout)
+    assert ev.sweep_lines(record["validation"]) in out
     assert ev.test_lines(record["test"]) in report.stdout and ev.test_lines(record["test"]).split("\n\n")[0] in out
     # another folder with a record whose scores make the choice: the grid's runs are not run, the chosen and the
     # reference setting are, with seeds 1 and 3
@@ -2707,8 +2713,8 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path, 
     assert not out.exists()  # bad input: nothing written
     minillm.main(argv)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    for extra, message in (([], f"{out}: holds a run already (best.pt, hf, last.pt, log.txt): --resume continues it, "
-                                "--overwrite replaces it"),
+    for extra, message in (([], f"{out}: holds a run already (best.pt, curves.jsonl, hf, last.pt): --resume "
+                                "continues it, --overwrite replaces it"),
                            (["--resume", "--lr", "2e-3"], f"{out}: holds a run made with --lr 0.001, not 0.002: "
                                                           "--overwrite replaces it"),
                            (["--overwrite", "--data", str(bad), "--tokenizer", "builtin"], "bad.jsonl:6: not valid")):
