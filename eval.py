@@ -13,6 +13,7 @@ Evaluation as the paper does it, and the built-in Table 1.
     python eval.py --bench minillm [--shapes qwen] [minillm.py flags]  # MiniLLM steps at real scale, per loss path
     python eval.py --bench rollout [minillm.py flags]    # rollouts eager / fast vs transformers; MiniLLM vs KD cost
     python eval.py --bench tokenizers        # the built-in task: byte-level vs word-level tokens
+    python eval.py --bench teacher           # the teacher's SFT step: padding, threads, fused AdamW, compile, FLOPs
 
 For each checkpoint: responses sampled at T = 1, top-p 1, up to 256 new tokens, cut at EOS, for every test prompt,
 once per seed; the metrics averaged over the seeds (mean and standard deviation):
@@ -371,7 +372,7 @@ def draw_curves(paths, out):
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     panels = (("val valid", "validation validity (%)", 100), ("val rkl", "reverse KL to the teacher (validation)", 1),
               ("val loss", "validation loss (CE on the responses)", 1))
-    for folder in folders:
+    for i, folder in enumerate(folders):  # (a run keeps its colour in every panel)
         _, val = read_curves(folder)
         label = os.path.basename(os.path.normpath(folder))
         for col, (key, title, scale) in enumerate(panels):
@@ -379,10 +380,13 @@ def draw_curves(paths, out):
             points = [(r["step"], r["seconds"] / 60, scale * r[key]) for r in val if key in r]
             for row in range(2):
                 if points:
-                    axes[row, col].plot([p[row] for p in points], [p[2] for p in points], marker=".", label=label)
+                    axes[row, col].plot([p[row] for p in points], [p[2] for p in points], marker=".", color=f"C{i}",
+                                        label=label if (row, col) == (0, 2) else None)
                 axes[row, col].set(xlabel=("step", "training minutes")[row], title=title if row == 0 else None)
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
+    for row in range(2):
+        axes[row, 2].set_yscale("log")  # (the SFT stages start far above where distillation moves)
+    fig.legend(loc="upper center", ncol=len(folders), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -595,6 +599,60 @@ def bench_tokenizers(n=2000, steps=20):
         print(f"{name:<24}{enc.n_vocab:>7}{sum(lens) / len(lens):>10.1f}{max(lens):>9}{ms:>9.1f}"
               f"{32 / ms * 1000:>12.0f}")
 
+def bench_teacher(n_train=100000, steps=60, warm=15, configs=("2 threads", "1 thread", "fused AdamW", "batch 64",
+                                                               "compile")):
+    """--bench teacher: where the default run's largest stage, the teacher's SFT, spends its time: the tokens a step
+    computes (padding included) and the targets it predicts; the step's time and tokens/s with two threads, one,
+    a fused AdamW, mini-batches of 64 and torch.compile (each: `warm` steps, then `steps` timed; 'first' is the
+    seconds of the untimed first steps, compiling included); its FLOPs against this CPU's matrix-multiply rate."""
+    enc = data.get_encoding("builtin")
+    pairs, _ = data.tokenize(data.make_builtin(n_train, 0, 0)["train"], enc, "builtin", 256, 256)
+    it = data.batches(pairs, 32, 1337)
+    sample = [next(it)[1:] for _ in range(100)]  # (x, y) of 100 batches
+    tokens = sum(x.numel() for x, _ in sample) / 100
+    targets = sum(int((y != -100).sum()) for _, y in sample) / 100
+    length = sum(x.size(1) for x, _ in sample) / 100
+    c = minillm.MODEL_SIZES["teacher"](vocab_size=enc.n_vocab)
+    macs = tokens * c.n_layer * (12 * c.n_embd ** 2 + 2 * length * c.n_embd) + targets * c.n_embd * c.vocab_size
+    real = sum(len(p) + len(r) - 1 for p, r in pairs) / len(pairs)  # (a row's inputs without padding)
+    print(f"a step: {tokens:.0f} tokens computed ({length:.1f} a row, {real:.1f} of them not padding), {targets:.0f} "
+          f"targets; {6 * macs / 1e9:.2f} GFLOP (forward and backward)")
+    threads = torch.get_num_threads()
+    print(f"{'configuration':<16}{'ms/step':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'first s':>9}")
+    for name in configs:
+        torch.set_num_threads(1 if name == "1 thread" else threads)
+        torch.manual_seed(0)
+        model = minillm.GPT(c)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), fused=name == "fused AdamW")
+        step = torch.compile(model) if name == "compile" else model
+        batches, t_first, timed, seen = data.batches(pairs, 64 if name == "batch 64" else 32, 1337), time.time(), 0.0, 0
+        for i in range(warm + steps):
+            _, x, y = next(batches)
+            t0 = time.perf_counter()
+            loss = step(x, y)[1]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i == warm - 1:
+                t_first = time.time() - t_first
+            if i >= warm:
+                timed, seen = timed + time.perf_counter() - t0, seen + x.numel()
+        flops = 6 * macs * (2 if name == "batch 64" else 1)
+        print(f"{name:<16}{1000 * timed / steps:>9.1f}{seen / timed:>10.0f}{flops / (timed / steps) / 1e9:>9.1f}"
+              f"{t_first:>9.1f}")
+    torch.set_num_threads(threads)
+    a = torch.randn(1024, 1024)
+    for n_threads in (threads, 1):
+        torch.set_num_threads(n_threads)
+        a @ a
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        rate = 20 * 1024 ** 3 / (time.perf_counter() - t0) / 1e9
+        print(f"a 1024 x 1024 matrix multiply, {n_threads} thread(s): {rate:.0f} GFLOP/s")
+    torch.set_num_threads(threads)
+
 # -----------------------------------------------------------------------------
 # main
 
@@ -641,7 +699,7 @@ def arg_parser():
     ap.add_argument("--shapes", choices=list(BENCH_SHAPES), default="gpt2",
                     help="--bench minillm / rollout: the teacher and student shapes (gpt2: the paper's; qwen: "
                          "Qwen2.5-1.5B and 0.5B)")
-    ap.add_argument("--bench", choices=["generate", "minillm", "rollout", "tokenizers"],
+    ap.add_argument("--bench", choices=["generate", "minillm", "rollout", "tokenizers", "teacher"],
                     help="run a benchmark instead (--bench minillm also takes minillm.py's flags: --max_steps, "
                          "--rollout_size, --batch_size, --chunk, ...)")
     return ap
@@ -672,6 +730,8 @@ def main(argv=None):
             return bench_generate(args.device)
         if args.bench == "tokenizers":
             return bench_tokenizers()
+        if args.bench == "teacher":
+            return bench_teacher()
         if args.bench == "minillm":
             return bench_minillm(minillm.get_args(args.minillm_flags), args.shapes)
         if args.bench == "rollout":

@@ -1146,6 +1146,11 @@ def test_benchmarks_print_their_tables(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     ev.bench_generate("cpu", n_prompts=4, new_tokens=8, repeats=1)
     ev.bench_tokenizers(n=64, steps=1)
+    before = capsys.readouterr().out
+    ev.bench_teacher(n_train=400, steps=1, warm=1, configs=("2 threads", "1 thread", "fused AdamW", "batch 64"))
+    teacher = capsys.readouterr().out
+    assert "tokens computed" in teacher and teacher.count(" thread(s): ") == 2
+    assert [line.split()[0] for line in teacher.splitlines()[2:6]] == ["2", "1", "fused", "batch"]
     ev.main(["--bench", "minillm", "--device", "cpu", "--max_steps", "2", "--rollout_size", "8", "--batch_size", "4",
              "--max_new_tokens", "8"])
     monkeypatch.setattr(minillm, "DECODE_BACKEND", "eager")  # (inductor would take a minute to compile here)
@@ -1158,7 +1163,7 @@ def test_benchmarks_print_their_tables(tmp_path, monkeypatch, capsys):
     launch = dict(kernels.LAUNCH)  # the GPU's block-size sweep, with a stand-in timer (1 ms) and copy bandwidth
     kernels.sweep(N=2, V=100, blocks=(32, 64), warps=(4,), device=DEV, timer=lambda fn: (fn(), 1.0)[1], copy_gbs=1.0)
     assert kernels.LAUNCH == launch
-    out = capsys.readouterr().out
+    out = before + capsys.readouterr().out
     assert "bfloat16     64      4    1.000     0%    1.000     0%" in out and "best (BLOCK, warps)" in out
     for line in ("KV cache", "recompute", "speedup", "builtin-bytes", "rollout:", "reference", "fused kernel",
                  "kernel, --chunk 1024", "rollouts of up to 8 tokens", "rollout, student + teacher, eager",
