@@ -1632,6 +1632,8 @@ def open_run(args, world):
     if int(os.environ.get("RANK", "0")) == 0 and os.path.isdir(args.out):
         hold_folder(args.out)
     resume_path, ckpt, notes = find_resume(args)
+    if resume_path == os.path.join(args.out, "last.pt"):  # a finished run, reused: nothing to hold it for
+        let_go(args.out)
     if world > 1:
         dist.barrier()
     return resume_path, ckpt, notes

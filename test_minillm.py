@@ -475,6 +475,8 @@ def test_a_run_folder_is_held_by_one_process_and_a_killed_holder_never_blocks(tm
                            text=True, timeout=120)
     assert third.returncode == 0, third.stderr
     assert "done: 100 steps" in open(tmp_path / "run" / "log.txt").read()
+    minillm.train(minillm.get_args(run[2:] + ["--max_steps", "100", "--resume"]))  # finished: reused in this process
+    assert os.path.realpath(tmp_path / "run") not in minillm.HELD  # (and not held for the rest of the process)
 
 
 def test_cli_bad_data_is_one_clear_line(tmp_path):
