@@ -2377,7 +2377,8 @@ def arg_parser():
     g.add_argument("--init", help="start from this checkpoint instead of a fresh --model (onpolicy, minillm: the SFT "
                                    "student; pipeline: skips training one)")
     g.add_argument("--out", default="out", help="run folder: log.txt, curves.jsonl, best.pt, last.pt, step-N.pt "
-                                                 "(pipeline: a folder per stage in it)")
+                                                 "(default: out/METHOD, out/on-policy for onpolicy; the pipeline: out, "
+                                                 "a folder per stage in it)")
     g.add_argument("--resume", action="store_true",
                     help="go on with the run in --out from its newest checkpoint (a new run if it has none)")
     g.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
@@ -2482,6 +2483,8 @@ def get_args(argv=None):
     for action in ap._actions:  # parsed again without defaults: the flags that were typed, which the pipeline
         action.default = argparse.SUPPRESS  # never replaces with its own settings
     args.typed = sorted(vars(ap.parse_args(argv)))
+    if args.method and "out" not in args.typed:  # one run: its own folder, the pipeline's name for its stage
+        args.out = os.path.join("out", {"onpolicy": "on-policy"}.get(args.method, args.method))
     problem = check_args(args)
     if problem:
         sys.exit(f"error: {problem}")  # (as every input error: one line, exit 1)

@@ -451,6 +451,14 @@ def test_help_shows_every_default_and_a_mistyped_flag_is_one_line():
         assert f"error: unrecognized argument {typo}" in r.stderr and hint in r.stderr, r.stderr
 
 
+def test_a_method_run_without_out_gets_its_own_folder():
+    """--method without --out runs in out/METHOD (the pipeline's stage folder names), never in the pipeline's out/."""
+    assert minillm.get_args(["--method", "kd"]).out == os.path.join("out", "kd")
+    assert minillm.get_args(["--method", "onpolicy"]).out == os.path.join("out", "on-policy")
+    assert minillm.get_args(["--method", "minillm", "--out", "mine"]).out == "mine"  # (typed: kept)
+    assert minillm.get_args([]).out == "out"  # (the pipeline)
+
+
 def test_a_run_folder_is_held_by_one_process_and_a_killed_holder_never_blocks(tmp_path):
     """Two real processes on one --out: the second stops at once with one line naming the folder and the holder;
     once the first is killed (SIGKILL: no chance to clean up), a run on the folder goes on."""
