@@ -330,12 +330,10 @@ def plots(results, folder):
         fig.savefig(os.path.join(folder, "reliability.png"), dpi=120)
         plt.close(fig)
 
-STAGES = ("teacher", "student-sft", "kd", "on-policy", "minillm")  # the pipeline's run folders, in its order
-
-
 def run_folders(paths):
     """The run folders that paths name: a folder with a curves.jsonl is one; a folder of them (the pipeline's out/)
     stands for those in it, the pipeline's stages in their order."""
+    order = list(minillm.STAGE_COST)  # (the pipeline's stages; other folders after them)
     folders = []
     for path in paths:
         if os.path.isfile(os.path.join(path, "curves.jsonl")):
@@ -343,7 +341,7 @@ def run_folders(paths):
             continue
         inside = sorted((f for f in (os.listdir(path) if os.path.isdir(path) else [])
                          if os.path.isfile(os.path.join(path, f, "curves.jsonl"))),
-                        key=lambda f: (STAGES.index(f) if f in STAGES else len(STAGES), f))
+                        key=lambda f: (order.index(f) if f in order else len(order), f))
         if not inside:
             raise minillm.InputError(f"{path}: no curves.jsonl in it or in its folders (a run folder of minillm.py, "
                                      "or a folder of them)")
@@ -351,14 +349,15 @@ def run_folders(paths):
     return folders
 
 
-def read_curves(folder):
-    """(training records, validation records) of a run's curves.jsonl, by step; a step logged twice (a run resumed
-    from before it) keeps its last record."""
-    train, val = {}, {}
+def read_validations(folder):
+    """The validation records of a run's curves.jsonl, by step; a step logged twice (a run resumed from before it)
+    keeps its last record."""
+    val = {}
     for line in open(os.path.join(folder, "curves.jsonl")):
         record = json.loads(line)
-        (val if any(k.startswith("val ") for k in record) else train)[record["step"]] = record
-    return [train[k] for k in sorted(train)], [val[k] for k in sorted(val)]
+        if "val loss" in record:
+            val[record["step"]] = record
+    return [val[k] for k in sorted(val)]
 
 
 def draw_curves(paths, out):
@@ -373,7 +372,7 @@ def draw_curves(paths, out):
     panels = (("val valid", "validation validity (%)", 100), ("val rkl", "reverse KL to the teacher (validation)", 1),
               ("val loss", "validation loss (CE on the responses)", 1))
     for i, folder in enumerate(folders):  # (a run keeps its colour in every panel)
-        _, val = read_curves(folder)
+        val = read_validations(folder)
         label = os.path.basename(os.path.normpath(folder))
         for col, (key, title, scale) in enumerate(panels):
             key = key if key != "val valid" or any(key in r for r in val) else "val rougeL"
