@@ -538,22 +538,23 @@ def minillm_terms(logq, kl, logq_old, advantage, w_single, w_long, clip_eps=0.2)
 
 def reverse_kl_tokens(student, teacher, batch, args, ctx):
     """Per response token (b, n): KL(q_theta(.|y_<t) || p(.|y_<t)) over the vocabulary (Eq. 3) and log q_theta(y_t),
-    from one forward of each model over prompt + response."""
-    targets = batch["tokens"].masked_fill(~batch["mask"], -100)
-    if args.chunk:  # (b, n, V) logits never whole: lm_head and the kernel applied --chunk rows at a time
-        with ctx:
-            h_q = response_logits(student, batch, hidden=True)  # (b, n, C)
-            with torch.no_grad(), timed("teacher"):
-                h_p = response_logits(teacher, batch, hidden=True)
-            head = getattr(student, "module", student).head_weight()  # (under DistributedDataParallel: .module)
-            kl, logq, _ = kernels.reverse_kl_chunked(h_q, head, h_p, teacher.head_weight(), targets, args.chunk)
-    else:
-        with ctx:
-            logits_q = response_logits(student, batch)  # (b, n, V)
-            with torch.no_grad(), timed("teacher"):
-                logits_p = response_logits(teacher, batch)
+    from one forward of each model over prompt + response. lm_head and the KL run at the N response tokens only, not
+    on the padding after EOS that fills the rest of the (b, n) grid (77% of it in the built-in task's rounds)."""
+    mask = batch["mask"]
+    targets = batch["tokens"][mask]  # (N,)
+    with ctx:
+        h_q = response_logits(student, batch, hidden=True)[mask]  # (N, C): the final hidden states of the tokens
+        with torch.no_grad(), timed("teacher"):
+            h_p = response_logits(teacher, batch, hidden=True)[mask]
+        head_q, head_p = getattr(student, "module", student).head_weight(), teacher.head_weight()  # (V, C) each
+        if args.chunk:  # the (N, V) logits never whole: lm_head and the kernel applied --chunk rows at a time
+            kl, logq, _ = kernels.reverse_kl_chunked(h_q, head_q, h_p, head_p, targets, args.chunk)
+        else:
+            logits_q, logits_p = h_q @ head_q.t(), h_p @ head_p.t()  # (N, V) each
+    if not args.chunk:
         kl, logq, _ = kernels.reverse_kl(logits_q, logits_p, targets)  # the fused kernel, in one pass
-    return kl, logq
+    zero = torch.zeros(mask.shape, dtype=kl.dtype, device=mask.device)
+    return zero.masked_scatter(mask, kl), zero.masked_scatter(mask, logq)  # back to (b, n)
 
 
 def minillm_loss(student, teacher, batch, args, ctx):
@@ -675,7 +676,9 @@ def rollout_batches(student, teacher, prompts, args, device, rank=0, world=1, st
             if target_kl:
                 state["kl_old"] = []
         rows = state["minibatches"].pop(0).to(device)
-        yield {k: v[rows] for k, v in state["round"].items()}
+        batch = {k: v[rows] for k, v in state["round"].items()}
+        n = int(batch["mask"].sum(1).max())  # its longest response: the round's columns after it are padding alone
+        yield {k: v if k.startswith("prompt") else v[:, :n] for k, v in batch.items()}
 
 
 def guarded(args):
