@@ -1241,6 +1241,7 @@ def validation_loss(model, pairs, batch_size, device, ctx, chunk=8192, sigterm=F
 def validity(model, enc, rows, greedy=True, seed=0, batch_size=128, max_new_tokens=96, sigterm=False):
     """The built-in task: the fraction of valid responses (data.is_valid) per family and 'all'; sampled as the paper
     evaluates (T = 1, top-p 1) unless greedy. sigterm: a SIGTERM stops it between batches (raises Stopped)."""
+    rows = sorted(rows, key=lambda r: r["category"])  # one family a batch: its responses end at about the same step
     _, prompts = data.encode_prompts(rows, enc, "builtin")
     hits = {}
     for r, text in zip(rows, respond(model, enc, prompts, greedy, seed, max_new_tokens, batch_size, sigterm)):
