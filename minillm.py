@@ -2275,16 +2275,19 @@ def teacher_ahead(args, settings):
     return theirs, ours
 
 
-def print_comparison(args, tokenizer, stages, seeds=(0, 1, 2)):
+def print_comparison(args, tokenizer, stages, seeds=(0, 1, 2), draws=4):
     """The pipeline's table: teacher, SFT, KD, on-policy distillation and MiniLLM, each with its training steps and
     minutes, validation loss, reverse KL to the teacher (k3 per response on its own samples of the validation
     prompts), and on the test prompts, greedy and sampled at T = 1 as the paper evaluates (mean over `seeds`, and ±
-    their std): validity by family on the built-in task, Rouge-L on other data."""
+    their std): validity by family on the built-in task, Rouge-L on other data. Each seed samples every test prompt
+    `draws` times: with one draw the spread over seeds is the luck of 500 coin flips (about 2 points at 30% valid),
+    as large as the gaps the table is read for; with 4 it is about half that (docs/performance.md). (Other data:
+    one draw, as a real model's responses cost more and Rouge-L is not a coin flip.)"""
     device = pick_device(args.device)
     enc = data.get_encoding(tokenizer)
     args.eos_id = enc.eot_token
     builtin = args.data == "builtin"
-    template = "builtin" if builtin else "dolly"
+    template, draws = ("builtin", draws) if builtin else ("dolly", 1)
     splits = read_rows(args)[0]
     val_pairs, _ = data.tokenize(splits["valid"], enc, template, args.max_length, args.max_prompt_length)
     _, val_prompts = data.encode_prompts(splits["valid"], enc, template, args.max_prompt_length)
@@ -2298,7 +2301,8 @@ def print_comparison(args, tokenizer, stages, seeds=(0, 1, 2)):
           f"{setting(stages['kd'])}; on-policy: {setting(stages['on-policy'])}; MiniLLM: {setting(distill)}); "
           f"best.pt by validation {'validity' if builtin else 'Rouge-L'}.\nval loss, val rkl: {len(val_pairs)} "
           f"validation examples; {'validity' if builtin else 'Rouge-L'} on the {len(test_rows)} test prompts, greedy "
-          f"and sampled at T = 1 (mean of seeds {', '.join(map(str, seeds))}; all: ± their std)")
+          f"and sampled at T = 1 (mean of seeds {', '.join(map(str, seeds))}, each {draws} "
+          f"draw{'s' if draws > 1 else ''} per prompt; all: ± their std)")
     print(f"{'model':<9}{'decoding':>8}{'steps':>6}{'min':>5}{'val loss':>9}{'val rkl':>8}" +
           "".join(f"{f:>8}" for f in columns) + f"{'all' if builtin else 'Rouge-L':>13}")
     for label, path in (("teacher", distill["teacher"]), ("sft", distill["init"]),
@@ -2311,11 +2315,12 @@ def print_comparison(args, tokenizer, stages, seeds=(0, 1, 2)):
                                                            torch.Generator(device).manual_seed(0))[0]
 
         def score(greedy, seed=0):  # {family: validity, "all": ...} or {"all": Rouge-L}, as fractions
+            rows, prompts = (test_rows, test_prompts) if greedy else (test_rows * draws, test_prompts * draws)
             if builtin:
-                return validity(model, enc, test_rows, greedy, seed, max_new_tokens=args.max_new_tokens)
-            responses = respond(model, enc, test_prompts, greedy, seed, args.max_new_tokens)
-            return {"all": sum(data.rouge_l(y, [r["response"]]) for y, r in zip(responses, test_rows)) /
-                    (100 * len(test_rows))}  # (rouge_l is in points)
+                return validity(model, enc, rows, greedy, seed, max_new_tokens=args.max_new_tokens)
+            responses = respond(model, enc, prompts, greedy, seed, args.max_new_tokens)
+            return {"all": sum(data.rouge_l(y, [r["response"]]) for y, r in zip(responses, rows)) /
+                    (100 * len(rows))}  # (rouge_l is in points)
         greedy, sampled = score(True), [score(False, s) for s in seeds]
         mean = {f: sum(x[f] for x in sampled) / len(seeds) for f in greedy}
         spread = 100 * std([x["all"] for x in sampled])

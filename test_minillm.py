@@ -539,9 +539,14 @@ def test_builtin_default_trains_then_reuses(tmp_path, monkeypatch, capsys):
     argv = ["--out", str(tmp_path / "out"), "--teacher_steps", "10", "--student_steps", "10", "--max_steps", "4",
             "--eval_interval", "2", "--n_train", "350", "--n_valid", "35", "--n_test", "35", "--rollout_size", "16",
             "--max_new_tokens", "24", "--batch_size", "16"]
+    drawn, real_validity = [], minillm.validity  # (rows, greedy) of every validity call
+    monkeypatch.setattr(minillm, "validity", lambda model, enc, rows, greedy=True, *a, **k: drawn.append(
+        (len(rows), greedy)) or real_validity(model, enc, rows, greedy, *a, **k))
     minillm.main(argv)
     first = capsys.readouterr().out
     assert all(f"{stage}: trained" in first for stage in ("teacher", "student-sft", "kd", "on-policy", "minillm"))
+    # the table: each model greedy once, and sampled with 3 seeds, each drawing every test prompt 4 times
+    assert drawn.count((35, True)) == 5 and drawn.count((4 * 35, False)) == 15 and "each 4 draws per prompt" in first
     ours = {**minillm.CHOSEN["minillm"], "batch_size": 16, "rollout_size": 16}  # (the typed ones)
     assert "minillm: " + ", ".join(f"--{k} {ours[k]} (the paper: {v})" for k, v in minillm.PAPER.items()
                                    if ours[k] != v) + f", lr {ours['lr']:g}: " in first  # where it differs
