@@ -2221,8 +2221,8 @@ def check_pipeline(args):
     return tokenizer
 
 
-STAGE_COST = {"teacher": (183, 4000), "student-sft": (42, 10000), "kd": (21, 600), "on-policy": (59, 600),
-              "minillm": (89, 600), "table": (14, 1)}  # (seconds, steps) of a default run on the 2-core CPU
+STAGE_COST = {"teacher": (180, 4000), "student-sft": (41, 10000), "kd": (18, 600), "on-policy": (34, 600),
+              "minillm": (57, 600), "table": (12, 1)}  # (seconds, steps) of a default run on the 2-core CPU
 
 
 def stage_progress(k, stages, times):
