@@ -2290,6 +2290,41 @@ def test_rollout_batches_advantages_and_the_official_whitening():
     assert (white[~mask] == 0).all() and abs(white[mask].mean()) > 1e-3  # the valid tokens keep part of their mean
 
 
+def test_rollout_minibatches_are_cut_to_their_longest_response_and_lose_nothing(monkeypatch):
+    """A mini-batch keeps the round's columns up to its own longest response: its rows are the round's rows cut there,
+    nothing of a response is cut, and the loss and gradient on it equal those on the uncut rows."""
+    monkeypatch.setattr(kernels, "USE_TRITON", False)
+    student, teacher = estimator_models(seed=7)
+    with torch.no_grad():  # EOS more likely (its logit up by 1.5): responses of 1 to 12 tokens
+        for m in (student, teacher):
+            w = m.transformer.wte.weight
+            m.transformer.ln_f.bias.add_(1.5 * w[3] / w[3].dot(w[3]))
+    args = minillm.get_args(["--rollout_size", "24", "--batch_size", "4", "--max_new_tokens", "12"])
+    args.eos_id = 3
+    state = {}
+    batches = minillm.rollout_batches(student, teacher, [[0, 1], [2], [1, 2, 0]] * 8, args, "cpu", state=state)
+    cut = []
+    for _ in range(6):  # the round's six mini-batches
+        mb = next(batches)
+        whole = state["round"]
+        n = mb["mask"].size(1)
+        assert n == int(mb["mask"].sum(1).max())  # cut at its longest response
+        rows = [next(j for j in range(24) if torch.equal(whole["logq_old"][j, :n], mb["logq_old"][i]) and
+                     torch.equal(whole["tokens"][j, :n], mb["tokens"][i])) for i in range(4)]
+        assert not whole["mask"][rows, n:].any()  # nothing of a response lies past the cut
+        assert all(torch.equal(mb[k], v[rows] if k.startswith("prompt") else v[rows, :n]) for k, v in whole.items())
+        cut.append(n < whole["mask"].size(1))
+        grads = []
+        for batch in (mb, {k: v[rows] for k, v in whole.items()}):  # cut, and the round's full width
+            student.zero_grad()
+            loss, _ = minillm.minillm_loss(student, teacher, batch, args, nullcontext())
+            loss.backward()
+            grads.append((loss.detach(), torch.cat([p.grad.flatten() for p in student.parameters()])))
+        assert_close(grads[0][0], grads[1][0], 1e-6, "loss")
+        assert_close(grads[0][1], grads[1][1], 1e-6, "gradient")
+    assert any(cut)  # (some mini-batch was narrower than its round)
+
+
 def test_ppo_diagnostics_in_the_loss_stats(monkeypatch):
     """kl_old is 0 while q_theta = q_old and grows once it moves; clip is the share of tokens whose long-term
     gradient the clip takes away, where the ratio it acts on, q_theta / p_mix (w_t at q_old), is past 1 +- eps on the
