@@ -311,7 +311,7 @@ class GPT(nn.Module):
         e.g. Qwen2.5-0.5B's 151,936 rows for 151,665 tokens) are never predicted, so logits have V columns."""
         return self.lm_head.weight[:self.config.n_vocab or self.config.vocab_size]
 
-    def forward(self, idx, targets=None, valid=None, cache=None, last_only=False, hidden=False):
+    def forward(self, idx, targets=None, valid=None, cache=None, last_only=False, hidden=False, at=None):
         """idx (B, T) token ids. Returns (out, loss); the ways it is called:
             model(x, targets=y)        training: out = logits (N, V) at the N targets of y (-100: no target),
                                        loss = their mean cross-entropy
@@ -321,7 +321,8 @@ class GPT(nn.Module):
             model(idx, cache=cache)    idx goes after what the KV cache (new_cache) holds: prefill, then decode
             last_only=True             out = logits of the last position only, (B, 1, V)
             hidden=True                out = the final hidden states (B, T, C) instead of logits (for losses that
-                                       apply head_weight() themselves, a chunk at a time)"""
+                                       apply head_weight() themselves, a chunk at a time)
+            at=keep                    out only at the N positions where keep (B, T) is True: (N, V) or (N, C)"""
         B, T = idx.shape
         static = cache is not None and "slot" in cache  # the fast decode (fast_decode): the slot is a tensor
         start = cache["slot"] if static else 0 if cache is None else cache["len"]  # slots already in the cache
@@ -358,13 +359,13 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
+        keep = targets != -100 if targets is not None else at  # (B, T): a loss needs logits only at its N tokens
+        if keep is not None:
+            x = x[keep]  # (N, C)
         if hidden:
             return x, None
-        if targets is not None:  # the loss needs logits only where there is a target (the response tokens)
-            keep = targets != -100  # (B, T)
-            logits = F.linear(x[keep], self.head_weight())  # (N, V), N targets
-            return logits, F.cross_entropy(logits.float(), targets[keep])
-        return F.linear(x, self.head_weight()), None  # (B, T, V)
+        logits = F.linear(x, self.head_weight())  # (N, V), or (B, T, V)
+        return logits, None if targets is None else F.cross_entropy(logits.float(), targets[keep])
 
 # -----------------------------------------------------------------------------
 # Generation with a KV cache. prefill() and decode() are separate so that two models (student q and teacher p)
@@ -467,14 +468,15 @@ def rollout(student, teacher, prompts, max_new_tokens, eos_id, alpha, generator=
             "log_pmix": torch.where(mask, log_pmix, zero)}
 
 
-def response_logits(model, batch, hidden=False):
-    """Logits (B, n, V) that predict each response token (hidden: the final hidden states (B, n, C) instead): one
-    forward over prompt + response."""
+def response_logits(model, batch, hidden=False, at=None):
+    """Logits (B, n, V) that predict each response token (hidden: the final hidden states, C wide, instead; at, a
+    (B, n) mask: at its N tokens only, (N, V)): one forward over prompt + response."""
     idx = torch.cat([batch["prompt_idx"], batch["tokens"]], 1)  # (B, Tp + n)
     valid = torch.cat([batch["prompt_valid"], torch.ones_like(batch["mask"])], 1)
-    logits, _ = model(idx[:, :-1], valid=valid[:, :-1], hidden=hidden)  # position i predicts token i + 1
-    Tp = batch["prompt_idx"].size(1)
-    return logits[:, Tp - 1:]  # (B, n, V): the last prompt position predicts the first response token
+    prompt = torch.zeros_like(batch["prompt_valid"][:, 1:])  # (B, Tp - 1): position i predicts token i + 1, so the
+    at = None if at is None else torch.cat([prompt, at], 1)  # last prompt position predicts the first response token
+    out, _ = model(idx[:, :-1], valid=valid[:, :-1], hidden=hidden, at=at)
+    return out if at is not None else out[:, prompt.size(1):]  # (N, V) or (N, C); else (B, n, V) or (B, n, C)
 
 # -----------------------------------------------------------------------------
 # Scoring a round of rollouts, once, with q_old (the student that sampled them): rewards r_t (Eq. 2), the long-term
@@ -542,17 +544,15 @@ def reverse_kl_tokens(student, teacher, batch, args, ctx):
     on the padding after EOS that fills the rest of the (b, n) grid (77% of it in the built-in task's rounds)."""
     mask = batch["mask"]
     targets = batch["tokens"][mask]  # (N,)
-    with ctx:
-        h_q = response_logits(student, batch, hidden=True)[mask]  # (N, C): the final hidden states of the tokens
+    with ctx:  # the (N, V) logits of each model (--chunk: the final hidden states (N, C))
+        out_q = response_logits(student, batch, hidden=bool(args.chunk), at=mask)
         with torch.no_grad(), timed("teacher"):
-            h_p = response_logits(teacher, batch, hidden=True)[mask]
-        head_q, head_p = getattr(student, "module", student).head_weight(), teacher.head_weight()  # (V, C) each
+            out_p = response_logits(teacher, batch, hidden=bool(args.chunk), at=mask)
         if args.chunk:  # the (N, V) logits never whole: lm_head and the kernel applied --chunk rows at a time
-            kl, logq, _ = kernels.reverse_kl_chunked(h_q, head_q, h_p, head_p, targets, args.chunk)
-        else:
-            logits_q, logits_p = h_q @ head_q.t(), h_p @ head_p.t()  # (N, V) each
+            head = getattr(student, "module", student).head_weight()  # (under DistributedDataParallel: .module)
+            kl, logq, _ = kernels.reverse_kl_chunked(out_q, head, out_p, teacher.head_weight(), targets, args.chunk)
     if not args.chunk:
-        kl, logq, _ = kernels.reverse_kl(logits_q, logits_p, targets)  # the fused kernel, in one pass
+        kl, logq, _ = kernels.reverse_kl(out_q, out_p, targets)  # the fused kernel, in one pass
     zero = torch.zeros(mask.shape, dtype=kl.dtype, device=mask.device)
     return zero.masked_scatter(mask, kl), zero.masked_scatter(mask, logq)  # back to (b, n)
 
