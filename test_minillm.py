@@ -2505,6 +2505,7 @@ def test_the_pipeline_on_your_own_data(tmp_path, monkeypatch, capsys):
     minillm.main(argv + ["--teacher", "teacher.pt", "--init", "student.pt"])
     out = capsys.readouterr().out
     assert "kd: trained" in out and "minillm: trained" in out and "Rouge-L on the 10 test prompts" in out
+    assert "each 1 draw per prompt" in out  # (the 4 draws are the built-in task's: a real model's responses cost more)
     assert "minillm: --batch_size 8 (the paper: 64), --rollout_size 8 (the paper: 256), lr 0.001: as typed " \
            "(--batch_size, --rollout_size); with the drift guard --target_kl " \
            f"{minillm.MINILLM_OPTIONS['target_kl'][1]:g}" in out  # (the built-in task's lr 3e-3 and one pass not taken)
