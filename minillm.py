@@ -869,8 +869,8 @@ def train(args):
 DISTILL = dict(max_steps=600, lr=1e-3, min_lr=1e-4, lm_coef=0.0, eval_interval=100, log_interval=50)
 # Each distillation stage's own settings, chosen on validation by `python eval.py --sweep` (the same grid for every
 # method, this budget, the test set never looked at; docs/results.md): the rollout methods' best in mini-batches of
-# 32, since their best in 64 (35.2% and 34.8% against 33.8% and 33.2%, one seed) costs twice as much a step and would
-# not fit the first run in 15 minutes. On the built-in task only; a typed flag still wins.
+# 32, since their best in 64 (35.2% and 34.8% against 33.8% and 33.2%, one seed) costs twice as much a step, and the
+# first run is to stay under 10 minutes on slower machines. On the built-in task only; a typed flag still wins.
 CHOSEN = {"kd": dict(lr=3e-4),
           "on-policy": dict(lr=1e-3, rollout_size=64, ppo_epochs=1, batch_size=32),
           "minillm": dict(lr=3e-3, rollout_size=64, ppo_epochs=1, batch_size=32)}
